@@ -1,0 +1,1 @@
+"""ComfyUI-facing node classes (thin: the logic lives in quant/ and lora/)."""

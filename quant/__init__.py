@@ -1,0 +1,1 @@
+"""Loading, quantization, casting and offload for Flux transformers (no ComfyUI import)."""

@@ -1,0 +1,139 @@
+"""Flux architecture inferred from tensor names and shapes, for BFL and diffusers layouts."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from ..errors import QuantLoRAError
+
+# Prefixes under which full checkpoints or other tools store the transformer.
+BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+
+
+@dataclass(frozen=True)
+class FluxArch:
+    hidden_size: int
+    num_heads: int
+    depth: int
+    depth_single_blocks: int
+    in_channels: int
+    context_in_dim: int
+    vec_in_dim: int
+    mlp_hidden: int
+    qkv_bias: bool
+    guidance_embed: bool
+    patch_size: int = 2
+    theta: int = 10000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_ratio(self) -> float:
+        return self.mlp_hidden / self.hidden_size
+
+    @property
+    def axes_dim(self) -> list[int]:
+        """RoPE axes (id, row, col); FLUX.1's [16, 56, 56] at head dim 128, scaled for others."""
+        d = self.head_dim
+        side = ((d - d // 8) // 2) // 2 * 2
+        return [d - 2 * side, side, side]
+
+    @property
+    def variant(self) -> str:
+        return "dev" if self.guidance_embed else "schnell"
+
+    def comfy_unet_config(self) -> dict:
+        return {
+            "image_model": "flux", "guidance_embed": self.guidance_embed,
+            "in_channels": self.in_channels, "out_channels": self.in_channels,
+            "vec_in_dim": self.vec_in_dim, "context_in_dim": self.context_in_dim,
+            "hidden_size": self.hidden_size, "mlp_ratio": self.mlp_ratio, "num_heads": self.num_heads,
+            "depth": self.depth, "depth_single_blocks": self.depth_single_blocks,
+            "axes_dim": self.axes_dim, "theta": self.theta, "patch_size": self.patch_size,
+            "qkv_bias": self.qkv_bias,
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _count(keys, pattern: str) -> int:
+    rx = re.compile(pattern)
+    idx = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(idx) + 1 if idx else 0
+
+
+def strip_prefix(keys) -> str:
+    """The prefix under which the Flux transformer sits in a file ('' if none)."""
+    keys = list(keys)
+    for p in BFL_PREFIXES:
+        if any(k.startswith(p + "double_blocks.") or k.startswith(p + "transformer_blocks.") for k in keys):
+            return p
+    return ""
+
+
+def describe_foreign(keys, name: str) -> str:
+    """Best guess of what a non-FLUX.1 file is, for the error message."""
+    ks = list(keys)
+    s = " ".join(ks[:2000])
+    if "double_stream_modulation_img" in s:
+        return "a FLUX.2 transformer (not supported: FLUX.2 has another block layout)"
+    if "distilled_guidance_layer" in s:
+        return "a Chroma transformer (not supported)"
+    if "input_blocks." in s or "down_blocks." in s:
+        return "a Stable Diffusion / SDXL UNet"
+    if "joint_blocks." in s:
+        return "an SD3 MMDiT"
+    if "encoder.down." in s or "decoder.up." in s or "decoder.conv_in" in s:
+        return "a VAE"
+    if "text_model." in s or "encoder.block." in s or "shared.weight" in s:
+        return "a text encoder"
+    if any(".lora_" in k or "lora_down" in k or "lora_A" in k for k in ks[:200]):
+        return "a LoRA (load it with LoRAHotswap, not the model loader)"
+    return "not a FLUX.1 transformer"
+
+
+def infer_arch(shapes: dict, name: str) -> tuple[FluxArch, str, str]:
+    """Returns (arch, layout 'bfl'|'diffusers', key prefix) from {key: shape}."""
+    prefix = strip_prefix(shapes)
+    sh = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    keys = sh.keys()
+    try:
+        if "double_blocks.0.img_attn.norm.key_norm.scale" in sh and "img_in.weight" in sh \
+                and "double_stream_modulation_img.lin.weight" not in sh:
+            hidden = sh["img_in.weight"][0]
+            head_dim = sh["double_blocks.0.img_attn.norm.key_norm.scale"][0]
+            return FluxArch(
+                hidden_size=hidden, num_heads=hidden // head_dim,
+                depth=_count(keys, r"double_blocks\.(\d+)\."),
+                depth_single_blocks=_count(keys, r"single_blocks\.(\d+)\."),
+                in_channels=sh["img_in.weight"][1] // 4,
+                context_in_dim=sh["txt_in.weight"][1],
+                vec_in_dim=sh["vector_in.in_layer.weight"][1],
+                mlp_hidden=sh["double_blocks.0.img_mlp.0.weight"][0],
+                qkv_bias="double_blocks.0.img_attn.qkv.bias" in sh,
+                guidance_embed="guidance_in.in_layer.weight" in sh,
+            ), "bfl", prefix
+        if "transformer_blocks.0.attn.norm_k.weight" in sh and "x_embedder.weight" in sh:
+            hidden = sh["x_embedder.weight"][0]
+            head_dim = sh["transformer_blocks.0.attn.norm_k.weight"][0]
+            return FluxArch(
+                hidden_size=hidden, num_heads=hidden // head_dim,
+                depth=_count(keys, r"transformer_blocks\.(\d+)\."),
+                depth_single_blocks=_count(keys, r"single_transformer_blocks\.(\d+)\."),
+                in_channels=sh["x_embedder.weight"][1] // 4,
+                context_in_dim=sh["context_embedder.weight"][1],
+                vec_in_dim=sh["time_text_embed.text_embedder.linear_1.weight"][1],
+                mlp_hidden=sh["transformer_blocks.0.ff.net.0.proj.weight"][0],
+                qkv_bias="transformer_blocks.0.attn.to_q.bias" in sh,
+                guidance_embed="time_text_embed.guidance_embedder.linear_1.weight" in sh,
+            ), "diffusers", prefix
+    except (KeyError, IndexError) as e:
+        raise QuantLoRAError(f"{name}: looks like a Flux transformer but tensor {e} is missing or misshapen; the file is incomplete.") from None
+    raise QuantLoRAError(
+        f"{name}: {describe_foreign(shapes.keys(), name)}, not a FLUX.1 transformer "
+        f"({len(shapes)} tensors, e.g. {', '.join(list(shapes)[:3])}). "
+        "Pick a FLUX.1 dev/schnell transformer (BFL single file or diffusers transformer folder)."
+    )

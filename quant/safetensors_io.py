@@ -1,0 +1,128 @@
+"""Safe, checked access to safetensors files: never unpickles, names the file on any error."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import QuantLoRAError
+
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_MAX_HEADER = 256 * 1024 * 1024
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple
+
+
+@dataclass
+class SafetensorsHeader:
+    path: str
+    tensors: dict  # name -> TensorInfo
+    metadata: dict
+
+
+def _refuse_pickle(path: str, head: bytes) -> None:
+    looks_pickle = head[:2] == b"PK" or head[:1] == b"\x80" or path.lower().endswith(PICKLE_EXTENSIONS)
+    if looks_pickle:
+        raise QuantLoRAError(
+            f"{os.path.basename(path)}: this is a PyTorch pickle checkpoint, not safetensors. "
+            "QuantLoRA never unpickles files (a pickle can run arbitrary code). "
+            "Convert it to .safetensors (e.g. with safetensors.torch.save_file) or download the safetensors release."
+        )
+
+
+def read_header(path: str) -> SafetensorsHeader:
+    """Parse and validate a safetensors header; detects truncation without reading tensor data."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise QuantLoRAError(f"{path}: file not found. Put it in the models folder ComfyUI lists and refresh the node.")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        _refuse_pickle(path, head)
+        if len(head) < 8:
+            raise QuantLoRAError(f"{name}: only {size} bytes; not a safetensors file (truncated or empty). Re-download it.")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > _MAX_HEADER or n > size - 8:
+            raise QuantLoRAError(
+                f"{name}: not a valid safetensors file (header length {n} does not fit a {size}-byte file). "
+                "It is corrupt, truncated or another format; re-download it."
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QuantLoRAError(f"{name}: safetensors header is not valid JSON ({e}); the file is corrupt. Re-download it.") from None
+    metadata = header.pop("__metadata__", None) or {}
+    tensors, data_end = {}, 0
+    for key, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise QuantLoRAError(f"{name}: tensor entry {key!r} is malformed; the file is corrupt. Re-download it.") from None
+        data_end = max(data_end, int(end))
+        tensors[key] = TensorInfo(dtype, shape)
+    expected = 8 + n + data_end
+    if size < expected:
+        raise QuantLoRAError(
+            f"{name}: truncated: the header promises {expected} bytes but the file has {size} "
+            f"({100 * size / max(expected, 1):.1f}%). The download or copy did not finish; re-download it."
+        )
+    return SafetensorsHeader(path, tensors, metadata)
+
+
+class TensorReader:
+    """Reads tensors one at a time from one or more safetensors files (memory-mapped, streamed)."""
+
+    def __init__(self, headers: list[SafetensorsHeader]):
+        from safetensors import safe_open
+
+        self._where = {}
+        self._handles = {}
+        for h in headers:
+            try:
+                self._handles[h.path] = safe_open(h.path, framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise QuantLoRAError(f"{os.path.basename(h.path)}: cannot open as safetensors ({e}). Re-download it.") from None
+            for k in h.tensors:
+                self._where[k] = h.path
+
+    def keys(self):
+        return self._where.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self._where[key]
+        try:
+            return self._handles[path].get_tensor(key)
+        except Exception as e:
+            raise QuantLoRAError(f"{os.path.basename(path)}: tensor {key!r} cannot be read ({e}); the file is corrupt.") from None
+
+    def close(self):
+        self._handles.clear()
+
+
+def load_state_dict(path: str) -> tuple[dict, dict]:
+    """Whole small file (a LoRA) into memory, after validation. Returns (tensors, metadata)."""
+    header = read_header(path)
+    reader = TensorReader([header])
+    try:
+        return {k: reader.get(k) for k in header.tensors}, header.metadata
+    finally:
+        reader.close()

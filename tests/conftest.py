@@ -1,0 +1,53 @@
+"""Makes the repo importable as the package `quantlora` (as ComfyUI imports it from custom_nodes)
+and, for tests that need it, ComfyUI's own modules from the harness tree, in-process, on CPU."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUBS = os.path.join(ROOT, "tests", "harness", "stubs")
+COMFY = os.environ.get("QUANTLORA_COMFYUI", os.path.join(ROOT, ".harness", "ComfyUI"))
+
+
+def _register_pack():
+    if "quantlora" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location("quantlora", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["quantlora"] = mod
+    spec.loader.exec_module(mod)
+
+
+_register_pack()
+
+
+def import_comfy():
+    """ComfyUI's modules from the harness tree; on a machine without CUDA, in --cpu mode."""
+    # transformers/diffusers decide at import whether torchvision exists: let them see that it
+    # does not before the import-only stand-ins go on the path.
+    import diffusers.utils.import_utils  # noqa: F401
+    import transformers.utils.import_utils  # noqa: F401
+
+    for p in (COMFY, STUBS):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    import torch
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    return comfy
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    return import_comfy()
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    return tmp_path_factory.mktemp("artifacts")

@@ -1,0 +1,3 @@
+from .._stub import module_getattr
+
+__getattr__ = module_getattr("torchvision.models")

@@ -1,0 +1,131 @@
+"""Small seeded random-weight models in the file layouts users have, for tests and the demo job.
+
+Random weights: these exercise the machinery (loading, quantization, LoRA, sampling);
+their images are noise. Needs ComfyUI importable (its Flux class gives the BFL key set).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+# hidden 64 / head dim 16; context and pooled widths match a CLIP-L text encoder (768),
+# so stock CLIPTextEncode conditioning drives it in a real server.
+TINY = dict(hidden_size=64, num_heads=4, depth=1, depth_single_blocks=1, context_in_dim=768, vec_in_dim=768,
+            in_channels=16, mlp_ratio=4.0, guidance_embed=True, qkv_bias=True)
+# The smallest Flux ComfyUI's own UNETLoader detects (it fixes 24 heads of 128).
+COMFY_MIN = dict(TINY, hidden_size=3072, num_heads=24, context_in_dim=4096)
+
+
+def _axes(head_dim: int) -> list[int]:
+    side = ((head_dim - head_dim // 8) // 2) // 2 * 2
+    return [head_dim - 2 * side, side, side]
+
+
+def flux_bfl_state_dict(cfg: dict = TINY, seed: int = 0, dtype=torch.bfloat16) -> dict:
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    c = dict(cfg)
+    kw = dict(in_channels=c["in_channels"], out_channels=c["in_channels"], vec_in_dim=c["vec_in_dim"],
+              context_in_dim=c["context_in_dim"], hidden_size=c["hidden_size"], mlp_ratio=c["mlp_ratio"],
+              num_heads=c["num_heads"], depth=c["depth"], depth_single_blocks=c["depth_single_blocks"],
+              axes_dim=_axes(c["hidden_size"] // c["num_heads"]), theta=10000, patch_size=2,
+              qkv_bias=c["qkv_bias"], guidance_embed=c["guidance_embed"])
+    meta = comfy.ldm.flux.model.Flux(device="meta", operations=comfy.ops.disable_weight_init, **kw)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, p in meta.state_dict().items():
+        if k.endswith(".scale"):  # RMSNorm scales near 1
+            t = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+        else:
+            t = 0.02 * torch.randn(p.shape, generator=g) if k.endswith("weight") else 0.01 * torch.randn(p.shape, generator=g)
+        sd[k] = t.to(dtype)
+    return sd
+
+
+def write_bfl(path: str, sd: dict, prefix: str = "") -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file({prefix + k: v.contiguous() for k, v in sd.items()}, path)
+    return path
+
+
+def diffusers_config(cfg: dict) -> dict:
+    head_dim = cfg["hidden_size"] // cfg["num_heads"]
+    return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": cfg["in_channels"] * 4,
+            "num_layers": cfg["depth"], "num_single_layers": cfg["depth_single_blocks"],
+            "attention_head_dim": head_dim, "num_attention_heads": cfg["num_heads"],
+            "joint_attention_dim": cfg["context_in_dim"], "pooled_projection_dim": cfg["vec_in_dim"],
+            "guidance_embeds": cfg["guidance_embed"], "axes_dims_rope": _axes(head_dim)}
+
+
+def to_diffusers(sd: dict, cfg: dict) -> dict:
+    """BFL -> diffusers through ComfyUI's own key map (independent of the pack's table)."""
+    import comfy.utils
+
+    mlp = int(cfg["hidden_size"] * cfg["mlp_ratio"])
+    key_map = comfy.utils.flux_to_diffusers({"depth": cfg["depth"], "depth_single_blocks": cfg["depth_single_blocks"],
+                                             "hidden_size": cfg["hidden_size"]})
+    out = {}
+    for dkey, target in key_map.items():
+        if isinstance(target, str):
+            if target in sd:
+                out[dkey] = sd[target]
+            continue
+        bkey, sl = target[0], target[1]
+        if bkey not in sd:
+            continue
+        t = sd[bkey]
+        if sl is not None:
+            dim, start, length = sl
+            if dkey.endswith(("proj_mlp.weight", "proj_mlp.bias")):
+                length = mlp  # ComfyUI's map assumes mlp_ratio 4 * hidden
+            t = t.narrow(dim, start, length)
+        if len(target) > 2:
+            t = target[2](t)  # swap_scale_shift: BFL (shift, scale) <-> diffusers (scale, shift)
+        out[dkey] = t.clone()
+    return out
+
+
+def write_diffusers(folder: str, sd: dict, cfg: dict = TINY, shards: int = 2) -> str:
+    dsd = to_diffusers(sd, cfg)
+    os.makedirs(folder, exist_ok=True)
+    keys = sorted(dsd)
+    per = (len(keys) + shards - 1) // shards
+    weight_map = {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: dsd[k].contiguous() for k in keys[i * per:(i + 1) * per]}
+        save_file(part, os.path.join(folder, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(diffusers_config(cfg), f)
+    return folder
+
+
+def write_clip_l(path: str, seed: int = 0) -> str:
+    """A CLIP-L text encoder (ComfyUI's fixed 768x12 config) with random weights, fp16."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                         num_hidden_layers=12, max_position_embeddings=77, projection_dim=768))
+    sd = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(sd, path)
+    return path
+
+
+def write_taef1(folder: str, seed: int = 0) -> str:
+    """vae_approx/taef1_{encoder,decoder}.safetensors: ComfyUI's tiny Flux VAE, random weights."""
+    from comfy.taesd.taesd import Decoder, Encoder
+
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    for name, net in (("encoder", Encoder(latent_channels=16)), ("decoder", Decoder(latent_channels=16))):
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(folder, f"taef1_{name}.safetensors"))
+    return folder
