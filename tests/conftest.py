@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ for `harness`
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUBS = os.path.join(ROOT, "tests", "harness", "stubs")
 COMFY = os.environ.get("QUANTLORA_COMFYUI", os.path.join(ROOT, ".harness", "ComfyUI"))
@@ -51,3 +53,21 @@ def comfy():
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
     return tmp_path_factory.mktemp("artifacts")
+
+
+CACHE = os.path.join(ROOT, ".harness", "cache")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real ComfyUI server for the session, the pack in custom_nodes, the demo model set written."""
+    import_comfy()
+    from quantlora.tools.demo_models import write_demo_set
+    from harness.server import ComfyServer
+
+    base = str(tmp_path_factory.mktemp("comfy-base"))
+    os.makedirs(CACHE, exist_ok=True)
+    write_demo_set(os.path.join(base, "models"), cache_dir=CACHE)
+    srv = ComfyServer(base).start()
+    yield srv
+    srv.stop()

@@ -114,18 +114,59 @@ def write_clip_l(path: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     model = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                          num_hidden_layers=12, max_position_embeddings=77, projection_dim=768))
-    sd = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    # The HF checkpoint layout ComfyUI reads: everything under text_model., plus a projection.
+    sd = {(k if k.startswith("text_model.") else "text_model." + k): v.to(torch.float16).contiguous()
+          for k, v in model.state_dict().items()}
+    sd["text_projection.weight"] = torch.eye(768, dtype=torch.float16)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_file(sd, path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    save_file(sd, tmp)
+    os.replace(tmp, path)  # atomic: concurrent test sessions share the cached file
     return path
 
 
 def write_taef1(folder: str, seed: int = 0) -> str:
-    """vae_approx/taef1_{encoder,decoder}.safetensors: ComfyUI's tiny Flux VAE, random weights."""
+    """vae_approx/taef1_{encoder,decoder}.safetensors: ComfyUI's tiny Flux VAE, random weights.
+    ComfyUI's layers skip init, so every tensor is drawn here (He-scaled, so images have contrast)."""
     from comfy.taesd.taesd import Decoder, Encoder
 
-    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     os.makedirs(folder, exist_ok=True)
     for name, net in (("encoder", Encoder(latent_channels=16)), ("decoder", Decoder(latent_channels=16))):
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(folder, f"taef1_{name}.safetensors"))
+        sd = {}
+        for k, v in net.state_dict().items():
+            if v.ndim == 4:
+                fan_in = v.shape[1] * v.shape[2] * v.shape[3]
+                sd[k] = torch.randn(v.shape, generator=g) * (2.0 / fan_in) ** 0.5
+                if name == "decoder" and v.shape[0] == 3:
+                    sd[k] *= 0.01  # the RGB head: pixel values mostly inside [-1, 1]
+            else:
+                sd[k] = torch.zeros(v.shape)
+        save_file(sd, os.path.join(folder, f"taef1_{name}.safetensors"))
     return folder
+
+
+DEMO_FLUX = "quantlora-demo-flux.safetensors"
+DEMO_CLIP = "quantlora-demo-clip-l.safetensors"
+
+
+def write_demo_set(models_dir: str, cache_dir: str | None = None, seed: int = 0) -> dict:
+    """The small built-in model set: a tiny Flux (BFL file), a CLIP-L and taef1, random weights.
+    The CLIP-L (250 MB) is written once into cache_dir and linked from there."""
+    paths = {"flux": os.path.join(models_dir, "diffusion_models", DEMO_FLUX),
+             "clip": os.path.join(models_dir, "text_encoders", DEMO_CLIP),
+             "vae_approx": os.path.join(models_dir, "vae_approx")}
+    if not os.path.exists(paths["flux"]):
+        write_bfl(paths["flux"], flux_bfl_state_dict(TINY, seed=seed))
+    if not os.path.exists(paths["clip"]):
+        cached = os.path.join(cache_dir, DEMO_CLIP) if cache_dir else None
+        if cached and not os.path.exists(cached):
+            write_clip_l(cached, seed)
+        os.makedirs(os.path.dirname(paths["clip"]), exist_ok=True)
+        if cached:
+            os.symlink(os.path.abspath(cached), paths["clip"])
+        else:
+            write_clip_l(paths["clip"], seed)
+    if not os.path.exists(os.path.join(paths["vae_approx"], "taef1_decoder.safetensors")):
+        write_taef1(paths["vae_approx"], seed)
+    return paths

@@ -1,0 +1,18 @@
+"""The pack's node list and HTTP routes for ComfyUI's V3 extension API."""
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .loader_node import QuantizedFluxLoader
+
+
+class QuantLoRAExtension(ComfyExtension):
+    @override
+    async def on_load(self) -> None:
+        from . import routes
+
+        routes.register()
+
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [QuantizedFluxLoader]

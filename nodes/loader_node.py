@@ -1,0 +1,58 @@
+"""QuantizedFluxLoader: a Flux checkpoint as users have it -> a standard ComfyUI MODEL."""
+from __future__ import annotations
+
+import logging
+
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
+from ..quant.sources import list_checkpoints, resolve_checkpoint
+from .bridge import COMPUTE_DTYPE_NAMES, load_flux_model_patcher
+
+log = logging.getLogger("quantlora")
+MODEL_FOLDERS = ("diffusion_models", "unet")
+
+
+def model_roots() -> list[str]:
+    roots = []
+    for kind in MODEL_FOLDERS:
+        try:
+            roots += [p for p in folder_paths.get_folder_paths(kind) if p not in roots]
+        except KeyError:
+            pass
+    return roots
+
+
+class QuantizedFluxLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QuantizedFluxLoader",
+            display_name="Quantized Flux Loader",
+            category="QuantLoRA",
+            description="Loads a FLUX.1 transformer (BFL single file or diffusers folder) and quantizes it block by block.",
+            inputs=[
+                io.Combo.Input("model_name", options=list_checkpoints(model_roots()),
+                               tooltip="A FLUX.1 dev/schnell transformer from models/diffusion_models (or models/unet)."),
+                io.Combo.Input("quantization", options=QUANTIZATION_NAMES, default="none",
+                               tooltip="; ".join(f"{n}: {b.describe}" for n, b in BACKENDS.items())),
+                io.Combo.Input("compute_dtype", options=COMPUTE_DTYPE_NAMES, default="auto",
+                               tooltip="auto = what ComfyUI's own loader picks for this device."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model_name, quantization, compute_dtype) -> io.NodeOutput:
+        path = resolve_checkpoint(model_name, model_roots())
+        bar = comfy.utils.ProgressBar(1)
+
+        def progress(done, total):
+            bar.update_absolute(done, total)
+
+        patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress)
+        log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights",
+                 model_name, quantization, report.compute_dtype, report.load_s, report.weights_bytes / 2**30)
+        return io.NodeOutput(patcher)
