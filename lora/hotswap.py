@@ -1,0 +1,146 @@
+"""Attach LoRA slots to a Flux module tree and switch LoRA sets in place.
+
+A set is a list of (ParsedLoRA, strength). Several LoRAs share one slot by stacking along
+the rank axis, so the sum of their ranks on a layer must fit max_rank. Switching writes
+the buffers of every slot (and zeroes the scale of slots no LoRA in the set touches), so
+the bare base is exactly base(x) + 0 once no LoRA is active.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import QuantLoRAError
+from ..quant.flux_keys import fused_splits
+from .slots import LoRASlots
+
+log = logging.getLogger("quantlora")
+
+_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
+TARGET_SETS = {
+    # Every linear layer inside the transformer blocks (attention, MLP, modulation).
+    "blocks": lambda name: bool(_BLOCK.match(name)),
+    # Blocks plus embedders and final layer: for LoRAs trained on those too.
+    "all": lambda name: True,
+    # Attention projections only (plus single blocks' fused linear1/linear2): the lightest slots.
+    "attention": lambda name: bool(_BLOCK.match(name)) and name.endswith((".qkv", ".proj", ".linear1", ".linear2")),
+}
+
+
+@dataclass
+class _Write:
+    split: int
+    rank_start: int
+    down: torch.Tensor   # (r, in)
+    up: torch.Tensor     # (rows of split, r)
+    scale: float
+
+
+def attach_slots(model: nn.Module, max_rank: int, targets: str = "blocks", dtype: torch.dtype | None = None,
+                 hidden: int | None = None, mlp_hidden: int | None = None) -> dict[str, LoRASlots]:
+    """Wrap the selected Linear layers in LoRASlots (idempotent). Returns name -> slots."""
+    if max_rank < 1:
+        raise QuantLoRAError(f"max_rank {max_rank}: must be at least 1.")
+    if targets not in TARGET_SETS:
+        raise QuantLoRAError(f"lora targets {targets!r} unknown; choices: {', '.join(TARGET_SETS)}.")
+    chosen = TARGET_SETS[targets]
+    existing = {n: m for n, m in model.named_modules() if isinstance(m, LoRASlots)}
+    todo = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and chosen(n) and not n.endswith(".base") and n not in existing]
+    for name, lin in todo:
+        w = lin.weight
+        slot_dtype = dtype or (w.dtype if w.dtype.is_floating_point and w.element_size() >= 2 else torch.bfloat16)
+        splits = fused_splits(name, hidden, mlp_hidden) if hidden else None
+        parent, _, leaf = name.rpartition(".")
+        slots = LoRASlots(lin, splits, max_rank, slot_dtype, w.device)
+        setattr(model.get_submodule(parent) if parent else model, leaf, slots)
+        existing[name] = slots
+    return existing
+
+
+def plan(slots: dict[str, LoRASlots], loras: list) -> dict[str, list[_Write]]:
+    """Where each LoRA's rank rows go; raises with the value to set when something does not fit."""
+    writes: dict[str, list[_Write]] = {}
+    used: dict[tuple[str, int], int] = {}
+    for lora, strength in loras:
+        missing = sorted({t.module for t in lora.targets if t.module not in slots})
+        if missing:
+            raise QuantLoRAError(
+                f"LoRA {lora.name}: {len(missing)} of its layers have no hot-swap slots (e.g. {', '.join(missing[:3])}). "
+                "Set the loader's lora_targets to 'all' (or 'blocks' if these are block layers)."
+            )
+        for t in lora.targets:
+            s = slots[t.module]
+            r = t.down.shape[0]
+            covered = [i for i, (o, n) in enumerate(zip(s.offsets, s.splits)) if o < t.offset + t.rows and t.offset < o + n]
+            if not covered or s.offsets[covered[0]] != t.offset or \
+                    s.offsets[covered[-1]] + s.splits[covered[-1]] != t.offset + t.rows:
+                raise QuantLoRAError(f"LoRA {lora.name}: rows {t.offset}..{t.offset + t.rows} of {t.module} "
+                                     f"do not line up with its projections {s.splits}; the file is malformed.")
+            for i in covered:
+                start = used.get((t.module, i), 0)
+                if start + r > s.max_rank:
+                    names = " + ".join(f"{lo.name}" for lo, _ in loras)
+                    raise QuantLoRAError(
+                        f"LoRA rank too large for the hot-swap slots: {names} need rank {start + r} on {t.module} "
+                        f"but the slots hold max_rank={s.max_rank}. Set max_rank to {_next_pow2(start + r)} or more "
+                        "(on the loader / the first LoRAHotswap node)."
+                    )
+                used[(t.module, i)] = start + r
+                o = s.offsets[i] - t.offset
+                writes.setdefault(t.module, []).append(
+                    _Write(i, start, t.down, t.up[o:o + s.splits[i]], float(strength) * float(t.scale)))
+    return writes
+
+
+def _next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+@torch.no_grad()
+def write(slots: dict[str, LoRASlots], writes: dict[str, list[_Write]]) -> None:
+    for name, s in slots.items():
+        s.scale.zero_()
+        r = s.max_rank
+        for w in writes.get(name, ()):
+            k = w.down.shape[0]
+            row = w.split * r + w.rank_start
+            s.down[row:row + k].copy_(w.down, non_blocking=True)
+            o, n = s.offsets[w.split], s.splits[w.split]
+            s.up[o:o + n, w.rank_start:w.rank_start + k].copy_(w.up, non_blocking=True)
+            s.scale[row:row + k] = w.scale
+
+
+class HotswapState:
+    """The slots of one model and which LoRA set they hold now."""
+
+    def __init__(self, slots: dict[str, LoRASlots]):
+        self.slots = slots
+        self.active_key: tuple = ()
+
+    @property
+    def max_rank(self) -> int:
+        return next(iter(self.slots.values())).max_rank if self.slots else 0
+
+    def activate(self, key: tuple, loras: list) -> bool:
+        """Make the slots hold `loras` ([(ParsedLoRA, strength)]); key identifies the set. True if it changed."""
+        if key == self.active_key:
+            return False
+        writes = plan(self.slots, loras) if loras else {}
+        write(self.slots, writes)
+        self.active_key = key
+        return True
+
+    def ensure_device(self, device: torch.device) -> None:
+        """ComfyUI moves parameterised modules between devices; the slots' buffers follow the base layer."""
+        for s in self.slots.values():
+            if s.down.device != device:
+                for k in ("down", "up", "scale"):  # buffers only: the base stays where ComfyUI put it
+                    s._buffers[k] = s._buffers[k].to(device)
