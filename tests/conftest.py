@@ -41,6 +41,9 @@ def import_comfy():
 
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
+    # SDPA, ComfyUI's default on GPUs; on CPU it defaults to sub-quadratic attention, which reads
+    # free RAM inside the graph (a torch.compile graph break and a guard that recompiles).
+    comfy.cli_args.args.use_pytorch_cross_attention = True
     import comfy.model_management  # noqa: F401
     return comfy
 
