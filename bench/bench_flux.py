@@ -1,0 +1,380 @@
+"""GPU benchmark: a full-size FLUX.1-dev transformer (seeded random weights) at 1024x1024.
+
+One row per variant: seconds per denoising step (one transformer forward, batch 1, 4096 image
++ 512 text tokens), weights GiB, peak VRAM GiB, load/quantize seconds and relative error
+against bf16 eager, each as a ratio to bf16 eager measured in the same run; ComfyUI's own
+fp8_e4m3fn_fast path as the peer. Sections run separately so each fits one device call:
+
+    python bench/bench_flux.py --sections base --out $OUT       # bf16, quantized, ComfyUI rows
+    python bench/bench_flux.py --sections lora,compile --out $OUT
+    python bench/bench_flux.py --size tiny --device cpu ...       # a CPU check of the script
+
+Rows are merged by variant name into bench/results.json (--merge) and BENCHMARKS.md is
+rendered from it (bench/report.py).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _env  # noqa: E402
+
+SIZES = {
+    "full": dict(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, latent=128, txt=512),
+    "smoke": dict(hidden_size=3072, num_heads=24, depth=2, depth_single_blocks=4, latent=128, txt=512),
+    "tiny": dict(hidden_size=128, num_heads=4, depth=1, depth_single_blocks=2, latent=16, txt=8),
+}
+GIB = 2 ** 30
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.rows = args, []
+        self.dev = torch.device(args.device)
+        sz = SIZES[args.size]
+        self.cfg = dict(hidden_size=sz["hidden_size"], num_heads=sz["num_heads"], depth=sz["depth"],
+                        depth_single_blocks=sz["depth_single_blocks"], context_in_dim=4096, vec_in_dim=768,
+                        in_channels=16, mlp_ratio=4.0, guidance_embed=True, qkv_bias=True)
+        self.latent, self.txt = sz["latent"], sz["txt"]
+        os.makedirs(args.workdir, exist_ok=True)
+        self.path = os.path.join(args.workdir, f"flux-{args.size}.safetensors")
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        dt = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
+        self.inputs = dict(
+            x=torch.randn(1, 16, self.latent, self.latent, generator=g).to(self.dev, dt),
+            timestep=torch.tensor([0.5], device=self.dev, dtype=dt),
+            context=torch.randn(1, self.txt, 4096, generator=g).to(self.dev, dt),
+            y=torch.randn(1, 768, generator=g).to(self.dev, dt),
+            guidance=torch.tensor([3.5], device=self.dev, dtype=dt))
+        self.ref = None          # bf16 eager output
+        self.ref_lora = None     # bf16 eager output with the rank-64 LoRA
+        self.base_step = None
+
+    # ---------- files ----------
+    def write_checkpoint(self):
+        if os.path.exists(self.path):
+            return
+        import comfy.ldm.flux.model
+        import comfy.ops
+        from safetensors.torch import save_file
+        from quantlora.tools.demo_models import _axes
+
+        t0 = time.perf_counter()
+        c = self.cfg
+        meta = comfy.ldm.flux.model.Flux(
+            device="meta", operations=comfy.ops.disable_weight_init, in_channels=16, out_channels=16, vec_in_dim=768,
+            context_in_dim=4096, hidden_size=c["hidden_size"], mlp_ratio=4.0, num_heads=c["num_heads"],
+            depth=c["depth"], depth_single_blocks=c["depth_single_blocks"], axes_dim=_axes(c["hidden_size"] // c["num_heads"]),
+            theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+        g = torch.Generator(device=self.dev).manual_seed(0)
+        sd = {}
+        for k, p in meta.state_dict().items():
+            std = 0.02 if k.endswith("weight") else (0.1 if k.endswith(".scale") else 0.01)
+            t = torch.randn(p.shape, generator=g, device=self.dev, dtype=torch.float32) * std
+            if k.endswith(".scale"):
+                t += 1.0
+            sd[k] = t.to(torch.bfloat16).cpu()
+        save_file(sd, self.path)
+        log(f"wrote {self.path}: {os.path.getsize(self.path) / GIB:.1f} GiB in {time.perf_counter() - t0:.0f} s")
+
+    def write_lora(self, rank: int, seed: int, targets=("qkv", "proj", "img_mlp.0", "img_mlp.2", "txt_mlp.0",
+                                                        "txt_mlp.2", "linear1", "linear2")) -> str:
+        """A BFL-layout LoRA on the blocks' attention and MLP layers; delta ~10% of weight rms."""
+        from safetensors.torch import save_file
+        from quantlora.quant.flux_config import infer_arch
+        from quantlora.quant.safetensors_io import read_header
+
+        path = os.path.join(self.args.workdir, f"lora-{self.args.size}-r{rank}-s{seed}.safetensors")
+        if os.path.exists(path):
+            return path
+        shapes = {k: v.shape for k, v in read_header(self.path).tensors.items()}
+        g = torch.Generator(device=self.dev).manual_seed(seed)
+        sd = {}
+        for k, shape in shapes.items():
+            mod = k[: -len(".weight")]
+            if not k.endswith(".weight") or len(shape) != 2 or not mod.startswith(("double_blocks", "single_blocks")):
+                continue
+            if not mod.endswith(targets):
+                continue
+            out_f, in_f = shape
+            sd[f"diffusion_model.{mod}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g, device=self.dev) * 0.02).to(torch.bfloat16).cpu()
+            sd[f"diffusion_model.{mod}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g, device=self.dev) * (0.1 / rank ** 0.5)).to(torch.bfloat16).cpu()
+            sd[f"diffusion_model.{mod}.alpha"] = torch.tensor(float(rank))
+        save_file(sd, path)
+        return path
+
+    # ---------- model handling ----------
+    def load_ours(self, quantization):
+        import comfy.model_management as mm
+        from quantlora.nodes.bridge import load_flux_model_patcher
+
+        torch.cuda.reset_peak_memory_stats() if self.dev.type == "cuda" else None
+        t0 = time.perf_counter()
+        patcher, report = load_flux_model_patcher(self.path, quantization, "bf16" if self.dev.type == "cuda" else "fp32")
+        if self.dev.type == "cuda":
+            mm.load_models_gpu([patcher], force_full_load=True)
+            torch.cuda.synchronize()
+        return patcher, report, time.perf_counter() - t0
+
+    def load_comfyui(self, weight_dtype):
+        import comfy.model_management as mm
+        import comfy.sd
+
+        torch.cuda.reset_peak_memory_stats() if self.dev.type == "cuda" else None
+        t0 = time.perf_counter()
+        opts = {}
+        if weight_dtype == "fp8_e4m3fn_fast":
+            opts = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}
+        elif weight_dtype == "fp8_e4m3fn":
+            opts = {"dtype": torch.float8_e4m3fn}
+        patcher = comfy.sd.load_diffusion_model(self.path, model_options=opts)
+        if self.dev.type == "cuda":
+            mm.load_models_gpu([patcher], force_full_load=True)
+            torch.cuda.synchronize()
+        return patcher, time.perf_counter() - t0
+
+    def free(self, *objs):
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+        for o in objs:
+            del o
+        gc.collect()
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def forward(self, dm):
+        i = self.inputs
+        return dm(i["x"], i["timestep"], i["context"], y=i["y"], guidance=i["guidance"])
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_steps(self, dm, n=None):
+        """(first call seconds, median step seconds, output)."""
+        n = n or self.args.repeats
+        self.sync()
+        t0 = time.perf_counter()
+        out = self.forward(dm)
+        self.sync()
+        first = time.perf_counter() - t0
+        self.forward(dm)
+        times = []
+        for _ in range(n):
+            if self.dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                out = self.forward(dm)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1000)
+            else:
+                t = time.perf_counter()
+                out = self.forward(dm)
+                times.append(time.perf_counter() - t)
+        return first, statistics.median(times), out
+
+    @staticmethod
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    def peak(self):
+        return torch.cuda.max_memory_allocated() / GIB if self.dev.type == "cuda" else float("nan")
+
+    def add(self, variant, step_s, weights_bytes, load_s, out, ref=None, **extra):
+        ref = self.ref if ref is None else ref
+        row = dict(variant=variant, step_s=round(step_s, 4),
+                   step_ratio=round(step_s / self.base_step, 3) if self.base_step else 1.0,
+                   weights_gib=round(weights_bytes / GIB, 2), weights_ratio=round(weights_bytes / self.base_bytes, 3) if getattr(self, "base_bytes", None) else 1.0,
+                   peak_vram_gib=round(self.peak(), 2), load_s=round(load_s, 1),
+                   rel_err=round(self.rel(out, ref), 4) if ref is not None else 0.0, **extra)
+        self.rows.append(row)
+        log(json.dumps(row))
+        self.flush()
+
+    @staticmethod
+    def compile_blocks(dm):
+        for b in [*dm.double_blocks, *dm.single_blocks]:
+            b.compile()
+
+    # ---------- sections ----------
+    def section_base(self):
+        from quantlora.quant.sizes import module_bytes
+
+        p, rep, load_s = self.load_ours("none")
+        dm = p.model.diffusion_model
+        _, step, out = self.time_steps(dm)
+        self.base_step, self.base_bytes, self.ref = step, module_bytes(dm), out
+        self.add("bf16 eager", step, self.base_bytes, load_s, out)
+        torch.save({"ref": out.cpu(), "step": step, "bytes": self.base_bytes}, os.path.join(self.args.workdir, f"ref-{self.args.size}.pt"))
+        if "compile" in self.args.sections or self.args.compile_bf16:
+            self.compile_blocks(dm)
+            first, step_c, out_c = self.time_steps(dm)
+            self.add("bf16 compile (regional)", step_c, self.base_bytes, load_s, out_c, compile_s=round(first, 1))
+        self.free(p, dm)
+        for q in self.args.quant:
+            try:
+                p, rep, load_s = self.load_ours(q)
+                dm = p.model.diffusion_model
+                _, step, out = self.time_steps(dm)
+                self.add(f"{q} eager", step, rep.weights_bytes, load_s, out)
+                if q in self.args.compile_quant:
+                    self.compile_blocks(dm)
+                    first, step_c, out_c = self.time_steps(dm)
+                    self.add(f"{q} compile (regional)", step_c, rep.weights_bytes, load_s, out_c, compile_s=round(first, 1))
+                self.free(p, dm)
+            except Exception as e:  # one backend failing must not lose the other rows
+                log(f"FAILED {q}: {type(e).__name__}: {e}")
+                self.rows.append(dict(variant=f"{q} eager", error=f"{type(e).__name__}: {str(e)[:300]}"))
+                self.free()
+        if self.dev.type == "cuda":
+            for wd in self.args.comfyui:
+                try:
+                    p, load_s = self.load_comfyui(wd)
+                    dm = p.model.diffusion_model
+                    wb = module_bytes(dm)
+                    _, step, out = self.time_steps(dm)
+                    self.add(f"comfyui {wd} eager", step, wb, load_s, out)
+                    self.compile_blocks(dm)
+                    first, step_c, out_c = self.time_steps(dm)
+                    self.add(f"comfyui {wd} compile (each block)", step_c, wb, load_s, out_c, compile_s=round(first, 1))
+                    self.free(p, dm)
+                except Exception as e:
+                    log(f"FAILED comfyui {wd}: {type(e).__name__}: {e}")
+                    self.rows.append(dict(variant=f"comfyui {wd}", error=f"{type(e).__name__}: {str(e)[:300]}"))
+                    self.free()
+
+    def load_ref(self):
+        if self.ref is None:
+            d = torch.load(os.path.join(self.args.workdir, f"ref-{self.args.size}.pt"))
+            self.ref, self.base_step, self.base_bytes = d["ref"].to(self.dev), d["step"], d["bytes"]
+
+    def section_lora(self):
+        """Swap latency (file read to ready), recompiles across swaps, slot overhead, fastest path + LoRA."""
+        import torch._dynamo
+        from quantlora.lora.formats import FluxDims, load_lora
+        from quantlora.lora.hotswap import HotswapState, attach_slots
+        from quantlora.quant.sizes import module_bytes
+
+        self.load_ref()
+        c = self.cfg
+        dims = FluxDims(hidden=c["hidden_size"], mlp_hidden=4 * c["hidden_size"], depth=c["depth"], depth_single=c["depth_single_blocks"])
+        files = {r: self.write_lora(r, seed=r) for r in (16, 32, 64, 128)}
+        dtype = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
+
+        def swap(state, r, strength=1.0):
+            self.sync()
+            t0 = time.perf_counter()
+            lora = load_lora(files[r], dims)
+            state.activate((files[r], strength), [(lora, strength)])
+            self.sync()
+            return time.perf_counter() - t0
+
+        # bf16 reference with the rank-64 LoRA, and swap latency on rank-128 slots.
+        p, rep, load_s = self.load_ours("none")
+        dm = p.model.diffusion_model
+        state = HotswapState(attach_slots(dm, 128, "blocks", dtype, c["hidden_size"], 4 * c["hidden_size"]))
+        lat = {r: [] for r in files}
+        for _ in range(3):
+            for r in files:
+                lat[r].append(swap(state, r))
+        swap(state, 64)
+        _, step, self.ref_lora = self.time_steps(dm, 3)
+        for r in files:
+            self.rows.append(dict(variant=f"bf16 lora swap r{r} (slots r128, eager)", swap_s=round(statistics.median(lat[r]), 3),
+                                  lora_mib=round(os.path.getsize(files[r]) / 2**20, 1), recompiles=0))
+            log(json.dumps(self.rows[-1]))
+        self.free(p, dm, state)
+
+        # The fastest path: fp8 dynamic (or the best available), rank-64 slots, regional compile.
+        q = self.args.fast_quant
+        p, rep, load_s = self.load_ours(q)
+        dm = p.model.diffusion_model
+        state = HotswapState(attach_slots(dm, 64, "blocks", dtype, c["hidden_size"], 4 * c["hidden_size"]))
+        slot_bytes = module_bytes(dm) - rep.weights_bytes
+        self.compile_blocks(dm)
+        first, step_none, out_none = self.time_steps(dm)
+        self.add(f"{q} compile + lora slots r64 (none active)", step_none, module_bytes(dm), load_s, out_none,
+                 compile_s=round(first, 1), slot_gib=round(slot_bytes / GIB, 3))
+        swap(state, 64)
+        _, step_lora, out_lora = self.time_steps(dm)
+        torch._dynamo.config.error_on_recompile = True
+        recompiles, swaps = 0, []
+        for r, s in [(16, 1.0), (32, 0.7), (64, 1.0), (16, 0.3), (64, 0.5), (32, 1.0), (64, 1.0), (16, 1.0), (32, 0.5), (64, 1.0)]:
+            lora_t = swap(state, r, s)
+            swaps.append(lora_t)
+            try:
+                self.forward(dm)
+            except Exception as e:  # error_on_recompile raises on any recompile
+                recompiles += 1
+                log(f"recompile after swap to r{r}: {type(e).__name__}: {str(e)[:200]}")
+                torch._dynamo.config.error_on_recompile = False
+                self.forward(dm)
+                torch._dynamo.config.error_on_recompile = True
+        torch._dynamo.config.error_on_recompile = False
+        state.activate((files[64], 1.0), [(load_lora(files[64], dims), 1.0)])
+        _, step_lora2, out_lora2 = self.time_steps(dm, 3)
+        self.add(f"{q} compile + lora r64 active", step_lora, module_bytes(dm), load_s, out_lora, ref=self.ref_lora,
+                 swap_s=round(statistics.median(swaps), 3), recompiles=recompiles, swaps=len(swaps),
+                 rel_err_after_swaps=round(self.rel(out_lora2, self.ref_lora), 4))
+        self.free(p, dm, state)
+
+    def flush(self):
+        out = self.args.out
+        os.makedirs(out, exist_ok=True)
+        dev = torch.cuda.get_device_name(0) if self.dev.type == "cuda" else "cpu"
+        with open(os.path.join(out, f"results-{'-'.join(self.args.sections)}.json"), "w") as f:
+            json.dump({"device": dev, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                       "size": self.args.size, "rows": self.rows}, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="full", choices=SIZES)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--sections", default="base")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--workdir", default="/tmp/quantlora-bench")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quant", default="bnb-nf4,bnb-int8,torchao-fp8-dynamic,torchao-fp8-weight-only,torchao-int8-weight-only,"
+                                         "torchao-int8-dynamic,quanto-int8,quanto-fp8")
+    ap.add_argument("--compile-quant", default="torchao-fp8-dynamic")
+    ap.add_argument("--compile-bf16", action="store_true")
+    ap.add_argument("--comfyui", default="fp8_e4m3fn_fast")
+    ap.add_argument("--fast-quant", default="torchao-fp8-dynamic")
+    args = ap.parse_args()
+    args.sections = args.sections.split(",")
+    args.quant = [q for q in args.quant.split(",") if q]
+    args.compile_quant = [q for q in args.compile_quant.split(",") if q]
+    args.comfyui = [q for q in args.comfyui.split(",") if q]
+    _env.setup(cpu=args.device == "cpu")
+    b = Bench(args)
+    if args.device == "cuda":
+        log(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    b.write_checkpoint()
+    for s in args.sections:
+        if s == "compile":
+            continue  # folded into base (bf16 compile row)
+        log(f"=== section {s}")
+        getattr(b, f"section_{s}")()
+    b.flush()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
