@@ -35,8 +35,8 @@ class SafetensorsHeader:
     metadata: dict
 
 
-def _refuse_pickle(path: str, head: bytes) -> None:
-    looks_pickle = head[:2] == b"PK" or head[:1] == b"\x80" or path.lower().endswith(PICKLE_EXTENSIONS)
+def _refuse_pickle(path: str, head: bytes, by_content: bool = True) -> None:
+    looks_pickle = path.lower().endswith(PICKLE_EXTENSIONS) or (by_content and (head[:2] == b"PK" or head[:1] == b"\x80"))
     if looks_pickle:
         raise QuantLoRAError(
             f"{os.path.basename(path)}: this is a PyTorch pickle checkpoint, not safetensors. "
@@ -52,11 +52,14 @@ def read_header(path: str) -> SafetensorsHeader:
         raise QuantLoRAError(f"{path}: file not found. Put it in the models folder ComfyUI lists and refresh the node.")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        _refuse_pickle(path, head)
+        head = f.read(9)
+        # A safetensors file starts with its header length (u64 LE), then "{": its first byte can be
+        # 0x80 or "PK" like a pickle's, so sniff for a pickle only where it is not safetensors-shaped.
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        _refuse_pickle(path, head, by_content=not (head[8:9] == b"{" and 0 < n <= size - 8))
         if len(head) < 8:
             raise QuantLoRAError(f"{name}: only {size} bytes; not a safetensors file (truncated or empty). Re-download it.")
-        (n,) = struct.unpack("<Q", head)
+        f.seek(8)
         if n == 0 or n > _MAX_HEADER or n > size - 8:
             raise QuantLoRAError(
                 f"{name}: not a valid safetensors file (header length {n} does not fit a {size}-byte file). "

@@ -55,6 +55,11 @@ def open_source(path: str) -> CheckpointSource:
             except (ValueError, KeyError) as e:
                 raise QuantLoRAError(f"{index}: unreadable shard index ({e}); re-download the folder.") from None
             files = [os.path.join(folder, s) for s in shards]
+            missing = [s for s, f in zip(shards, files) if not os.path.isfile(f)]
+            if missing:
+                raise QuantLoRAError(
+                    f"{folder}: {len(missing)} of {len(shards)} shards listed in its index are missing "
+                    f"({', '.join(missing)}). The download did not finish; re-download the folder.")
         else:
             files = [os.path.join(folder, "diffusion_pytorch_model.safetensors")]
         return CheckpointSource(folder, files, [read_header(f) for f in files])

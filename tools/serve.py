@@ -1,0 +1,189 @@
+"""Start a real ComfyUI server (the harness tree) with this pack in custom_nodes, and talk to it.
+
+Used by the end-to-end tests (tests/harness/server.py re-exports it) and by the main job
+(tools/main_job.py, scripts/run_main.sh). Standard library only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFY = os.environ.get("QUANTLORA_COMFYUI", os.path.join(ROOT, ".harness", "ComfyUI"))
+STUBS = os.path.join(ROOT, "tests", "harness", "stubs")
+PACK_DIR_NAME = "QuantLoRA"
+
+# Run ComfyUI's main.py with the import-only torchvision/torchaudio stand-ins on the path, but
+# only after transformers and diffusers have recorded that torchvision is absent: otherwise they
+# import torchvision submodules the stand-ins do not have (e.g. when optimum-quanto loads).
+_BOOT = """import runpy, sys
+import diffusers.utils.import_utils
+import transformers.utils.import_utils as t
+t.is_torchvision_available()
+sys.path.insert(1, sys.argv[1])
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def needs_stubs() -> bool:
+    """True where torchvision is not installed (no CPU build on PyPI): use the harness stand-ins."""
+    spec = importlib.util.find_spec("torchvision")
+    return spec is None or os.path.abspath(spec.origin or "").startswith(STUBS + os.sep)
+
+
+class PromptError(RuntimeError):
+    def __init__(self, status, body):
+        super().__init__(f"HTTP {status}: {json.dumps(body)[:2000]}")
+        self.status, self.body = status, body
+
+
+class ComfyServer:
+    def __init__(self, base_dir: str, extra_args=(), env=None, port: int | None = None, listen: str = "127.0.0.1",
+                 cpu: bool = True):
+        self.base = base_dir
+        self.port = port or free_port()
+        self.listen = listen
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_args, self.env_extra = list(extra_args), env or {}
+        self.cpu = cpu
+        self.proc = None
+        self.client_id = uuid.uuid4().hex
+
+    def command(self) -> list[str]:
+        args = [*(["--cpu"] if self.cpu else []), "--listen", self.listen, "--port", str(self.port),
+                "--disable-auto-launch", "--base-directory", self.base, "--database-url", "sqlite:///:memory:",
+                "--disable-api-nodes", *self.extra_args]
+        main = os.path.join(COMFY, "main.py")
+        if needs_stubs():
+            return [sys.executable, "-c", _BOOT, STUBS, main, *args]
+        return [sys.executable, main, *args]
+
+    # -- lifecycle --
+    def start(self, timeout: float = 180) -> "ComfyServer":
+        nodes_dir = os.path.join(self.base, "custom_nodes")
+        os.makedirs(nodes_dir, exist_ok=True)
+        link = os.path.join(nodes_dir, PACK_DIR_NAME)
+        if not os.path.exists(link):
+            os.symlink(ROOT, link)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env_extra)
+        self.log_path = os.path.join(self.base, "server.log")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), cwd=COMFY, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if self.get("/system_stats"):
+                    return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI not ready after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 6000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    # -- HTTP --
+    def _request(self, path, data=None, method=None, raw=False, timeout=60):
+        body = json.dumps(data).encode() if data is not None else None
+        req = urllib.request.Request(self.url + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json"} if body else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                payload = r.read()
+        except urllib.error.HTTPError as e:
+            text = e.read()
+            try:
+                err = json.loads(text)
+            except ValueError:
+                err = text.decode(errors="replace")
+            raise PromptError(e.code, err) from None
+        return payload if raw else (json.loads(payload) if payload else None)
+
+    def get(self, path, raw=False):
+        return self._request(path, raw=raw)
+
+    def post(self, path, data):
+        return self._request(path, data=data, method="POST")
+
+    def object_info(self, node: str) -> dict:
+        return self.get(f"/object_info/{node}")[node]
+
+    def queue(self, graph: dict) -> str:
+        return self.post("/prompt", {"prompt": graph, "client_id": self.client_id})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            h = self.get(f"/history/{prompt_id}")
+            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
+                entry = h[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            if not self.alive():
+                raise RuntimeError(f"server died:\n{self.log_tail()}")
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} not done after {timeout}s:\n{self.log_tail()}")
+
+    def run(self, graph: dict, timeout: float = 600) -> dict:
+        return self.wait(self.queue(graph), timeout)
+
+    def view(self, image: dict) -> bytes:
+        q = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+        return self.get(f"/view?{q}", raw=True)
+
+
+def execution_error(entry: dict) -> dict | None:
+    """The execution_error message of a history entry, or None if it succeeded."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return data
+    return None
+
+
+def reset_base(base: str):
+    for sub in ("output", "temp"):
+        shutil.rmtree(os.path.join(base, sub), ignore_errors=True)
