@@ -119,28 +119,91 @@ def write(slots: dict[str, LoRASlots], writes: dict[str, list[_Write]]) -> None:
 
 
 class HotswapState:
-    """The slots of one model and which LoRA set they hold now."""
+    """The slots of one model and which LoRA set they hold now.
+
+    `loaded_key` names what down/up hold; `active` says whether the scales are on. Turning a set
+    off only zeroes the scales (the bare base is then exactly base(x) + 0) and turning the same set
+    back on restores them, so a repeated prompt with the same LoRAs costs no copy at all.
+    """
 
     def __init__(self, slots: dict[str, LoRASlots]):
         self.slots = slots
-        self.active_key: tuple = ()
+        self.loaded_key: tuple = ()
+        self.active = False
+        self._scales: dict[str, torch.Tensor] = {}
+        self.swaps = 0
 
     @property
     def max_rank(self) -> int:
         return next(iter(self.slots.values())).max_rank if self.slots else 0
 
+    @property
+    def active_key(self) -> tuple:
+        return self.loaded_key if self.active else ()
+
+    def check(self, loras: list) -> None:
+        """Raise now (at node execution) if this set would not fit the slots."""
+        plan(self.slots, loras)
+
+    @torch.no_grad()
     def activate(self, key: tuple, loras: list) -> bool:
         """Make the slots hold `loras` ([(ParsedLoRA, strength)]); key identifies the set. True if it changed."""
-        if key == self.active_key:
+        if not key:
+            return self.deactivate()
+        if key == self.loaded_key:
+            if self.active:
+                return False
+            for name, s in self.slots.items():
+                s.scale.copy_(self._scales[name])
+            self.active = True
+            return True
+        write(self.slots, plan(self.slots, loras))
+        self._scales = {name: s.scale.clone() for name, s in self.slots.items()}
+        self.loaded_key, self.active = key, True
+        self.swaps += 1
+        return True
+
+    @torch.no_grad()
+    def deactivate(self) -> bool:
+        if not self.active:
             return False
-        writes = plan(self.slots, loras) if loras else {}
-        write(self.slots, writes)
-        self.active_key = key
+        for s in self.slots.values():
+            s.scale.zero_()
+        self.active = False
         return True
 
     def ensure_device(self, device: torch.device) -> None:
-        """ComfyUI moves parameterised modules between devices; the slots' buffers follow the base layer."""
-        for s in self.slots.values():
+        """ComfyUI moves parameterised modules between devices; the slots' buffers follow the input."""
+        for name, s in self.slots.items():
             if s.down.device != device:
                 for k in ("down", "up", "scale"):  # buffers only: the base stays where ComfyUI put it
                     s._buffers[k] = s._buffers[k].to(device)
+                if name in self._scales:
+                    self._scales[name] = self._scales[name].to(device)
+
+
+class LoRACache:
+    """Parsed LoRA files by (path, mtime, size): a changed file is parsed again, never served stale."""
+
+    def __init__(self, capacity: int = 8):
+        self.capacity, self._items = capacity, {}
+
+    @staticmethod
+    def key(path: str) -> tuple:
+        import os
+
+        st = os.stat(path)
+        return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+    def get(self, path: str, dims):
+        from .formats import load_lora
+
+        k = self.key(path) + (dims,)
+        if k in self._items:
+            self._items[k] = self._items.pop(k)  # most recent last
+            return self._items[k]
+        lora = load_lora(path, dims)
+        self._items[k] = lora
+        while len(self._items) > self.capacity:
+            self._items.pop(next(iter(self._items)))
+        return lora

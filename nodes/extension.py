@@ -3,6 +3,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .hotswap_node import LoRAHotswap
 from .loader_node import QuantizedFluxLoader
 
 
@@ -15,4 +16,8 @@ class QuantLoRAExtension(ComfyExtension):
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [QuantizedFluxLoader]
+        # ComfyUI 0.3.75's loader never calls on_load (newer ones do); register() is idempotent.
+        from . import routes
+
+        routes.register()
+        return [QuantizedFluxLoader, LoRAHotswap]

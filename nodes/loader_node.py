@@ -7,7 +7,11 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..lora.hotswap import TARGET_SETS
+from ..quant.attention import ATTENTION_CHOICES
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
+from ..quant.compile import compile_blocks
+from . import runtime
 from ..quant.sources import list_checkpoints, resolve_checkpoint
 from .bridge import COMPUTE_DTYPE_NAMES, load_flux_model_patcher
 
@@ -40,12 +44,22 @@ class QuantizedFluxLoader(io.ComfyNode):
                                tooltip="; ".join(f"{n}: {b.describe}" for n, b in BACKENDS.items())),
                 io.Combo.Input("compute_dtype", options=COMPUTE_DTYPE_NAMES, default="auto",
                                tooltip="auto = what ComfyUI's own loader picks for this device."),
+                io.Int.Input("lora_max_rank", default=0, min=0, max=1024, optional=True,
+                             tooltip="Preallocate LoRA hot-swap slots of this rank (0 = none until a LoRAHotswap node "
+                                     "adds them). Set it when compiling, so the compiled graphs include the slots."),
+                io.Combo.Input("lora_targets", options=list(TARGET_SETS), default="blocks", optional=True),
+                io.Combo.Input("compile", options=["off", "regional"], default="off", optional=True,
+                               tooltip="regional: torch.compile each transformer block (first image waits for the compile; "
+                                       "LoRA swaps and strength changes never recompile)."),
+                io.Combo.Input("attention", options=ATTENTION_CHOICES, default="auto", optional=True,
+                               tooltip="auto: cuDNN attention on Hopper/Blackwell GPUs, PyTorch's default elsewhere."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model_name, quantization, compute_dtype) -> io.NodeOutput:
+    def execute(cls, model_name, quantization, compute_dtype, lora_max_rank=0, lora_targets="blocks",
+                compile="off", attention="auto") -> io.NodeOutput:
         path = resolve_checkpoint(model_name, model_roots())
         bar = comfy.utils.ProgressBar(1)
 
@@ -53,6 +67,13 @@ class QuantizedFluxLoader(io.ComfyNode):
             bar.update_absolute(done, total)
 
         patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress)
+        dm = patcher.model.diffusion_model
+        if lora_max_rank > 0:
+            runtime.ensure_slots(dm, lora_max_rank, lora_targets)
+        if compile == "regional":
+            compile_blocks(dm)
+        runtime.install(patcher)
+        runtime.options(patcher)["attention"] = attention
         log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights",
                  model_name, quantization, report.compute_dtype, report.load_s, report.weights_bytes / 2**30)
         return io.NodeOutput(patcher)

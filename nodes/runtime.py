@@ -1,0 +1,101 @@
+"""What runs around each sampling of a pack MODEL: LoRA set activation and attention choice.
+
+A MODEL's LoRA set lives in its model_options (transformer_options["quantlora"]["loras"]),
+so each ModelPatcher clone means "base + these LoRAs"; the slots on the shared transformer
+are written when a sampling of that clone starts and switched off when it ends, so no other
+MODEL (another branch, a later prompt without LoRA) ever sees a stale adapter.
+"""
+from __future__ import annotations
+
+import comfy.patcher_extension as pe
+
+from ..errors import QuantLoRAError
+from ..lora.formats import FluxDims
+from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
+from ..quant.attention import sdpa_context
+
+OPTS_KEY = "quantlora"
+STATE_ATTR = "_quantlora_hotswap"
+WRAPPER_KEY = "quantlora"
+LORAS = LoRACache()
+
+
+def flux_module(patcher):
+    dm = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    if dm is None or not hasattr(dm, "double_blocks") or not hasattr(dm, "single_blocks") or not hasattr(dm, "img_in"):
+        raise QuantLoRAError(f"this MODEL is not a FLUX.1 transformer ({type(dm).__name__}); QuantLoRA's LoRA hot-swap supports FLUX.1 dev/schnell.")
+    return dm
+
+
+def dims_of(dm) -> FluxDims:
+    return FluxDims(hidden=dm.hidden_size, mlp_hidden=int(dm.hidden_size * dm.params.mlp_ratio), depth=len(dm.double_blocks),
+                    depth_single=len(dm.single_blocks), img_in_features=dm.img_in.in_features,
+                    txt_in_features=dm.txt_in.in_features,
+                    vec_in_features=dm.vector_in.in_layer.in_features if dm.vector_in is not None else None)
+
+
+def hotswap_state(dm) -> HotswapState | None:
+    return getattr(dm, STATE_ATTR, None)
+
+
+def ensure_slots(dm, max_rank: int, targets: str) -> HotswapState:
+    state = hotswap_state(dm)
+    if state is None:
+        if targets not in TARGET_SETS:
+            raise QuantLoRAError(f"lora targets {targets!r} unknown; choices: {', '.join(TARGET_SETS)}.")
+        d = dims_of(dm)
+        slots = attach_slots(dm, max_rank, targets, dtype=_slot_dtype(dm), hidden=d.hidden, mlp_hidden=d.mlp_hidden)
+        state = HotswapState(slots)
+        setattr(dm, STATE_ATTR, state)
+    return state
+
+
+def _slot_dtype(dm):
+    import torch
+
+    dt = getattr(dm, "dtype", None)
+    return dt if dt in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def options(patcher) -> dict:
+    topts = patcher.model_options.setdefault("transformer_options", {})
+    cfg = dict(topts.get(OPTS_KEY, {}))
+    topts[OPTS_KEY] = cfg
+    return cfg
+
+
+def parsed_set(dm, loras: tuple) -> list:
+    d = dims_of(dm)
+    return [(LORAS.get(entry[0], d), entry[-1]) for entry in loras]
+
+
+def _diffusion_model_wrapper(executor, *args, **kwargs):
+    dm = executor.class_obj
+    x = args[0]
+    topts = args[7] if len(args) > 7 else kwargs.get("transformer_options", {})
+    cfg = (topts or {}).get(OPTS_KEY, {})
+    state = hotswap_state(dm)
+    if state is not None:
+        state.ensure_device(x.device)
+        loras = tuple(cfg.get("loras", ()))
+        if loras != state.active_key:
+            state.activate(loras, parsed_set(dm, loras))
+    with sdpa_context(cfg.get("attention", "default"), x.device):
+        return executor(*args, **kwargs)
+
+
+def _outer_sample_wrapper(executor, *args, **kwargs):
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        dm = getattr(executor.class_obj.model_patcher.model, "diffusion_model", None)
+        state = hotswap_state(dm) if dm is not None else None
+        if state is not None:
+            state.deactivate()
+
+
+def install(patcher) -> None:
+    """Idempotent: the wrappers are plain functions, shared by reference across clones."""
+    for kind, fn in ((pe.WrappersMP.DIFFUSION_MODEL, _diffusion_model_wrapper), (pe.WrappersMP.OUTER_SAMPLE, _outer_sample_wrapper)):
+        if fn not in patcher.get_wrappers(kind, WRAPPER_KEY):
+            patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
