@@ -34,6 +34,7 @@ SIZES = {
     "tiny": dict(hidden_size=128, num_heads=4, depth=1, depth_single_blocks=2, latent=16, txt=8),
 }
 GIB = 2 ** 30
+PROCESS_START = time.perf_counter()
 
 
 def log(*a):
@@ -157,17 +158,30 @@ class Bench:
             torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def forward(self, dm):
+    def forward(self, dm, attention=None):
+        from quantlora.quant.attention import resolve, sdpa_context, sdpa_override
+
         i = self.inputs
-        return dm(i["x"], i["timestep"], i["context"], y=i["y"], guidance=i["guidance"])
+        choice = attention or self.args.attention
+        topts = {"optimized_attention_override": sdpa_override} if resolve(choice, self.dev) == "cudnn" else {}
+        with sdpa_context(choice, self.dev):
+            return dm(i["x"], i["timestep"], i["context"], y=i["y"], guidance=i["guidance"], transformer_options=topts)
 
     def sync(self):
         if self.dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def time_steps(self, dm, n=None):
+    def time_steps(self, dm, n=None, attention=None):
         """(first call seconds, median step seconds, output)."""
         n = n or self.args.repeats
+        fwd = self.forward
+        self.forward = lambda m: fwd(m, attention)
+        try:
+            return self._time_steps(dm, n)
+        finally:
+            self.forward = fwd
+
+    def _time_steps(self, dm, n):
         self.sync()
         t0 = time.perf_counter()
         out = self.forward(dm)
@@ -218,10 +232,9 @@ class Bench:
 
         p, rep, load_s = self.load_ours("none")
         dm = p.model.diffusion_model
-        _, step, out = self.time_steps(dm)
+        _, step, out = self.time_steps(dm, attention="default")
         self.base_step, self.base_bytes, self.ref = step, module_bytes(dm), out
         self.add("bf16 eager", step, self.base_bytes, load_s, out)
-        torch.save({"ref": out.cpu(), "step": step, "bytes": self.base_bytes}, os.path.join(self.args.workdir, f"ref-{self.args.size}.pt"))
         if "compile" in self.args.sections or self.args.compile_bf16:
             self.compile_blocks(dm)
             first, step_c, out_c = self.time_steps(dm)
@@ -260,9 +273,17 @@ class Bench:
                     self.free()
 
     def load_ref(self):
-        if self.ref is None:
-            d = torch.load(os.path.join(self.args.workdir, f"ref-{self.args.size}.pt"))
-            self.ref, self.base_step, self.base_bytes = d["ref"].to(self.dev), d["step"], d["bytes"]
+        """bf16 eager (default attention) in this process: the baseline every ratio divides by."""
+        if self.ref is not None:
+            return
+        from quantlora.quant.sizes import module_bytes
+
+        p, rep, load_s = self.load_ours("none")
+        dm = p.model.diffusion_model
+        _, step, out = self.time_steps(dm, attention="default")
+        self.base_step, self.base_bytes, self.ref = step, module_bytes(dm), out
+        self.add("bf16 eager", step, self.base_bytes, load_s, out)
+        self.free(p, dm)
 
     def section_lora(self):
         """Swap latency (file read to ready), recompiles across swaps, slot overhead, fastest path + LoRA."""
@@ -334,6 +355,76 @@ class Bench:
                  rel_err_after_swaps=round(self.rel(out_lora2, self.ref_lora), 4))
         self.free(p, dm, state)
 
+    def section_attn(self):
+        """SDPA kernels at Flux's shape, then bf16 eager and the fp8 compiled path with each choice."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from quantlora.quant.sizes import module_bytes
+
+        self.load_ref()
+        tokens = self.latent * self.latent // 4 + self.txt
+        q, k, v = (torch.randn(1, 24, tokens, 128, device=self.dev, dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * tokens * tokens * 128 * 24
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                         ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            try:
+                with sdpa_kernel([be]):
+                    for _ in range(3):
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    for _ in range(20):
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    b.record()
+                    b.synchronize()
+                t = a.elapsed_time(b) / 20 / 1000
+                self.rows.append(dict(variant=f"sdpa {name} kernel (1x24x{tokens}x128 bf16)", step_s=round(t, 5),
+                                      tflops=round(flops / t / 1e12, 1)))
+            except Exception as e:
+                self.rows.append(dict(variant=f"sdpa {name} kernel", error=str(e)[:200]))
+            log(json.dumps(self.rows[-1]))
+        p, rep, load_s = self.load_ours("none")
+        dm = p.model.diffusion_model
+        _, step, out = self.time_steps(dm, attention="cudnn")
+        self.add("bf16 eager + cudnn attention", step, module_bytes(dm), load_s, out)
+        self.free(p, dm)
+        q = self.args.fast_quant
+        p, rep, load_s = self.load_ours(q)
+        dm = p.model.diffusion_model
+        self.compile_blocks(dm)
+        first, step, out = self.time_steps(dm, attention="cudnn")
+        self.add(f"{q} compile (regional) + cudnn attention", step, rep.weights_bytes, load_s, out, compile_s=round(first, 1))
+        self.free(p, dm)
+        for extra in self.args.extra_quant:
+            try:
+                p, rep, load_s = self.load_ours(extra)
+                dm = p.model.diffusion_model
+                _, step, out = self.time_steps(dm, n=3)
+                self.add(f"{extra} eager", step, rep.weights_bytes, load_s, out)
+                self.free(p, dm)
+            except Exception as e:
+                self.rows.append(dict(variant=f"{extra} eager", error=f"{type(e).__name__}: {str(e)[:300]}"))
+                self.free()
+
+    def section_firststep(self):  # no baseline: a wall-clock figure
+        """Process start to first finished step: the fastest path with LoRA slots, compiled.
+        Run twice in a row: the second process reuses inductor's on-disk caches (a ComfyUI restart)."""
+        from quantlora.lora.hotswap import HotswapState, attach_slots
+
+        c = self.cfg
+        p, rep, load_s = self.load_ours(self.args.fast_quant)
+        dm = p.model.diffusion_model
+        HotswapState(attach_slots(dm, 64, "blocks", torch.bfloat16, c["hidden_size"], 4 * c["hidden_size"]))
+        self.compile_blocks(dm)
+        t0 = time.perf_counter()
+        self.forward(dm)
+        self.sync()
+        first = time.perf_counter() - t0
+        since_start = time.perf_counter() - PROCESS_START
+        self.rows.append(dict(variant=f"{self.args.fast_quant} compile + lora slots: first step", compile_s=round(first, 1),
+                              load_s=round(load_s, 1), to_first_step_s=round(since_start, 1),
+                              cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default")))
+        log(json.dumps(self.rows[-1]))
+
     def flush(self):
         out = self.args.out
         os.makedirs(out, exist_ok=True)
@@ -357,19 +448,22 @@ def main():
     ap.add_argument("--compile-bf16", action="store_true")
     ap.add_argument("--comfyui", default="fp8_e4m3fn_fast")
     ap.add_argument("--fast-quant", default="torchao-fp8-dynamic")
+    ap.add_argument("--attention", default="default", help="SDPA backend order for every forward (quant/attention.py)")
+    ap.add_argument("--extra-quant", default="", help="more eager variants in the attn section")
     args = ap.parse_args()
     args.sections = args.sections.split(",")
     args.quant = [q for q in args.quant.split(",") if q]
     args.compile_quant = [q for q in args.compile_quant.split(",") if q]
     args.comfyui = [q for q in args.comfyui.split(",") if q]
+    args.extra_quant = [q for q in args.extra_quant.split(",") if q]
     _env.setup(cpu=args.device == "cpu")
     b = Bench(args)
     if args.device == "cuda":
         log(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     b.write_checkpoint()
     for s in args.sections:
-        if s == "compile":
-            continue  # folded into base (bf16 compile row)
+        if s == "compile" or (s == "attn" and args.device != "cuda"):
+            continue  # compile: folded into base (bf16 compile row); attn: CUDA kernels only
         log(f"=== section {s}")
         getattr(b, f"section_{s}")()
     b.flush()

@@ -33,10 +33,10 @@ TARGET_SETS = {
 
 @dataclass
 class _Write:
-    split: int
-    rank_start: int
-    down: torch.Tensor   # (r, in)
-    up: torch.Tensor     # (rows of split, r)
+    row: int             # first pool row
+    offset: int          # first output row
+    down: torch.Tensor   # (k, in)
+    up: torch.Tensor     # (rows, k)
     scale: float
 
 
@@ -63,9 +63,9 @@ def attach_slots(model: nn.Module, max_rank: int, targets: str = "blocks", dtype
 
 
 def plan(slots: dict[str, LoRASlots], loras: list) -> dict[str, list[_Write]]:
-    """Where each LoRA's rank rows go; raises with the value to set when something does not fit."""
+    """Which pool rows each LoRA target takes; raises with the value to set when something does not fit."""
     writes: dict[str, list[_Write]] = {}
-    used: dict[tuple[str, int], int] = {}
+    used: dict[str, int] = {}
     for lora, strength in loras:
         missing = sorted({t.module for t in lora.targets if t.module not in slots})
         if missing:
@@ -75,25 +75,21 @@ def plan(slots: dict[str, LoRASlots], loras: list) -> dict[str, list[_Write]]:
             )
         for t in lora.targets:
             s = slots[t.module]
-            r = t.down.shape[0]
-            covered = [i for i, (o, n) in enumerate(zip(s.offsets, s.splits)) if o < t.offset + t.rows and t.offset < o + n]
-            if not covered or s.offsets[covered[0]] != t.offset or \
-                    s.offsets[covered[-1]] + s.splits[covered[-1]] != t.offset + t.rows:
-                raise QuantLoRAError(f"LoRA {lora.name}: rows {t.offset}..{t.offset + t.rows} of {t.module} "
-                                     f"do not line up with its projections {s.splits}; the file is malformed.")
-            for i in covered:
-                start = used.get((t.module, i), 0)
-                if start + r > s.max_rank:
-                    names = " + ".join(f"{lo.name}" for lo, _ in loras)
-                    raise QuantLoRAError(
-                        f"LoRA rank too large for the hot-swap slots: {names} need rank {start + r} on {t.module} "
-                        f"but the slots hold max_rank={s.max_rank}. Set max_rank to {_next_pow2(start + r)} or more "
-                        "(on the loader / the first LoRAHotswap node)."
-                    )
-                used[(t.module, i)] = start + r
-                o = s.offsets[i] - t.offset
-                writes.setdefault(t.module, []).append(
-                    _Write(i, start, t.down, t.up[o:o + s.splits[i]], float(strength) * float(t.scale)))
+            k = t.down.shape[0]
+            if t.offset < 0 or t.offset + t.rows > s.out_features:
+                raise QuantLoRAError(f"LoRA {lora.name}: rows {t.offset}..{t.offset + t.rows} exceed {t.module}'s "
+                                     f"{s.out_features} outputs; the file is malformed.")
+            start = used.get(t.module, 0)
+            if start + k > s.pool:
+                names = " + ".join(lo.name for lo, _ in loras)
+                per_split = -(-(start + k) // len(s.splits))
+                raise QuantLoRAError(
+                    f"LoRA rank too large for the hot-swap slots: {names} need {start + k} rank rows on {t.module}, "
+                    f"which holds {s.pool} (max_rank={s.max_rank} x {len(s.splits)} projections). "
+                    f"Set max_rank to {_next_pow2(per_split)} or more (on the loader / the first LoRAHotswap node)."
+                )
+            used[t.module] = start + k
+            writes.setdefault(t.module, []).append(_Write(start, t.offset, t.down, t.up, float(strength) * float(t.scale)))
     return writes
 
 
@@ -108,14 +104,14 @@ def _next_pow2(n: int) -> int:
 def write(slots: dict[str, LoRASlots], writes: dict[str, list[_Write]]) -> None:
     for name, s in slots.items():
         s.scale.zero_()
-        r = s.max_rank
-        for w in writes.get(name, ()):
+        ws = writes.get(name, ())
+        if ws:
+            s.up.zero_()  # a pool row may have served other output rows before
+        for w in ws:
             k = w.down.shape[0]
-            row = w.split * r + w.rank_start
-            s.down[row:row + k].copy_(w.down, non_blocking=True)
-            o, n = s.offsets[w.split], s.splits[w.split]
-            s.up[o:o + n, w.rank_start:w.rank_start + k].copy_(w.up, non_blocking=True)
-            s.scale[row:row + k] = w.scale
+            s.down[w.row:w.row + k].copy_(w.down, non_blocking=True)
+            s.up[w.offset:w.offset + w.up.shape[0], w.row:w.row + k].copy_(w.up, non_blocking=True)
+            s.scale[w.row:w.row + k] = w.scale
 
 
 class HotswapState:

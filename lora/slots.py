@@ -1,13 +1,19 @@
 """Preallocated LoRA slots around any linear layer: bf16, bitsandbytes, quanto, torchao or fp8-cast.
 
-    y = base(x) + cat_s( ((x @ down_s^T) * scale_s) @ up_s^T )
+    y = base(x);  y += ((x @ down^T) * scale) @ up^T      (one addmm into y)
 
-`down` holds max_rank rows per output split (a fused qkv layer has 3 splits, Flux's
-single-block linear1 has 4: q, k, v, mlp), `up` holds max_rank columns per output row and
-`scale` one factor per rank row (strength * alpha / rank; 0 for unused rows). Swapping a
-LoRA or a strength only copies into these buffers: the tensors a compiled graph captured
-stay the same objects with the same shapes, so nothing recompiles, and the base layer's
-weights are never touched (no second copy, nothing to restore).
+Each slot owns a pool of rank rows: `down` (pool, in), `up` (out, pool) and `scale` (pool,),
+strength * alpha / rank per row and 0 for unused rows. A LoRA target takes k rows of the
+pool and fills its output rows of `up` (a q-only LoRA on a fused qkv layer fills only the q
+rows). Fused layers get a pool of splits x max_rank rows, so any LoRA of rank <= max_rank
+fits whether it was trained on the fused layer (kohya, BFL) or on separate q/k/v (diffusers).
+
+Swapping a LoRA or a strength only copies into these buffers: the tensors a compiled graph
+captured stay the same objects with the same shapes, so nothing recompiles, and the base
+layer's weights are never touched (no second copy, nothing to restore). The update is one
+addmm that accumulates into y (cuBLAS reads y once and writes it once), not a separate delta
+tensor added afterwards: at Flux's sizes that extra pass over every layer's output was most
+of the slots' cost.
 
 peft's hot-swap pads ranks only for its plain Linear LoRA layers (not bitsandbytes or
 quanto ones), which is why this wrapper exists instead of peft injection.
@@ -27,14 +33,13 @@ class LoRASlots(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.splits = list(splits) if splits else [self.out_features]
         assert sum(self.splits) == self.out_features, (self.splits, self.out_features)
-        self.offsets = [sum(self.splits[:i]) for i in range(len(self.splits))]
         self.max_rank = max_rank
-        n = len(self.splits) * max_rank
-        self.register_buffer("down", torch.zeros(n, self.in_features, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("up", torch.zeros(self.out_features, max_rank, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("scale", torch.zeros(n, dtype=dtype, device=device), persistent=False)
+        self.pool = len(self.splits) * max_rank
+        self.register_buffer("down", torch.zeros(self.pool, self.in_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("up", torch.zeros(self.out_features, self.pool, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("scale", torch.zeros(self.pool, dtype=dtype, device=device), persistent=False)
 
-    # Properties some callers (ComfyUI, bnb) read off a Linear.
+    # Attributes callers (ComfyUI, bnb) read off a Linear.
     @property
     def weight(self):
         return self.base.weight
@@ -46,13 +51,9 @@ class LoRASlots(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         h = F.linear(x.to(self.down.dtype), self.down) * self.scale
-        r = self.max_rank
-        if len(self.splits) == 1:
-            delta = F.linear(h, self.up)
-        else:
-            delta = torch.cat([F.linear(h[..., s * r:(s + 1) * r], self.up[o:o + n])
-                               for s, (o, n) in enumerate(zip(self.offsets, self.splits))], dim=-1)
-        return y + delta.to(y.dtype)
+        y2 = y.reshape(-1, self.out_features)
+        out = torch.addmm(y2, h.reshape(-1, self.pool).to(y.dtype), self.up.t().to(y.dtype))
+        return out.view(y.shape)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, splits={self.splits}, max_rank={self.max_rank}"
+        return f"in={self.in_features}, out={self.out_features}, splits={self.splits}, max_rank={self.max_rank}, pool={self.pool}"

@@ -3,8 +3,10 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .fp8_cast_node import FP8LayerwiseCast
 from .hotswap_node import LoRAHotswap
 from .loader_node import QuantizedFluxLoader
+from .offload_sampler_node import CPUOffloadSampler
 
 
 class QuantLoRAExtension(ComfyExtension):
@@ -20,4 +22,4 @@ class QuantLoRAExtension(ComfyExtension):
         from . import routes
 
         routes.register()
-        return [QuantizedFluxLoader, LoRAHotswap]
+        return [QuantizedFluxLoader, LoRAHotswap, FP8LayerwiseCast, CPUOffloadSampler]

@@ -73,7 +73,7 @@ class QuantizedFluxLoader(io.ComfyNode):
         if compile == "regional":
             compile_blocks(dm)
         runtime.install(patcher)
-        runtime.options(patcher)["attention"] = attention
+        runtime.set_attention(patcher, attention)
         log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights",
                  model_name, quantization, report.compute_dtype, report.load_s, report.weights_bytes / 2**30)
         return io.NodeOutput(patcher)

@@ -7,4 +7,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    _registered = True
+    from . import vram_routes
+
+    # None: no PromptServer yet (nodes imported outside a running ComfyUI); try again later.
+    if vram_routes.register() is not None:
+        _registered = True

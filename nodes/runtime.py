@@ -12,7 +12,7 @@ import comfy.patcher_extension as pe
 from ..errors import QuantLoRAError
 from ..lora.formats import FluxDims
 from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
-from ..quant.attention import sdpa_context
+from ..quant.attention import resolve, sdpa_context, sdpa_override
 
 OPTS_KEY = "quantlora"
 STATE_ATTR = "_quantlora_hotswap"
@@ -92,6 +92,16 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
         state = hotswap_state(dm) if dm is not None else None
         if state is not None:
             state.deactivate()
+
+
+def set_attention(patcher, choice: str) -> None:
+    """The SDPA backend order for this MODEL; with cuDNN, also ComfyUI's public attention override
+    (unless another pack already set one) so q/k/v reach SDPA contiguous."""
+    options(patcher)["attention"] = choice
+    import comfy.model_management as mm
+
+    if resolve(choice, mm.get_torch_device()) == "cudnn":
+        patcher.model_options["transformer_options"].setdefault("optimized_attention_override", sdpa_override)
 
 
 def install(patcher) -> None:

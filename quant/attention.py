@@ -38,3 +38,19 @@ def sdpa_context(name: str, device: torch.device):
     from torch.nn.attention import sdpa_kernel
 
     return sdpa_kernel(order, set_priority=True)
+
+
+def sdpa_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                  skip_output_reshape=False, **kwargs):
+    """For ComfyUI's transformer_options["optimized_attention_override"] (same calling convention,
+    no ComfyUI import): SDPA on contiguous q/k/v. Flux hands attention a strided view of its fused
+    qkv output for v, which makes PyTorch pass over cuDNN's kernel (half FlashAttention-2's time
+    at Flux's shapes on Hopper) for FlashAttention-2. Anything else goes to ComfyUI's own function."""
+    if not skip_reshape or mask is not None or q.device.type != "cuda":
+        return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                    skip_output_reshape=skip_output_reshape, **kwargs)
+    b, _, _, dim_head = q.shape
+    out = torch.nn.functional.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    if not skip_output_reshape:
+        out = out.transpose(1, 2).reshape(b, -1, heads * dim_head)
+    return out

@@ -1,0 +1,353 @@
+"""CPUOffloadSampler: the stock KSampler (same inputs, same sampling code: nodes.common_ksampler)
+with the transformer's weights offloaded to host memory while it samples.
+
+Modes: none (stock behaviour), model (whole transformer on the GPU only while sampling, then
+unloaded), block (groups of transformer blocks copied in ahead of use on a side CUDA stream from
+pinned host memory), leaf (each layer: lowest VRAM), auto (picked from vram_budget_gb, or from
+the GPU's total memory when the budget is 0). Without a CUDA device every mode is a no-op and the
+node samples exactly like KSampler. The moving itself is quant/offload.py (diffusers' group
+offloading, or module moves for bitsandbytes/quanto weights).
+
+How ComfyUI's model management is kept truthful (and kept from loading the model itself):
+- The node samples a private clone of the input ModelPatcher carrying two extension points from
+  comfy/patcher_extension.py: a WrappersMP.PREPARE_SAMPLING wrapper and a CallbacksMP.ON_DETACH
+  callback, both keyed "quantlora.offload". Nothing else of ComfyUI is patched or replaced.
+- The wrapper runs before ComfyUI's own _prepare_sampling (which it then calls unchanged). For
+  block/leaf it first has ComfyUI unload any other patcher of the same weights (LoadedModel
+  .model_unload, what free_memory does), restores the weights on the host
+  (ModelPatcher.unpatch_model), bakes the patcher's own weight patches (e.g. LoraLoader) into the
+  host weights with ComfyUI's patch_weight_to_device (backups kept, so unpatch restores them),
+  installs the offload hooks, and records the truth on the model the way ModelPatcher.load does:
+  device = load device, model_loaded_weight_memory = the weights resident on the GPU while it
+  runs (top-level parts + in-flight groups), model_lowvram = False, current_weight_patches_uuid =
+  the patcher's. The clone's size is that same working set (it is private: no node output, so no
+  RAM-cache accounting reads it). load_models_gpu then finds the model "fully loaded": it moves
+  nothing (no double load), frees only what the working set and the activations need, and keeps
+  the model in current_loaded_models with its real footprint, so it neither over-commits VRAM
+  nor evicts under us.
+- When ComfyUI unloads that model (memory pressure, another patcher of the same weights loading,
+  the clone being freed) the ON_DETACH callback removes the hooks, releases the pinned host copies,
+  restores the host weights and resets the bookkeeping: the module is ordinary again, and the other
+  patcher's load_models_gpu finds nothing loaded and loads it the stock way. (load_models_gpu also
+  detaches, without unpatching, the very patcher it is about to load; the wrapper flags its own
+  load so that detach keeps the hooks.)
+- The clone is kept (weakly keyed on the input patcher, so it lives exactly as long as it) and
+  reused while the settings stay the same: hooks and pinned memory persist across runs, and
+  hot-swapping LoRA slots between runs writes into the same (pinned) buffers the hooks move.
+- model mode: the same wrapper lets ComfyUI load the model as usual and, if it loaded only part
+  (lowvram), loads the rest (load_models_gpu force_full_load=True); after sampling the node
+  unloads that clone through ComfyUI (LoadedModel.model_unload). No pinning: one transfer per
+  run costs about what pinning it would.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management as mm
+import comfy.patcher_extension as pe
+import comfy.sample
+import comfy.samplers
+from comfy_api.latest import io, ui
+
+from ..quant import offload as off
+
+log = logging.getLogger("quantlora")
+KEY = "quantlora.offload"
+OFFLOAD_MODES = ["auto", "none", "model", "block", "leaf"]
+GIB = 2 ** 30
+# Tests set this to run the whole offload machinery (hooks, ComfyUI bookkeeping) on a CPU-only
+# machine, with the CPU as both the onload and the offload device.
+FORCE_ON_CPU = False
+_CLONES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # input patcher -> (settings, our clone)
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str            # resolved: none | model | block | leaf
+    blocks_per_group: int
+    active: bool         # False: no CUDA device, sampling runs as plain KSampler
+    auto: bool
+    reason: str = ""
+
+
+def _diffusion_model(patcher):
+    dm = getattr(patcher.model, "diffusion_model", None)
+    if dm is None:
+        raise ValueError("CPUOffloadSampler: this MODEL has no diffusion_model to offload.")
+    return dm
+
+
+def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: float, latent: dict | None = None) -> Plan:
+    dev = torch.device(patcher.load_device)
+    cuda = dev.type == "cuda"
+    active = cuda or FORCE_ON_CPU
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload_mode {mode!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
+    if not active:
+        return Plan(mode, blocks_per_group, False, mode == "auto", f"no CUDA device ({dev}): offload is a no-op")
+    if mode != "auto":
+        return Plan(mode, blocks_per_group, True, False)
+    sizes = off.tree_sizes(_diffusion_model(patcher))
+    if vram_budget_gb > 0:
+        budget = int(vram_budget_gb * GIB)
+    elif cuda:
+        budget = mm.get_total_memory(dev) - mm.extra_reserved_memory()
+    else:
+        return Plan("none", 1, True, True, "auto without a budget on the CPU")
+    reserve = mm.minimum_inference_memory()
+    if latent is not None:
+        shape = list(comfy.sample.fix_empty_latent_channels(patcher, latent["samples"]).shape)
+        shape[0] *= 2  # cond + uncond
+        try:
+            reserve += int(patcher.model.memory_required(shape))
+        except Exception:  # an architecture without an estimate: keep ComfyUI's minimum
+            pass
+    picked, bpg = off.pick_mode(budget, sizes.model, sizes.block_max, nonblock_bytes=sizes.nonblock,
+                                reserve_bytes=reserve, stream=cuda, n_blocks=sizes.n_blocks)
+    return Plan(picked, bpg, True, True, f"budget {budget / GIB:.2f} GiB, weights {sizes.model / GIB:.2f} GiB, "
+                                          f"largest block {sizes.block_max / GIB:.3f} GiB, reserve {reserve / GIB:.2f} GiB")
+
+
+# ---------- ComfyUI model management ----------
+def evict_sharing(patcher, include_self: bool = False) -> int:
+    """Have ComfyUI unload every other loaded patcher of the same weights (what free_memory does:
+    LoadedModel.model_unload, then drop it from current_loaded_models). Returns how many."""
+    n = 0
+    for lm in list(mm.current_loaded_models):
+        other = lm.model
+        if other is None or (other is patcher and not include_self) or not other.is_clone(patcher):
+            continue
+        lm.model_unload()
+        mm.current_loaded_models.remove(lm)
+        n += 1
+    return n
+
+
+def unload(patcher) -> None:
+    for lm in list(mm.current_loaded_models):
+        if lm.model is patcher:
+            lm.model_unload()
+            mm.current_loaded_models.remove(lm)
+    mm.soft_empty_cache()
+
+
+def _mark_resident(patcher, state: off.OffloadState) -> None:
+    m = patcher.model
+    m.device = patcher.load_device
+    m.model_loaded_weight_memory = state.working_set
+    m.model_offload_buffer_memory = 0
+    m.model_lowvram = False
+    m.lowvram_patch_counter = 0
+    m.current_weight_patches_uuid = patcher.patches_uuid
+    patcher.size = state.working_set
+
+
+_OWNER = "_quantlora_offload_owner"  # on the diffusion model: weakref to the patcher whose hooks are on it
+
+
+def _install(patcher, plan: Plan) -> off.OffloadState:
+    dm = _diffusion_model(patcher)
+    spec = off.make_spec(plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group)
+    st = off.offload_state(dm)
+    mine = getattr(patcher, "_quantlora_offload_state", None)
+    if st is not None and st is mine and off.is_current(dm, spec) \
+            and patcher.model.current_weight_patches_uuid == patcher.patches_uuid:
+        _mark_resident(patcher, st)
+        return st
+    if st is not None and not patcher.patches and off.is_current(dm, spec):
+        # Another clone of these weights (e.g. the same model with another LoRA set) left the same
+        # offload on them and neither has ComfyUI weight patches: take the hooks (and pinned memory)
+        # over instead of rebuilding them. The previous owner is disowned first, so ComfyUI
+        # unloading it below only clears bookkeeping (nothing of it is on the GPU).
+        prev = getattr(dm, _OWNER, lambda: None)()
+        if prev is not None and prev is not patcher:
+            prev._quantlora_offload_state = None
+        evict_sharing(patcher)
+    else:
+        evict_sharing(patcher)
+        if off.offload_state(dm) is not None:  # another clone's hooks, or hooks built on tensors since replaced
+            off.remove_offload(dm)
+            _release_lora(dm)
+        patcher.unpatch_model(patcher.offload_device, unpatch_weights=True)
+        with torch.no_grad():
+            for key in list(patcher.patches):
+                patcher.patch_weight_to_device(key, device_to=None)  # ComfyUI's own patching, on the host copy
+        st = off.apply_offload(dm, plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group)
+        log.info("QuantLoRA offload: %s (%s), %.3f of %.2f GiB of weights resident while sampling",
+                 st.mode, st.strategy, st.working_set / GIB, st.model_bytes / GIB)
+    patcher._quantlora_offload_state = st
+    setattr(dm, _OWNER, weakref.ref(patcher))
+    _mark_resident(patcher, st)
+    return st
+
+
+def _no_move(device) -> None:
+    """HotswapState.ensure_device while offloaded: the offload hooks place the slot buffers."""
+
+
+def _sync_lora(patcher, model_options) -> None:
+    """LoRA slots (LoRAHotswap) under offload: write this sampling's LoRA set now, before the first
+    forward, when every group is at rest in host memory. The hot-swap wrapper would otherwise write
+    it inside the first forward, after the offload hook has started prefetching the first block
+    from those very buffers; and its ensure_device would replace buffers the hooks are keyed on."""
+    from . import runtime
+
+    dm = _diffusion_model(patcher)
+    state = runtime.hotswap_state(dm)
+    if state is None:
+        return
+    state.ensure_device = _no_move
+    cfg = (model_options or {}).get("transformer_options", {}).get(runtime.OPTS_KEY, {})
+    loras = tuple(cfg.get("loras", ()))
+    if loras != state.active_key:
+        state.activate(loras, runtime.parsed_set(dm, loras))
+
+
+def _release_lora(dm) -> None:
+    from . import runtime
+
+    state = runtime.hotswap_state(dm)
+    if state is not None:
+        state.__dict__.pop("ensure_device", None)
+
+
+def _on_detach(patcher, unpatch_all) -> None:
+    st = getattr(patcher, "_quantlora_offload_state", None)
+    if st is None:
+        return
+    if not unpatch_all and getattr(patcher, "_quantlora_loading", False):
+        # load_models_gpu detaches (without unpatching) every loaded clone of the weights it loads,
+        # this very patcher included, then loads it again: our own load, keep the hooks. Any other
+        # detach means ComfyUI unloads us, another patcher of these weights is being loaded, or
+        # this clone is being freed: take the offload off.
+        return
+    patcher._quantlora_offload_state = None
+    dm = _diffusion_model(patcher)
+    if off.offload_state(dm) is st:
+        _release_lora(dm)
+        off.remove_offload(dm)
+        dm.__dict__.pop(_OWNER, None)
+    patcher.unpatch_model(patcher.offload_device, unpatch_weights=True)
+    patcher.size = 0  # model_size() measures again
+
+
+def _offload_wrapper(plan: Plan):
+    def prepare_sampling(executor, model, noise_shape, conds, model_options=None):
+        _install(model, plan)
+        _sync_lora(model, model_options)
+        model._quantlora_loading = True
+        try:
+            return executor(model, noise_shape, conds, model_options=model_options)
+        finally:
+            model._quantlora_loading = False
+    return prepare_sampling
+
+
+def _full_load_wrapper(executor, model, noise_shape, conds, model_options=None):
+    out = executor(model, noise_shape, conds, model_options=model_options)
+    if model.model.model_lowvram:  # ComfyUI loaded part of it: model mode wants all of it
+        mm.load_models_gpu([model], force_full_load=True)
+    return out
+
+
+def offload_patcher(model, plan: Plan):
+    """The patcher to sample with: the input itself (none / inactive), a per-run clone (model),
+    or the cached clone carrying the offload wrapper and callback (block / leaf)."""
+    if not plan.active or plan.mode == "none":
+        return model
+    if plan.mode == "model":
+        p = model.clone()
+        p.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, _full_load_wrapper)
+        return p
+    settings = (plan.mode, plan.blocks_per_group)
+    cached = _CLONES.get(model)
+    if cached is not None:
+        if cached[0] == settings:
+            return cached[1]
+        unload(cached[1])  # through ComfyUI: its callback takes the old hooks off
+    p = model.clone()
+    p.parent = None  # lives exactly as long as `model` (held by _CLONES); no LoadedModel hand-over to it
+    p.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, _offload_wrapper(plan))
+    p.add_callback_with_key(pe.CallbacksMP.ON_DETACH, KEY, _on_detach)
+    _CLONES[model] = (settings, p)
+    return p
+
+
+def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0,
+           offload_mode="auto", blocks_per_group=1, vram_budget_gb=0.0):
+    """(latent dict, report text)."""
+    import nodes  # ComfyUI's nodes.py
+
+    plan = plan_offload(model, offload_mode, blocks_per_group, vram_budget_gb, latent_image)
+    dev = torch.device(model.load_device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    patcher = offload_patcher(model, plan)
+    try:
+        latent = nodes.common_ksampler(patcher, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                       latent_image, denoise=denoise)[0]
+    finally:
+        if plan.active and plan.mode == "model":
+            unload(patcher)
+    mode = f"{plan.mode}{' (auto)' if plan.auto else ''}" if plan.active else offload_mode
+    if plan.mode == "block":
+        st = getattr(patcher, "_quantlora_offload_state", None)
+        mode += f", {plan.blocks_per_group} block(s)/group" + (", side stream" if st and st.spec.use_stream else "")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        text = f"offload {mode}: peak VRAM {torch.cuda.max_memory_allocated(dev) / GIB:.2f} GiB"
+    else:
+        text = f"offload {mode}: peak VRAM n/a ({plan.reason or 'no CUDA device'})"
+    if plan.auto and plan.reason and dev.type == "cuda":
+        text += f" [{plan.reason}]"
+    log.info("CPUOffloadSampler: %s", text)
+    return latent, text
+
+
+class CPUOffloadSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CPUOffloadSampler",
+            display_name="KSampler (CPU offload)",
+            category="QuantLoRA",
+            description="The stock KSampler, with the transformer's weights kept in host memory and streamed to the GPU "
+                        "while sampling. Same seed, same latent as KSampler. Reports the run's peak VRAM.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model used for denoising the input latent."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("offload_mode", options=OFFLOAD_MODES, default="auto",
+                               tooltip="none: stock. model: whole transformer on the GPU only while sampling. "
+                                       "block: groups of blocks streamed in ahead of use. leaf: one layer at a time "
+                                       "(lowest VRAM). auto: the least offloading that fits vram_budget_gb. "
+                                       "No-op without a CUDA device."),
+                io.Int.Input("blocks_per_group", default=1, min=1, max=64,
+                             tooltip="block mode: blocks moved together. 1 overlaps transfer with compute on a "
+                                     "side stream; more than 1 transfers synchronously."),
+                io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="auto mode: the VRAM the weights and activations may use (0 = the GPU's "
+                                       "total memory)."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                offload_mode, blocks_per_group, vram_budget_gb) -> io.NodeOutput:
+        latent, text = sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                              denoise, offload_mode, blocks_per_group, vram_budget_gb)
+        return io.NodeOutput(latent, ui=ui.PreviewText(text))

@@ -1,0 +1,311 @@
+"""CPU offload of a module tree: weights live in host memory and reach the GPU just before use.
+
+Modes (what stays on the onload device while a forward runs):
+- none:  everything (nothing is done here).
+- model: the whole tree, moved in before sampling and out after (plain .to()).
+- block: the tree's top-level parts (embedders, final layer) plus one group of transformer
+         blocks (the children of each top-level ModuleList). On CUDA with one block per group
+         the next block is copied on a side stream while the current one computes, from pinned
+         host memory; larger groups transfer synchronously (diffusers prefetches one block per
+         group only).
+- leaf:  one layer at a time (on CUDA also prefetched on a side stream): the lowest VRAM.
+
+Two strategies do the moving:
+- diffusers' `apply_group_offloading` (block_level / leaf_level, use_stream only on CUDA,
+  pinned host copies unless pin=False) for trees whose tensors are plain (bf16, fp16, fp32,
+  fp8-cast) or torchao tensor subclasses, which diffusers moves correctly.
+- Our own hooks (registered through diffusers' HookRegistry) that call `module.to(device)` per
+  group for trees holding bitsandbytes or optimum-quanto weights: those keep quantization state
+  outside the tensor's storage (bnb's quant_state / Linear8bitLt.state.CB, quanto's inner
+  tensors), which diffusers' `param.data = ...` swaps leave behind on the wrong device; the
+  modules' own .to() moves it. Synchronous, no pinned memory.
+
+`remove_offload` takes every hook off, moves the tree to the offload device, re-homes pinned
+tensors into pageable memory (and empties torch's pinned-block cache), so the tree is an
+ordinary module again. Applying the same settings twice is a no-op. No ComfyUI import.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import QuantLoRAError
+from .sizes import module_bytes, tensor_bytes
+
+log = logging.getLogger("quantlora")
+
+MODES = ("none", "model", "block", "leaf")
+_MARK = "_quantlora_offload"
+_MOVE_HOOK = "quantlora_offload_moves"
+_DIFFUSERS_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+
+
+@dataclass(frozen=True)
+class OffloadSpec:
+    mode: str
+    onload: torch.device
+    offload: torch.device
+    blocks_per_group: int = 1
+    use_stream: bool = False
+    pin: bool = True
+
+
+@dataclass
+class OffloadState:
+    spec: OffloadSpec
+    mode: str              # the mode in effect ("block" on a tree without block lists runs as "leaf")
+    strategy: str          # "model" | "diffusers" | "moves"
+    working_set: int       # weight bytes on the onload device while a forward runs
+    model_bytes: int
+    tensor_ids: frozenset  # the tensors the hooks were built on (streamed groups key pinned copies by them)
+
+
+@dataclass
+class TreeSizes:
+    model: int       # all weights and buffers
+    nonblock: int    # outside the top-level block lists (embedders, final layer, ...)
+    block_max: int   # the largest block
+    n_blocks: int
+    leaf_max: int    # the largest tensor set one module owns directly
+
+
+def block_lists(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The top-level ModuleList/Sequential children: the transformer blocks diffusers groups."""
+    return [(n, c) for n, c in root.named_children() if isinstance(c, (nn.ModuleList, nn.Sequential)) and len(c)]
+
+
+def _own_tensors(m: nn.Module) -> list[torch.Tensor]:
+    return [t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+
+
+def tree_sizes(root: nn.Module) -> TreeSizes:
+    blocks = [b for _, lst in block_lists(root) for b in lst]
+    sizes = [module_bytes(b) for b in blocks]
+    model = module_bytes(root)
+    leaf = max((sum(tensor_bytes(t) for t in _own_tensors(m)) for m in root.modules()), default=0)
+    return TreeSizes(model, model - sum(sizes), max(sizes, default=0), len(blocks), leaf)
+
+
+def pick_mode(budget_bytes: int, model_bytes: int, block_bytes: int, *, nonblock_bytes: int = 0,
+              reserve_bytes: int = 0, stream: bool = True, n_blocks: int | None = None) -> tuple[str, int]:
+    """The least offloading whose weights fit budget_bytes beside reserve_bytes (activations):
+    (mode, blocks_per_group). "model" is never picked: it needs the whole model at once, like none."""
+    avail = budget_bytes - reserve_bytes
+    if model_bytes <= avail:
+        return "none", 1
+    room = avail - nonblock_bytes
+    if block_bytes > 0:
+        if stream and room >= 2 * block_bytes:  # the running block + the one being prefetched
+            return "block", 1
+        if not stream and room >= block_bytes:
+            g = int(room // block_bytes)
+            return "block", max(1, min(g, n_blocks or g))
+    return "leaf", 1
+
+
+def _diffusers_movable(t: torch.Tensor) -> bool:
+    if type(t) in (torch.Tensor, nn.Parameter) and type(t.data) is torch.Tensor:
+        return True
+    try:
+        from torchao.utils import TorchAOBaseTensor
+    except ImportError:
+        return False
+    return isinstance(t, TorchAOBaseTensor)
+
+
+def needs_module_moves(root: nn.Module) -> bool:
+    """True when some weight keeps state diffusers' tensor swaps would leave behind (bnb, quanto)."""
+    return any(not _diffusers_movable(t) for t in (*root.parameters(), *root.buffers()))
+
+
+def _tensor_ids(root: nn.Module) -> frozenset:
+    return frozenset(id(t) for t in (*root.parameters(), *root.buffers()))
+
+
+def offload_state(root: nn.Module) -> OffloadState | None:
+    return getattr(root, _MARK, None)
+
+
+class _MoveHook:
+    """diffusers ModelHook protocol: move modules in before this module's forward, out after."""
+    _is_stateful = False
+
+    def __init__(self, onload, offload):
+        self.onload, self.offload = onload, offload
+        self.before: list[tuple[nn.Module, bool]] = []
+        self.after: list[tuple[nn.Module, bool]] = []
+        self.fn_ref = None
+
+    def initialize_hook(self, module):
+        return module
+
+    def deinitalize_hook(self, module):  # (sic) diffusers' spelling
+        return module
+
+    @staticmethod
+    def _move(m: nn.Module, device, own_only: bool):
+        if own_only:
+            m._apply(lambda t: t.to(device), recurse=False)
+        else:
+            m.to(device)
+
+    @torch.compiler.disable()
+    def pre_forward(self, module, *args, **kwargs):
+        for m, own in self.before:
+            self._move(m, self.onload, own)
+        return args, kwargs
+
+    @torch.compiler.disable()
+    def post_forward(self, module, output):
+        for m, own in self.after:
+            self._move(m, self.offload, own)
+        return output
+
+
+def _apply_moves(root: nn.Module, mode: str, spec: OffloadSpec) -> None:
+    from diffusers.hooks import HookRegistry
+
+    hooks: dict[int, tuple[nn.Module, _MoveHook]] = {}
+
+    def hook(m):
+        return hooks.setdefault(id(m), (m, _MoveHook(spec.onload, spec.offload)))[1]
+
+    if mode == "block":
+        lists = block_lists(root)
+        in_lists = {id(c) for _, c in lists}
+        for _, lst in lists:
+            for i in range(0, len(lst), spec.blocks_per_group):
+                grp = list(lst[i:i + spec.blocks_per_group])
+                hook(grp[0]).before += [(b, False) for b in grp]
+                hook(grp[-1]).after += [(b, False) for b in grp]
+        top = [(c, False) for _, c in root.named_children() if id(c) not in in_lists] + [(root, True)]
+        hook(root).before += top
+        hook(root).after += top
+    else:  # leaf: every module that owns tensors moves them itself
+        for m in root.modules():
+            if _own_tensors(m):
+                entry = (m, len(m._modules) > 0)
+                hook(m).before.append(entry)
+                hook(m).after.append(entry)
+    for m, h in hooks.values():
+        HookRegistry.check_if_exists_or_initialize(m).register_hook(h, _MOVE_HOOK)
+
+
+def make_spec(mode: str, onload, offload="cpu", blocks_per_group: int = 1, use_stream: bool | None = None,
+              pin: bool = True) -> OffloadSpec:
+    if mode not in MODES:
+        raise QuantLoRAError(f"offload mode {mode!r}: choose one of {', '.join(MODES)}.")
+    onload, offload = torch.device(onload), torch.device(offload)
+    bpg = max(1, int(blocks_per_group))
+    stream = onload.type == "cuda" if use_stream is None else (bool(use_stream) and onload.type == "cuda")
+    if mode == "block" and bpg > 1:
+        stream = False  # diffusers' stream prefetch handles groups of one block
+    return OffloadSpec(mode, onload, offload, bpg if mode == "block" else 1, stream, pin)
+
+
+def is_current(root: nn.Module, spec: OffloadSpec) -> bool:
+    """The tree is offloaded with `spec`, on the very tensors the hooks were built on."""
+    st = offload_state(root)
+    return st is not None and st.spec == spec and st.tensor_ids == _tensor_ids(root)
+
+
+def apply_offload(root: nn.Module, mode: str, onload, offload="cpu", blocks_per_group: int = 1,
+                  use_stream: bool | None = None, pin: bool = True) -> OffloadState | None:
+    """Put `root` under offload `mode`; returns its state (None for "none"). Same settings twice:
+    no-op. Other settings: the old offload is removed first."""
+    spec = make_spec(mode, onload, offload, blocks_per_group, use_stream, pin)
+    old = offload_state(root)
+    if old is not None:
+        if is_current(root, spec):
+            return old
+        remove_offload(root)
+    if mode == "none":
+        return None
+    sizes = tree_sizes(root)
+    if mode == "model":
+        root.to(onload)
+        state = OffloadState(spec, "model", "model", sizes.model, sizes.model, _tensor_ids(root))
+        setattr(root, _MARK, state)
+        return state
+    eff = mode if (mode == "leaf" or block_lists(root)) else "leaf"
+    root.to(offload)
+    if needs_module_moves(root):
+        strategy = "moves"
+        _apply_moves(root, eff, spec)
+        work = sizes.nonblock + spec.blocks_per_group * sizes.block_max if eff == "block" else sizes.leaf_max
+    else:
+        from diffusers.hooks import apply_group_offloading
+
+        strategy = "diffusers"
+        apply_group_offloading(
+            root, onload_device=onload, offload_device=offload,
+            offload_type="block_level" if eff == "block" else "leaf_level",
+            num_blocks_per_group=spec.blocks_per_group if eff == "block" else None,
+            non_blocking=spec.use_stream, use_stream=spec.use_stream, low_cpu_mem_usage=not spec.pin,
+            exclude_kwargs=["transformer_options"])  # ComfyUI's per-call dict: pass it through, never copy it
+        if eff == "block":
+            work = sizes.nonblock + (2 if spec.use_stream else spec.blocks_per_group) * sizes.block_max
+        else:
+            work = (2 if spec.use_stream else 1) * sizes.leaf_max
+    state = OffloadState(spec, eff, strategy, min(work, sizes.model), sizes.model, _tensor_ids(root))
+    setattr(root, _MARK, state)
+    return state
+
+
+def _strip_empty_registries(root: nn.Module) -> None:
+    for m in root.modules():
+        reg = m.__dict__.get("_diffusers_hook")
+        if reg is not None and not reg.hooks:
+            del m.__dict__["_diffusers_hook"]
+            m.__dict__.pop("forward", None)  # the bound method HookRegistry left as an instance attribute
+
+
+def _unpin(root: nn.Module) -> int:
+    n = 0
+    for t in (*root.parameters(), *root.buffers()):
+        if type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu":
+            continue
+        try:
+            pinned = t.is_pinned()
+        except RuntimeError:
+            return n
+        if pinned:
+            t.data = torch.empty(t.shape, dtype=t.dtype, device="cpu").copy_(t.data)
+            n += 1
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if n and empty is not None:
+        empty()  # torch caches freed pinned blocks; give them back to the OS
+    return n
+
+
+def remove_offload(root: nn.Module) -> bool:
+    """Take the offload off `root` (hooks, pinned memory) and leave it on the offload device."""
+    state = offload_state(root)
+    if state is None:
+        return False
+    if state.strategy != "model":
+        from diffusers.hooks import HookRegistry
+
+        reg = HookRegistry.check_if_exists_or_initialize(root)
+        for name in (*_DIFFUSERS_HOOKS, _MOVE_HOOK):
+            reg.remove_hook(name, recurse=True)
+        _strip_empty_registries(root)
+        if state.spec.use_stream:
+            _unpin(root)
+    root.to(state.spec.offload)
+    delattr(root, _MARK)
+    return True
+
+
+@contextlib.contextmanager
+def offloaded(root: nn.Module, mode: str, onload, offload="cpu", **kw):
+    """apply_offload for the duration of a with-block."""
+    state = apply_offload(root, mode, onload, offload, **kw)
+    try:
+        yield state
+    finally:
+        remove_offload(root)
