@@ -170,3 +170,33 @@ def write_demo_set(models_dir: str, cache_dir: str | None = None, seed: int = 0)
     if not os.path.exists(os.path.join(paths["vae_approx"], "taef1_decoder.safetensors")):
         write_taef1(paths["vae_approx"], seed)
     return paths
+
+
+def write_demo_lora(path: str, flux_path: str, rank: int = 8, seed: int = 1, fmt: str = "bfl",
+                    modules=(".qkv", ".proj", "_mlp.0", "_mlp.2", ".linear1", ".linear2"), scale: float = 1.0) -> str:
+    """A random LoRA on the block layers of the Flux file at flux_path, in BFL ("diffusion_model.X.lora_A")
+    or kohya ("lora_unet_X.lora_down") layout, with alpha = rank. Random weights: for trying the machinery."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    with safe_open(flux_path, "pt") as f:
+        for key in f.keys():
+            name = key.split("diffusion_model.", 1)[-1]
+            if not name.endswith(".weight") or not name.startswith(("double_blocks.", "single_blocks.")):
+                continue
+            mod = name[: -len(".weight")]
+            if not mod.endswith(tuple(modules)):
+                continue
+            out_f, in_f = f.get_slice(key).get_shape()
+            down = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+            up = torch.randn(out_f, rank, generator=g) * (0.05 * scale)
+            if fmt == "kohya":
+                base, dn, un = "lora_unet_" + mod.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+            else:
+                base, dn, un = "diffusion_model." + mod, "lora_A.weight", "lora_B.weight"
+            sd[f"{base}.{dn}"], sd[f"{base}.{un}"] = down.contiguous(), up.contiguous()
+            sd[f"{base}.alpha"] = torch.tensor(float(rank))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(sd, path)
+    return path
