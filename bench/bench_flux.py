@@ -326,11 +326,12 @@ class Bench:
         q = self.args.fast_quant
         p, rep, load_s = self.load_ours(q)
         dm = p.model.diffusion_model
-        state = HotswapState(attach_slots(dm, 64, "blocks", dtype, c["hidden_size"], 4 * c["hidden_size"]))
+        state = HotswapState(attach_slots(dm, 64, "blocks", dtype, c["hidden_size"], 4 * c["hidden_size"], self.args.slot_layout))
         slot_bytes = module_bytes(dm) - rep.weights_bytes
         self.compile_blocks(dm)
         first, step_none, out_none = self.time_steps(dm)
-        self.add(f"{q} compile + lora slots r64 (none active)", step_none, module_bytes(dm), load_s, out_none,
+        lay = "" if self.args.slot_layout == "per-projection" else f" {self.args.slot_layout}"
+        self.add(f"{q} compile + lora slots r64{lay} (none active)", step_none, module_bytes(dm), load_s, out_none,
                  compile_s=round(first, 1), slot_gib=round(slot_bytes / GIB, 3))
         swap(state, 64)
         _, step_lora, out_lora = self.time_steps(dm)
@@ -350,7 +351,7 @@ class Bench:
         torch._dynamo.config.error_on_recompile = False
         state.activate((files[64], 1.0), [(load_lora(files[64], dims), 1.0)])
         _, step_lora2, out_lora2 = self.time_steps(dm, 3)
-        self.add(f"{q} compile + lora r64 active", step_lora, module_bytes(dm), load_s, out_lora, ref=self.ref_lora,
+        self.add(f"{q} compile + lora r64{lay} active", step_lora, module_bytes(dm), load_s, out_lora, ref=self.ref_lora,
                  swap_s=round(statistics.median(swaps), 3), recompiles=recompiles, swaps=len(swaps),
                  rel_err_after_swaps=round(self.rel(out_lora2, self.ref_lora), 4))
         self.free(p, dm, state)
@@ -449,6 +450,7 @@ def main():
     ap.add_argument("--comfyui", default="fp8_e4m3fn_fast")
     ap.add_argument("--fast-quant", default="torchao-fp8-dynamic")
     ap.add_argument("--attention", default="default", help="SDPA backend order for every forward (quant/attention.py)")
+    ap.add_argument("--slot-layout", default="per-projection")
     ap.add_argument("--extra-quant", default="", help="more eager variants in the attn section")
     args = ap.parse_args()
     args.sections = args.sections.split(",")

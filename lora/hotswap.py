@@ -40,13 +40,18 @@ class _Write:
     scale: float
 
 
+SLOT_LAYOUTS = ["per-projection", "shared"]
+
+
 def attach_slots(model: nn.Module, max_rank: int, targets: str = "blocks", dtype: torch.dtype | None = None,
-                 hidden: int | None = None, mlp_hidden: int | None = None) -> dict[str, LoRASlots]:
+                 hidden: int | None = None, mlp_hidden: int | None = None, layout: str = "per-projection") -> dict[str, LoRASlots]:
     """Wrap the selected Linear layers in LoRASlots (idempotent). Returns name -> slots."""
     if max_rank < 1:
         raise QuantLoRAError(f"max_rank {max_rank}: must be at least 1.")
     if targets not in TARGET_SETS:
         raise QuantLoRAError(f"lora targets {targets!r} unknown; choices: {', '.join(TARGET_SETS)}.")
+    if layout not in SLOT_LAYOUTS:
+        raise QuantLoRAError(f"lora slot layout {layout!r} unknown; choices: {', '.join(SLOT_LAYOUTS)}.")
     chosen = TARGET_SETS[targets]
     existing = {n: m for n, m in model.named_modules() if isinstance(m, LoRASlots)}
     todo = [(n, m) for n, m in model.named_modules()
@@ -56,7 +61,7 @@ def attach_slots(model: nn.Module, max_rank: int, targets: str = "blocks", dtype
         slot_dtype = dtype or (w.dtype if w.dtype.is_floating_point and w.element_size() >= 2 else torch.bfloat16)
         splits = fused_splits(name, hidden, mlp_hidden) if hidden else None
         parent, _, leaf = name.rpartition(".")
-        slots = LoRASlots(lin, splits, max_rank, slot_dtype, w.device)
+        slots = LoRASlots(lin, splits, max_rank, slot_dtype, w.device, layout)
         setattr(model.get_submodule(parent) if parent else model, leaf, slots)
         existing[name] = slots
     return existing
@@ -82,11 +87,12 @@ def plan(slots: dict[str, LoRASlots], loras: list) -> dict[str, list[_Write]]:
             start = used.get(t.module, 0)
             if start + k > s.pool:
                 names = " + ".join(lo.name for lo, _ in loras)
-                per_split = -(-(start + k) // len(s.splits))
+                per_rank = s.pool // s.max_rank
+                need = -(-(start + k) // per_rank)
                 raise QuantLoRAError(
                     f"LoRA rank too large for the hot-swap slots: {names} need {start + k} rank rows on {t.module}, "
-                    f"which holds {s.pool} (max_rank={s.max_rank} x {len(s.splits)} projections). "
-                    f"Set max_rank to {_next_pow2(per_split)} or more (on the loader / the first LoRAHotswap node)."
+                    f"which holds {s.pool} (max_rank={s.max_rank}, layout {'per-projection' if per_rank > 1 else 'shared'}). "
+                    f"Set max_rank to {_next_pow2(need)} or more (on the loader / the first LoRAHotswap node)."
                 )
             used[t.module] = start + k
             writes.setdefault(t.module, []).append(_Write(start, t.offset, t.down, t.up, float(strength) * float(t.scale)))

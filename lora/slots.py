@@ -5,8 +5,9 @@
 Each slot owns a pool of rank rows: `down` (pool, in), `up` (out, pool) and `scale` (pool,),
 strength * alpha / rank per row and 0 for unused rows. A LoRA target takes k rows of the
 pool and fills its output rows of `up` (a q-only LoRA on a fused qkv layer fills only the q
-rows). Fused layers get a pool of splits x max_rank rows, so any LoRA of rank <= max_rank
-fits whether it was trained on the fused layer (kohya, BFL) or on separate q/k/v (diffusers).
+rows). With the default layout a fused layer gets splits x max_rank rows, so any LoRA of rank <=
+max_rank fits whether it was trained on the fused layer (kohya, BFL) or on separate q/k/v
+(diffusers); the "shared" layout gives every layer max_rank rows (cheaper, see BENCHMARKS.md).
 
 Swapping a LoRA or a strength only copies into these buffers: the tensors a compiled graph
 captured stay the same objects with the same shapes, so nothing recompiles, and the base
@@ -27,14 +28,17 @@ from torch import nn
 
 class LoRASlots(nn.Module):
     def __init__(self, base: nn.Module, splits: list[int] | None, max_rank: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, layout: str = "per-projection"):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.splits = list(splits) if splits else [self.out_features]
         assert sum(self.splits) == self.out_features, (self.splits, self.out_features)
         self.max_rank = max_rank
-        self.pool = len(self.splits) * max_rank
+        # per-projection: a fused layer holds max_rank rows for each of its projections, so any LoRA
+        # of rank <= max_rank fits in any format; shared: max_rank rows in all (fewer FLOPs; a
+        # diffusers q/k/v LoRA of rank r then takes 3r rows of a fused qkv layer).
+        self.pool = (len(self.splits) if layout == "per-projection" else 1) * max_rank
         self.register_buffer("down", torch.zeros(self.pool, self.in_features, dtype=dtype, device=device), persistent=False)
         self.register_buffer("up", torch.zeros(self.out_features, self.pool, dtype=dtype, device=device), persistent=False)
         self.register_buffer("scale", torch.zeros(self.pool, dtype=dtype, device=device), persistent=False)

@@ -7,7 +7,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..lora.hotswap import TARGET_SETS
+from ..lora.hotswap import SLOT_LAYOUTS, TARGET_SETS
 from ..quant.attention import ATTENTION_CHOICES
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
 from ..quant.compile import compile_blocks
@@ -48,6 +48,10 @@ class QuantizedFluxLoader(io.ComfyNode):
                              tooltip="Preallocate LoRA hot-swap slots of this rank (0 = none until a LoRAHotswap node "
                                      "adds them). Set it when compiling, so the compiled graphs include the slots."),
                 io.Combo.Input("lora_targets", options=list(TARGET_SETS), default="blocks", optional=True),
+                io.Combo.Input("lora_slot_layout", options=SLOT_LAYOUTS, default="per-projection", optional=True,
+                               tooltip="per-projection: any LoRA up to max_rank fits in any format. shared: one pool of "
+                                       "max_rank per layer, lower step-time cost; diffusers-format q/k/v LoRAs count 3-4x "
+                                       "their rank on fused layers (see BENCHMARKS.md)."),
                 io.Combo.Input("compile", options=["off", "regional"], default="off", optional=True,
                                tooltip="regional: torch.compile each transformer block (first image waits for the compile; "
                                        "LoRA swaps and strength changes never recompile)."),
@@ -59,7 +63,7 @@ class QuantizedFluxLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, quantization, compute_dtype, lora_max_rank=0, lora_targets="blocks",
-                compile="off", attention="auto") -> io.NodeOutput:
+                compile="off", attention="auto", lora_slot_layout="per-projection") -> io.NodeOutput:
         path = resolve_checkpoint(model_name, model_roots())
         bar = comfy.utils.ProgressBar(1)
 
@@ -69,7 +73,7 @@ class QuantizedFluxLoader(io.ComfyNode):
         patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress)
         dm = patcher.model.diffusion_model
         if lora_max_rank > 0:
-            runtime.ensure_slots(dm, lora_max_rank, lora_targets)
+            runtime.ensure_slots(dm, lora_max_rank, lora_targets, lora_slot_layout)
         if compile == "regional":
             compile_blocks(dm)
         runtime.install(patcher)

@@ -38,13 +38,14 @@ def hotswap_state(dm) -> HotswapState | None:
     return getattr(dm, STATE_ATTR, None)
 
 
-def ensure_slots(dm, max_rank: int, targets: str) -> HotswapState:
+def ensure_slots(dm, max_rank: int, targets: str, layout: str = "per-projection") -> HotswapState:
     state = hotswap_state(dm)
     if state is None:
         if targets not in TARGET_SETS:
             raise QuantLoRAError(f"lora targets {targets!r} unknown; choices: {', '.join(TARGET_SETS)}.")
         d = dims_of(dm)
-        slots = attach_slots(dm, max_rank, targets, dtype=_slot_dtype(dm), hidden=d.hidden, mlp_hidden=d.mlp_hidden)
+        slots = attach_slots(dm, max_rank, targets, dtype=_slot_dtype(dm), hidden=d.hidden, mlp_hidden=d.mlp_hidden,
+                             layout=layout)
         state = HotswapState(slots)
         setattr(dm, STATE_ATTR, state)
     return state

@@ -182,3 +182,19 @@ def test_compiled_swaps_never_recompile(flux_file, tmp_path):
             assert rel(got, want) < 1e-5, (key, strength)
     finally:
         torch._dynamo.config.error_on_recompile = False
+
+
+def test_shared_layout_fits_fused_rank_and_counts_split_qkv(flux_file, tmp_path):
+    from quantlora.lora.hotswap import HotswapState, attach_slots
+
+    fused, deltas = lora_file(tmp_path, "kohya", seed=12, ranks=[8] * len(NAMES["kohya"]))
+    split, _ = lora_file(tmp_path, "diffusers", seed=13, ranks=[8] * len(NAMES["diffusers"]))
+    dm = load(flux_file)
+    state = HotswapState(attach_slots(dm, 8, "all", torch.float32, H, MLP, layout="shared"))
+    assert dm.double_blocks[0].img_attn.qkv.pool == 8
+    activate(state, dm, fused)  # fused rank 8 fits a shared pool of 8
+    ref = merge_by_hand(load(flux_file), deltas)
+    for g, r in zip(outputs(dm), outputs(ref)):
+        assert rel(g, r) < 1e-5
+    with pytest.raises(QuantLoRAError, match=r"need 16 rank rows on double_blocks.0.img_attn.qkv.*layout shared.*Set max_rank to 16"):
+        activate(state, dm, split)  # separate q and k LoRAs of rank 8 already need 16 rows of the fused qkv
