@@ -280,7 +280,10 @@ def _stub_missing():
     """GPU images may lack two packages ComfyUI imports at module level but this bench never uses:
     PyAV (comfy_api's video types) and torchsde (k-diffusion's Brownian-tree samplers; the bench
     samples with euler). Stand-ins for the names imported let the modules load."""
+    import importlib.machinery
     import importlib.util
+
+    import diffusers.utils.import_utils  # noqa: F401  (let diffusers see the real state first)
 
     stubs = {"av": {"": (), "container": ("InputContainer", "OutputContainer"), "subtitles": (),
                     "subtitles.stream": ("SubtitleStream",), "video": (), "video.frame": ("VideoFrame",),
@@ -294,6 +297,7 @@ def _stub_missing():
             full = f"{pkg}.{sub}" if sub else pkg
             mod = types.ModuleType(full)
             mod.__path__ = []
+            mod.__spec__ = importlib.machinery.ModuleSpec(full, None, is_package=True)
             for n in names:
                 setattr(mod, n, type(n, (), {}))
             sys.modules[full] = mod
