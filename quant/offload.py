@@ -20,6 +20,10 @@ Two strategies do the moving:
   tensors), which diffusers' `param.data = ...` swaps leave behind on the wrong device; the
   modules' own .to() moves it. Synchronous, no pinned memory.
 
+With streams, the blocks' buffers (LoRA slot buffers) are made to follow their pinned host copies
+the way parameters do (diffusers 0.42 restores only parameters at offload, so a LoRA written
+into a slot after the hooks were built would never reach the GPU; seen on an H200).
+
 `remove_offload` takes every hook off, moves the tree to the offload device, re-homes pinned
 tensors into pageable memory (and empties torch's pinned-block cache), so the tree is an
 ordinary module again. Applying the same settings twice is a no-op. No ComfyUI import.
@@ -99,7 +103,7 @@ def pick_mode(budget_bytes: int, model_bytes: int, block_bytes: int, *, nonblock
         return "none", 1
     room = avail - nonblock_bytes
     if block_bytes > 0:
-        if stream and room >= 2 * block_bytes:  # the running block + the one being prefetched
+        if stream and room >= 3 * block_bytes:  # running + prefetching + one awaiting release
             return "block", 1
         if not stream and room >= block_bytes:
             g = int(room // block_bytes)
@@ -246,14 +250,43 @@ def apply_offload(root: nn.Module, mode: str, onload, offload="cpu", blocks_per_
             offload_type="block_level" if eff == "block" else "leaf_level",
             num_blocks_per_group=spec.blocks_per_group if eff == "block" else None,
             non_blocking=spec.use_stream, use_stream=spec.use_stream, low_cpu_mem_usage=not spec.pin,
+            # record_stream: a finished group's GPU copy is freed once the compute stream is past it,
+            # instead of a host sync after every group (which would stall kernel launches)
+            record_stream=spec.use_stream,
             exclude_kwargs=["transformer_options"])  # ComfyUI's per-call dict: pass it through, never copy it
+        if spec.use_stream:
+            _stream_buffers_follow(root)
         if eff == "block":
-            work = sizes.nonblock + (2 if spec.use_stream else spec.blocks_per_group) * sizes.block_max
+            # streamed: the running block, the one being prefetched, and one whose memory waits for the
+            # compute stream (record_stream)
+            work = sizes.nonblock + (3 if spec.use_stream else spec.blocks_per_group) * sizes.block_max
         else:
-            work = (2 if spec.use_stream else 1) * sizes.leaf_max
+            work = (3 if spec.use_stream else 1) * sizes.leaf_max
     state = OffloadState(spec, eff, strategy, min(work, sizes.model), sizes.model, _tensor_ids(root))
     setattr(root, _MARK, state)
     return state
+
+
+def _stream_buffers_follow(root: nn.Module) -> None:
+    """diffusers 0.42's streamed groups onload the buffers of their modules from pinned copies taken
+    when the hooks were applied, but offload (and the initial offload) restore only parameters:
+    a block's buffers stay wherever they were, and anything written into them later (LoRA slot
+    buffers swapped in place) is overwritten by the stale pinned copy at the next onload. Listing
+    those buffers as the group's own makes offload point them back at their pinned copies, so
+    they live in pinned host memory between uses and writes land where the next onload reads."""
+    seen = set()
+    for m in root.modules():
+        reg = m.__dict__.get("_diffusers_hook")
+        hook = reg.get_hook("group_offloading") if reg is not None else None
+        group = getattr(hook, "group", None)
+        if group is None or id(group) in seen or group.stream is None:
+            continue
+        seen.add(id(group))
+        own = {id(b) for b in group.buffers}
+        extra = [b for mod in group.modules for b in mod.buffers() if id(b) not in own and b in group.cpu_param_dict]
+        if extra:
+            group.buffers = list(group.buffers) + extra
+            group.offload_()
 
 
 def _strip_empty_registries(root: nn.Module) -> None:

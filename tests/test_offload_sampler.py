@@ -1,0 +1,357 @@
+"""Layers 1-2: CPU offload (quant/offload.py) and CPUOffloadSampler, in-process, on the CPU.
+
+This machine has no CUDA device, so in the node every offload mode is a no-op and it samples as
+KSampler does (test_node_is_ksampler_without_cuda). The offload machinery itself is also run here
+with the CPU as both the onload and the offload device (FORCE_ON_CPU): diffusers' group-offload
+hooks or our module-move hooks are installed, ComfyUI's model management is told what is
+resident, LoRA slots are swapped under the hooks; nothing actually moves, so these tests check
+that the hooks leave the math alone (latents equal to nodes.common_ksampler bit for bit) and the
+bookkeeping contract. Real transfers, side streams and pinned memory run in bench/bench_offload.py
+on a GPU.
+"""
+import gc
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from test_oracle_diffusers import comfy_forward, flux_inputs
+
+CFG = None  # set by the fixture (TINY with two double and two single blocks)
+MODES = ["none", "model", "block", "leaf"]
+
+
+@pytest.fixture(scope="module")
+def flux_file(comfy, tmp_path_factory):
+    global CFG
+    from quantlora.tools import demo_models as dm
+
+    CFG = dict(dm.TINY, depth=2, depth_single_blocks=2)
+    sd = dm.flux_bfl_state_dict(CFG, seed=7, dtype=torch.float32)
+    return dm.write_bfl(str(tmp_path_factory.mktemp("offload") / "flux.safetensors"), sd)
+
+
+@pytest.fixture(scope="module")
+def lora_files(flux_file, tmp_path_factory):
+    """Two BFL-layout LoRAs (rank 4 and 8) on every block linear, registered as ComfyUI 'loras'."""
+    import folder_paths
+    from quantlora.quant.safetensors_io import read_header
+
+    d = tmp_path_factory.mktemp("loras")
+    shapes = {k: v.shape for k, v in read_header(flux_file).tensors.items()}
+    names = []
+    for rank, seed in ((4, 1), (8, 2)):
+        g = torch.Generator().manual_seed(seed)
+        sd = {}
+        for k, shape in shapes.items():
+            mod = k[: -len(".weight")]
+            if k.endswith(".weight") and len(shape) == 2 and mod.startswith(("double_blocks", "single_blocks")):
+                sd[f"diffusion_model.{mod}.lora_A.weight"] = torch.randn(rank, shape[1], generator=g) * 0.1
+                sd[f"diffusion_model.{mod}.lora_B.weight"] = torch.randn(shape[0], rank, generator=g) * 0.1
+                sd[f"diffusion_model.{mod}.alpha"] = torch.tensor(float(rank))
+        name = f"lora-r{rank}.safetensors"
+        save_file(sd, str(d / name))
+        names.append(name)
+    folder_paths.add_model_folder_path("loras", str(d))
+    return names
+
+
+def load(path, quantization="none"):
+    from quantlora.nodes.bridge import load_flux_model_patcher
+
+    return load_flux_model_patcher(path, quantization, "fp32")[0]
+
+
+def conds(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pos = [[torch.randn(1, 6, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    neg = [[torch.randn(1, 6, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    return pos, neg
+
+
+LATENT = {"samples": torch.zeros(1, 16, 16, 16)}
+
+
+@torch.no_grad()
+def ksample(model, seed=5, steps=3, cfg=1.5):
+    import nodes
+
+    pos, neg = conds()
+    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", pos, neg, LATENT)[0]["samples"]
+
+
+@torch.no_grad()
+def osample(model, mode, seed=5, steps=3, cfg=1.5, blocks_per_group=1, budget=0.0):
+    from quantlora.nodes.offload_sampler_node import CPUOffloadSampler
+
+    pos, neg = conds()
+    out = CPUOffloadSampler.execute(model, seed, steps, cfg, "euler", "simple", pos, neg, LATENT, 1.0,
+                                    mode, blocks_per_group, budget)
+    return out.args[0]["samples"], out.ui.as_dict()["text"][0]
+
+
+@pytest.fixture
+def forced(comfy, monkeypatch):
+    from quantlora.nodes import offload_sampler_node as node
+
+    monkeypatch.setattr(node, "FORCE_ON_CPU", True)
+    yield node
+    comfy.model_management.unload_all_models()
+
+
+@pytest.fixture
+def probe(comfy, monkeypatch):
+    """Counts offload hook calls (diffusers' and ours) and ComfyUI weight loads (ModelPatcher.load)."""
+    import comfy.model_patcher
+    from diffusers.hooks.group_offloading import GroupOffloadingHook
+    from quantlora.quant import offload as off
+
+    calls = {"hooks": 0, "comfy_load": 0}
+
+    def counting(cls, name, key):
+        orig = getattr(cls, name)
+
+        def f(*a, **k):
+            calls[key] += 1
+            return orig(*a, **k)
+        monkeypatch.setattr(cls, name, f)
+
+    counting(GroupOffloadingHook, "pre_forward", "hooks")
+    counting(off._MoveHook, "pre_forward", "hooks")
+    counting(comfy.model_patcher.ModelPatcher, "load", "comfy_load")
+    return calls
+
+
+def hooked(module) -> int:
+    return sum(1 for m in module.modules() if "_diffusers_hook" in m.__dict__ or "forward" in m.__dict__)
+
+
+def loaded_entry(patcher_model):
+    import comfy.model_management as mm
+
+    return [lm.model for lm in mm.current_loaded_models if lm.model is not None and lm.model.model is patcher_model]
+
+
+# ---------------- layer 1: the offload library ----------------
+def test_pick_mode():
+    from quantlora.quant.offload import pick_mode
+
+    G = 2 ** 30
+    assert pick_mode(24 * G, 20 * G, G // 2, nonblock_bytes=G // 4, reserve_bytes=2 * G) == ("none", 1)
+    # does not fit: three blocks in flight (running, prefetching, awaiting release) fit beside the top-level parts
+    assert pick_mode(4 * G, 20 * G, G // 2, nonblock_bytes=G // 4, reserve_bytes=2 * G) == ("block", 1)
+    # without a stream, as many blocks per group as fit (capped at the block count)
+    assert pick_mode(4 * G, 20 * G, G // 2, nonblock_bytes=G // 4, reserve_bytes=2 * G, stream=False) == ("block", 3)
+    assert pick_mode(400 * G, 500 * G, G, stream=False, n_blocks=2, reserve_bytes=0)[1] <= 2
+    # not even three blocks: one layer at a time
+    assert pick_mode(int(2.5 * G), 20 * G, G // 2, nonblock_bytes=G // 4, reserve_bytes=2 * G) == ("leaf", 1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["model", "block", "leaf"])
+@pytest.mark.parametrize("strategy", ["diffusers", "moves"])
+def test_offload_roundtrip_on_cpu(flux_file, monkeypatch, mode, strategy):
+    from quantlora.quant import offload as off
+
+    if strategy == "moves":
+        if mode == "model":
+            pytest.skip("model mode is a plain move")
+        monkeypatch.setattr(off, "needs_module_moves", lambda root: True)
+    dm = load(flux_file).model.diffusion_model.eval()
+    inp = flux_inputs(CFG, seed=3)
+    ref = comfy_forward(dm, inp)
+    st = off.apply_offload(dm, mode, "cpu", "cpu", blocks_per_group=2 if mode == "block" else 1)
+    assert st.strategy == ("model" if mode == "model" else strategy) and st.mode == mode
+    assert 0 < st.working_set <= st.model_bytes
+    if mode != "model":
+        assert st.working_set < st.model_bytes and hooked(dm) > 0
+    assert off.apply_offload(dm, mode, "cpu", "cpu", blocks_per_group=2 if mode == "block" else 1) is st  # idempotent
+    assert torch.equal(comfy_forward(dm, inp), ref)
+    assert torch.equal(comfy_forward(dm, inp), ref)  # second pass: prefetch order known, groups at rest again
+    assert off.remove_offload(dm) and off.offload_state(dm) is None
+    assert hooked(dm) == 0, "hooks and their instance forwards must be gone"
+    assert torch.equal(comfy_forward(dm, inp), ref)
+
+
+def test_strategy_choice(flux_file):
+    from quantlora.quant.offload import needs_module_moves
+
+    assert not needs_module_moves(load(flux_file).model.diffusion_model)
+    assert needs_module_moves(load(flux_file, "bnb-nf4").model.diffusion_model)
+
+
+# ---------------- layer 2: the node against nodes.common_ksampler ----------------
+@pytest.mark.parametrize("mode", ["auto", *MODES])
+def test_node_is_ksampler_without_cuda(flux_file, mode):
+    """No CUDA here: the node says every mode is a no-op and gives KSampler's latent."""
+    model = load(flux_file)
+    ref = ksample(model)
+    out, text = osample(model, mode)
+    assert torch.equal(out, ref)
+    assert "n/a" in text and "no-op" in text, text
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_node_offload_machinery_equals_ksampler(flux_file, forced, probe, mode):
+    import comfy.model_management as mm
+    from quantlora.quant import offload as off
+
+    model = load(flux_file)
+    dm = model.model.diffusion_model
+    ref = ksample(model)
+    mm.unload_all_models()
+    probe.update(hooks=0, comfy_load=0)
+    out, text = osample(model, mode, blocks_per_group=1)
+    assert torch.equal(out, ref), f"{mode}: latent differs from KSampler"
+    assert text.startswith(f"offload {mode}")
+    st = off.offload_state(dm)
+    if mode in ("block", "leaf"):
+        assert st is not None and st.mode == mode
+        # the hooks ran, and ComfyUI never loaded the weights itself (no double load)
+        assert probe["hooks"] > 0 and probe["comfy_load"] == 0, probe
+        # ComfyUI holds our clone as loaded with what is resident, not the whole model
+        [ours] = loaded_entry(model.model)
+        assert ours is not model and ours.loaded_size() == st.working_set == ours.model_size() < model.model_size()
+        # the same settings again: the hooks stay (same state object), same latent
+        out2, _ = osample(model, mode)
+        assert torch.equal(out2, ref) and off.offload_state(dm) is st
+        # the stock sampler on the input MODEL: ComfyUI unloads our clone, its callback takes the hooks off
+        assert torch.equal(ksample(model), ref)
+        assert off.offload_state(dm) is None and hooked(dm) == 0
+        assert all(p is not ours for p in loaded_entry(model.model))
+    else:
+        assert st is None and hooked(dm) == 0
+        if mode == "model":  # unloaded after sampling
+            assert not loaded_entry(model.model)
+
+
+@pytest.mark.parametrize("quantization", ["bnb-nf4", "bnb-int8", "torchao-int8-weight-only", "quanto-int8"])
+def test_quantized_variants_under_offload(flux_file, forced, probe, quantization):
+    from quantlora.quant import offload as off
+
+    model = load(flux_file, quantization)
+    ref = ksample(model, steps=2)
+    for mode in ("block", "leaf"):
+        probe.update(hooks=0, comfy_load=0)
+        out, _ = osample(model, mode, steps=2)
+        assert probe["hooks"] > 0 and probe["comfy_load"] == 0, probe
+        st = off.offload_state(model.model.diffusion_model)
+        assert st.strategy == ("diffusers" if quantization.startswith("torchao") else "moves")
+        assert torch.equal(out, ref), f"{quantization} {mode}"
+    assert torch.equal(ksample(model, steps=2), ref)
+
+
+def test_blocks_per_group_and_auto_budget(flux_file, forced):
+    import comfy.model_management as mm
+    from quantlora.quant import offload as off
+
+    node = forced
+    model = load(flux_file)
+    ref = ksample(model)
+    out, text = osample(model, "block", blocks_per_group=2)
+    assert torch.equal(out, ref) and "2 block(s)/group" in text
+    assert off.offload_state(model.model.diffusion_model).spec.blocks_per_group == 2
+    sizes = off.tree_sizes(model.model.diffusion_model)
+    reserve = mm.minimum_inference_memory() + model.model.memory_required([2, 16, 16, 16])
+    gb = (reserve + sizes.nonblock + 2.5 * sizes.block_max) / 2 ** 30
+    plan = node.plan_offload(model, "auto", 1, gb, LATENT)
+    assert (plan.mode, plan.blocks_per_group) == ("block", 2)  # no stream on the CPU: as many blocks as fit
+    assert node.plan_offload(model, "auto", 1, 1e-6, LATENT).mode == "leaf"
+    assert node.plan_offload(model, "auto", 1, 1000.0, LATENT).mode == "none"
+    out, text = osample(model, "auto", budget=gb)
+    assert torch.equal(out, ref) and text.startswith("offload block (auto)")
+
+
+def test_stock_lora_patches_under_offload(flux_file, lora_files, forced):
+    """ComfyUI's own LoRA (LoraLoader's weight patches) is baked into the host weights and undone."""
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    model = load(flux_file)
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    lora = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", lora_files[0]))
+    patched = comfy.sd.load_lora_for_models(model, None, lora, 0.7, 0)[0]
+    assert patched.patches
+    ref = ksample(patched)
+    assert not torch.equal(ref, ksample(model))
+    out, _ = osample(patched, "block")
+    assert torch.equal(out, ref)
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "host weights must be restored"
+
+
+def test_fp8_cast_lora_slots_hotswap_under_offload(flux_file, lora_files, forced):
+    """FP8LayerwiseCast -> LoRAHotswap -> offloaded sampling; swapping the LoRA keeps the hooks
+    (and their host buffers) and every latent equals KSampler's on the same MODEL."""
+    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.hotswap_node import LoRAHotswap
+    from quantlora.nodes.runtime import hotswap_state
+    from quantlora.quant import offload as off
+
+    base, _ = cast_model(load(flux_file), "float8_e4m3fn", "auto")
+    dm = base.model.diffusion_model
+    m_a = LoRAHotswap.execute(base, lora_files[0], 0.8, 16, "blocks").args[0]
+    m_b = LoRAHotswap.execute(base, lora_files[1], 1.0, 16, "blocks").args[0]
+    slots = hotswap_state(dm).slots
+    assert {s.down.dtype for s in slots.values()} == {torch.float32}  # the compute dtype, never fp8
+    assert all(s.base.weight.dtype == torch.float8_e4m3fn for s in slots.values())
+    refs = {k: ksample(m) for k, m in (("a", m_a), ("b", m_b), ("none", base))}
+    assert not torch.equal(refs["a"], refs["b"])
+    out, _ = osample(m_a, "block")
+    assert torch.equal(out, refs["a"])
+    st = off.offload_state(dm)
+    for key, m in (("b", m_b), ("a", m_a), ("none", base), ("b", m_b)):
+        out, _ = osample(m, "block")
+        assert torch.equal(out, refs[key]), f"after swapping to {key}"
+        assert off.offload_state(dm) is st, "a LoRA swap must not rebuild the offload hooks"
+    out, _ = osample(m_a, "leaf")  # other settings: rebuilt, still exact
+    assert torch.equal(out, refs["a"]) and off.offload_state(dm) is not st
+
+
+def test_clone_lives_as_long_as_the_input(flux_file, forced):
+    import comfy.model_management as mm
+    from quantlora.nodes import offload_sampler_node as node
+    from quantlora.quant import offload as off
+
+    model = load(flux_file)
+    dm_ref = weakref.ref(model.model.diffusion_model)
+    osample(model, "block")
+    clone_ref = weakref.ref(node._CLONES[model][1])
+    assert off.offload_state(dm_ref()) is not None
+    del model
+    gc.collect()
+    mm.cleanup_models()
+    assert clone_ref() is None and dm_ref() is None, "the clone and the model must be freed with the input MODEL"
+    assert all(lm.model is not None for lm in mm.current_loaded_models)
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="side streams and pinned memory need CUDA (bench/bench_offload.py checks them on a GPU)")
+@torch.no_grad()
+def test_streamed_block_offload_sees_lora_writes_on_cuda(flux_file):
+    """On CUDA: a LoRA written into the slots after the streamed hooks were built reaches the GPU."""
+    from quantlora.lora.hotswap import HotswapState, attach_slots
+    from quantlora.quant import offload as off
+    from test_fp8_cast import make_lora
+
+    dm = load(flux_file).model.diffusion_model.eval()
+    state = HotswapState(attach_slots(dm, 8, "blocks", torch.float32, 64, 256))
+    lora = make_lora(dm)
+    inp = {k: (v.cuda() if v is not None else v) for k, v in flux_inputs(CFG, seed=4).items()}
+    dm.cuda()
+    state.activate(("a",), [(lora, 1.0)])
+    ref = comfy_forward(dm, inp)
+    state.deactivate()
+    bare = comfy_forward(dm, inp)
+    dm.cpu()
+    st = off.apply_offload(dm, "block", "cuda", "cpu")
+    assert st.spec.use_stream
+    assert torch.equal(comfy_forward(dm, inp), bare)
+    state.activate(("a",), [(lora, 1.0)])
+    assert torch.equal(comfy_forward(dm, inp), ref)
+    off.remove_offload(dm)
