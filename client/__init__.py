@@ -112,8 +112,12 @@ def _is_ui_graph(g: Any) -> bool:
 
 
 def _api_twin(path: str) -> str:
+    """`<name>.api.json` next to the UI file, or in an `api/` folder beside it (the pack's own
+    example_workflows keep twins there so ComfyUI's Templates list shows only the UI files)."""
     stem = path[:-5] if path.lower().endswith(".json") else path
-    return stem + ".api.json"
+    beside = stem + ".api.json"
+    in_api = os.path.join(os.path.dirname(path), "api", os.path.basename(stem) + ".api.json")
+    return in_api if not os.path.isfile(beside) and os.path.isfile(in_api) else beside
 
 
 def _read_json(path: str) -> Any:
@@ -135,7 +139,7 @@ def load_workflow(workflow: dict | str | os.PathLike) -> tuple[dict, str | None]
     """The API-format graph (node id -> {class_type, inputs, _meta}) and the file it came from.
 
     A UI-format file (with "nodes" and "links") is replaced by its API twin `<name>.api.json` next
-    to it when there is one; otherwise WorkflowError says to export the API format."""
+    to it (or in `api/` beside it) when there is one; otherwise WorkflowError says to export the API format."""
     path = None
     if isinstance(workflow, (str, os.PathLike)):
         path = os.fspath(workflow)

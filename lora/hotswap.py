@@ -56,14 +56,22 @@ def attach_slots(model: nn.Module, max_rank: int, targets: str = "blocks", dtype
     existing = {n: m for n, m in model.named_modules() if isinstance(m, LoRASlots)}
     todo = [(n, m) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and chosen(n) and not n.endswith(".base") and n not in existing]
-    for name, lin in todo:
-        w = lin.weight
-        slot_dtype = dtype or (w.dtype if w.dtype.is_floating_point and w.element_size() >= 2 else torch.bfloat16)
-        splits = fused_splits(name, hidden, mlp_hidden) if hidden else None
-        parent, _, leaf = name.rpartition(".")
-        slots = LoRASlots(lin, splits, max_rank, slot_dtype, w.device, layout)
-        setattr(model.get_submodule(parent) if parent else model, leaf, slots)
-        existing[name] = slots
+    added = []
+    try:
+        for name, lin in todo:
+            w = lin.weight
+            slot_dtype = dtype or (w.dtype if w.dtype.is_floating_point and w.element_size() >= 2 else torch.bfloat16)
+            splits = fused_splits(name, hidden, mlp_hidden) if hidden else None
+            parent, _, leaf = name.rpartition(".")
+            slots = LoRASlots(lin, splits, max_rank, slot_dtype, w.device, layout)
+            setattr(model.get_submodule(parent) if parent else model, leaf, slots)
+            existing[name] = slots
+            added.append((name, lin))
+    except BaseException:  # e.g. out of GPU memory half way: put the plain layers back, keep nothing
+        for name, lin in added:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, lin)
+        raise
     return existing
 
 
@@ -189,12 +197,21 @@ class LoRACache:
 
     def __init__(self, capacity: int = 8):
         self.capacity, self._items = capacity, {}
+        self.parses = 0  # files parsed (cache misses), for /quantlora/stats
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     @staticmethod
     def key(path: str) -> tuple:
         import os
 
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:  # removed or renamed between the node's run and sampling
+            raise QuantLoRAError(f"LoRA {os.path.basename(path)!r}: cannot read {path} ({e.strerror or e}). It was "
+                                 "removed or renamed after the LoRAHotswap node ran; put it back or pick it again "
+                                 "and queue the prompt again.") from None
         return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
     def get(self, path: str, dims):
@@ -205,6 +222,7 @@ class LoRACache:
             self._items[k] = self._items.pop(k)  # most recent last
             return self._items[k]
         lora = load_lora(path, dims)
+        self.parses += 1
         self._items[k] = lora
         while len(self._items) > self.capacity:
             self._items.pop(next(iter(self._items)))

@@ -10,6 +10,9 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.supported_models
 
+from ..errors import check_choice
+from ..quant import oom
+from ..quant.backends import available_backends
 from ..quant.flux_config import FluxArch
 from ..quant.loader import load_flux
 
@@ -18,6 +21,7 @@ COMPUTE_DTYPE_NAMES = ["auto", *DTYPES]
 
 
 def resolve_compute_dtype(name: str, parameters: int) -> torch.dtype:
+    check_choice("compute_dtype", name, COMPUTE_DTYPE_NAMES)
     if name != "auto":
         return DTYPES[name]
     # The same choice ComfyUI's own UNETLoader makes for this device.
@@ -49,7 +53,17 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
         holder["base"] = comfy.model_base.Flux(model_config_for(arch, dt), device="meta")
         return holder["base"].diffusion_model
 
-    diffusion_model, arch, report = load_flux(path, build, quantization, dtype, target, progress, source=src)
+    failed = None
+    try:
+        diffusion_model, arch, report = load_flux(path, build, quantization, dtype, target, progress, source=src)
+    except torch.OutOfMemoryError as e:
+        failed = oom.detail(e)
+    if failed is not None:
+        # Out of the except block: the OOM's traceback (and the loader's frames holding the partly
+        # loaded blocks) is gone; drop the model under construction too, then hand the memory back.
+        holder.clear()
+        oom.release()
+        raise oom.load_error(src.name, quantization, dtype, target, src.shapes(), available_backends(target), failed)
     base = holder["base"]
     base.diffusion_model = diffusion_model
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)

@@ -25,7 +25,7 @@ import torch
 
 from comfy_api.latest import io
 
-from ..errors import QuantLoRAError
+from ..errors import QuantLoRAError, check_choice
 from ..quant.fp8_cast import DEFAULT_SKIP_TEXT, STORAGE_DTYPES, CastSpec, cast_copy, cast_spec, parse_skip, plan
 from ..quant.sizes import module_bytes
 from .bridge import DTYPES
@@ -67,6 +67,7 @@ def cast_model(model, storage_dtype: str = "float8_e4m3fn", compute_dtype: str =
     """(MODEL, message)."""
     if storage_dtype not in STORAGE_DTYPES:
         raise QuantLoRAError(f"storage_dtype {storage_dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}.")
+    check_choice("compute_dtype", compute_dtype, COMPUTE_NAMES)
     base = model.model
     dm = getattr(base, "diffusion_model", None)
     if dm is None:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import folder_paths
 from comfy_api.latest import io
 
-from ..errors import QuantLoRAError
+from ..errors import QuantLoRAError, check_choice
 from ..lora.hotswap import TARGET_SETS
 from . import runtime
 
@@ -15,6 +16,8 @@ log = logging.getLogger("quantlora")
 
 
 def lora_path(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise QuantLoRAError(f"lora_name {name!r}: give a file name from the LoRA list (models/loras).")
     path = folder_paths.get_full_path("loras", name)
     if path is None or not os.path.isfile(path):
         raise QuantLoRAError(f"LoRA {name!r} not found in {', '.join(folder_paths.get_folder_paths('loras'))}. "
@@ -56,6 +59,9 @@ class LoRAHotswap(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength, max_rank, targets) -> io.NodeOutput:
         dm = runtime.flux_module(model)
+        if not math.isfinite(strength):
+            raise QuantLoRAError(f"LoRA {lora_name!r}: strength {strength} is not a finite number; give a value from -10 to 10.")
+        check_choice("targets", targets, TARGET_SETS)
         path = lora_path(lora_name)
         lora = runtime.LORAS.get(path, runtime.dims_of(dm))
         if lora.unmatched:

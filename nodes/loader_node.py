@@ -7,8 +7,10 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..errors import QuantLoRAError, check_choice
 from ..lora.hotswap import SLOT_LAYOUTS, TARGET_SETS
 from ..quant.attention import ATTENTION_CHOICES
+from ..quant import oom
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
 from ..quant.compile import compile_blocks
 from . import runtime
@@ -64,6 +66,14 @@ class QuantizedFluxLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, quantization, compute_dtype, lora_max_rank=0, lora_targets="blocks",
                 compile="off", attention="auto", lora_slot_layout="per-projection") -> io.NodeOutput:
+        check_choice("quantization", quantization, QUANTIZATION_NAMES)
+        check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPE_NAMES)
+        check_choice("lora_targets", lora_targets, TARGET_SETS)
+        check_choice("lora_slot_layout", lora_slot_layout, SLOT_LAYOUTS)
+        check_choice("compile", compile, ["off", "regional"])
+        check_choice("attention", attention, ATTENTION_CHOICES)
+        if not isinstance(model_name, str):
+            raise QuantLoRAError(f"model_name {model_name!r}: give a file name from the model list.")
         path = resolve_checkpoint(model_name, model_roots())
         bar = comfy.utils.ProgressBar(1)
 
@@ -73,7 +83,12 @@ class QuantizedFluxLoader(io.ComfyNode):
         patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress)
         dm = patcher.model.diffusion_model
         if lora_max_rank > 0:
-            runtime.ensure_slots(dm, lora_max_rank, lora_targets, lora_slot_layout)
+            try:
+                runtime.ensure_slots(dm, lora_max_rank, lora_targets, lora_slot_layout)
+            except QuantLoRAError:  # e.g. out of GPU memory for the slots: the model goes with the error
+                patcher = dm = None
+                oom.release()
+                raise
         if compile == "regional":
             compile_blocks(dm)
         runtime.install(patcher)

@@ -53,6 +53,8 @@ import comfy.sample
 import comfy.samplers
 from comfy_api.latest import io, ui
 
+from ..errors import QuantLoRAError, check_choice
+from ..quant import oom
 from ..quant import offload as off
 
 log = logging.getLogger("quantlora")
@@ -77,7 +79,8 @@ class Plan:
 def _diffusion_model(patcher):
     dm = getattr(patcher.model, "diffusion_model", None)
     if dm is None:
-        raise ValueError("CPUOffloadSampler: this MODEL has no diffusion_model to offload.")
+        raise QuantLoRAError("CPUOffloadSampler: this MODEL has no diffusion_model to offload; connect a diffusion "
+                             "MODEL (a loader's output).")
     return dm
 
 
@@ -86,7 +89,7 @@ def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: floa
     cuda = dev.type == "cuda"
     active = cuda or FORCE_ON_CPU
     if mode not in OFFLOAD_MODES:
-        raise ValueError(f"offload_mode {mode!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
+        raise QuantLoRAError(f"offload_mode {mode!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
     if not active:
         return Plan(mode, blocks_per_group, False, mode == "auto", f"no CUDA device ({dev}): offload is a no-op")
     if mode != "auto":
@@ -288,12 +291,19 @@ def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     patcher = offload_patcher(model, plan)
+    failed = None
     try:
         latent = nodes.common_ksampler(patcher, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                        latent_image, denoise=denoise)[0]
+    except torch.OutOfMemoryError as e:  # a MODEL not from the pack's loader (the pack's own raise QuantLoRAError)
+        failed = oom.detail(e)
     finally:
         if plan.active and plan.mode == "model":
             unload(patcher)
+    if failed is not None:
+        from .runtime import sampling_oom
+
+        raise sampling_oom(patcher, tuple(latent_image["samples"].shape), failed, plan.mode if plan.active else None)
     mode = f"{plan.mode}{' (auto)' if plan.auto else ''}" if plan.active else offload_mode
     if plan.mode == "block":
         st = getattr(patcher, "_quantlora_offload_state", None)
@@ -348,6 +358,9 @@ class CPUOffloadSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 offload_mode, blocks_per_group, vram_budget_gb) -> io.NodeOutput:
+        check_choice("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS)
+        check_choice("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)
+        check_choice("offload_mode", offload_mode, OFFLOAD_MODES)
         latent, text = sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                               denoise, offload_mode, blocks_per_group, vram_budget_gb)
         return io.NodeOutput(latent, ui=ui.PreviewText(text))

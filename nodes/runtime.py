@@ -7,17 +7,23 @@ MODEL (another branch, a later prompt without LoRA) ever sees a stale adapter.
 """
 from __future__ import annotations
 
+import weakref
+
+import torch
+
 import comfy.patcher_extension as pe
 
 from ..errors import QuantLoRAError
 from ..lora.formats import FluxDims
 from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
+from ..quant import oom
 from ..quant.attention import resolve, sdpa_context, sdpa_override
 
 OPTS_KEY = "quantlora"
 STATE_ATTR = "_quantlora_hotswap"
 WRAPPER_KEY = "quantlora"
 LORAS = LoRACache()
+_STATES: "weakref.WeakSet[HotswapState]" = weakref.WeakSet()  # live models with slots, for stats()
 
 
 def flux_module(patcher):
@@ -44,11 +50,27 @@ def ensure_slots(dm, max_rank: int, targets: str, layout: str = "per-projection"
         if targets not in TARGET_SETS:
             raise QuantLoRAError(f"lora targets {targets!r} unknown; choices: {', '.join(TARGET_SETS)}.")
         d = dims_of(dm)
-        slots = attach_slots(dm, max_rank, targets, dtype=_slot_dtype(dm), hidden=d.hidden, mlp_hidden=d.mlp_hidden,
-                             layout=layout)
+        failed = None
+        try:
+            slots = attach_slots(dm, max_rank, targets, dtype=_slot_dtype(dm), hidden=d.hidden,
+                                 mlp_hidden=d.mlp_hidden, layout=layout)
+        except torch.OutOfMemoryError as e:  # attach_slots put the plain layers back
+            failed = oom.detail(e)
+        if failed is not None:
+            oom.release()
+            raise oom.slots_error(max_rank, targets, failed)
         state = HotswapState(slots)
         setattr(dm, STATE_ATTR, state)
+        _STATES.add(state)
     return state
+
+
+def stats() -> dict:
+    """Bounded numbers about the pack's long-lived state (GET /quantlora/stats)."""
+    states = list(_STATES)
+    return {"lora_cache": {"entries": len(LORAS), "capacity": LORAS.capacity, "parses": LORAS.parses},
+            "hotswap": {"models": len(states), "active": sum(1 for s in states if s.active),
+                        "swaps": sum(s.swaps for s in states)}}
 
 
 def _slot_dtype(dm):
@@ -86,13 +108,38 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
+    failed = None
     try:
         return executor(*args, **kwargs)
+    except torch.OutOfMemoryError as e:
+        failed = oom.detail(e)
     finally:
         dm = getattr(executor.class_obj.model_patcher.model, "diffusion_model", None)
         state = hotswap_state(dm) if dm is not None else None
         if state is not None:
             state.deactivate()
+    # Out of the except block: the activations the failed sampling held are unreferenced now.
+    noise = args[0] if args else kwargs.get("noise")
+    raise sampling_oom(executor.class_obj.model_patcher, getattr(noise, "shape", None), failed)
+
+
+def sampling_oom(patcher, shape, why: str, offload_mode: str | None = None) -> QuantLoRAError:
+    """After an OOM while sampling `patcher`: unload the models (what ComfyUI does when it sees an
+    OOM; it does not see ours), return the memory, and build the error with settings that fit."""
+    import comfy.model_management as mm
+
+    weights, memory_required, quantization = 0, None, None
+    try:
+        weights = int(patcher.model_size())
+        memory_required = patcher.model.memory_required
+        report = patcher.model_options.get("quantlora", {}).get("report")
+        quantization = getattr(report, "quantization", None)
+    except Exception:
+        pass
+    mm.unload_all_models()
+    oom.release()
+    return oom.sampling_error(tuple(shape) if shape is not None else None, patcher.load_device, why, weights, quantization, memory_required,
+                              offload_mode)
 
 
 def set_attention(patcher, choice: str) -> None:

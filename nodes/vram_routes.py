@@ -3,6 +3,7 @@
 Routes (under the pack's prefix; also reachable as /api/quantlora/..., as ComfyUI mirrors routes):
   GET  /quantlora/vram        -> quant.vram.snapshot(): devices, host RAM, peaks, current/last prompt
   POST /quantlora/vram/reset  -> resets the peak ("since last reset") and returns a fresh snapshot
+Any other method on either path answers 405 (nodes/routes.py read_only_route).
 Neither reads anything from the request (no path, no file, no body); responses are bounded
 (quant.vram caps devices, per-node records and name lengths). Memory is read in a worker
 thread (asyncio.to_thread), so the event loop never waits on the GPU driver.
@@ -61,9 +62,11 @@ class VramService:
 
     # -- install --
     def install(self) -> None:
+        from .routes import read_only_route
+
         r = self.server.routes
-        r.get("/quantlora/vram")(self.get_vram)
-        r.post("/quantlora/vram/reset")(self.post_reset)
+        read_only_route(r, "/quantlora/vram", get=self.get_vram)  # any other method: 405
+        read_only_route(r, "/quantlora/vram/reset", post=self.post_reset)
         self._wrap_send_sync()
         try:
             running = asyncio.get_running_loop()

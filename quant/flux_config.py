@@ -130,8 +130,10 @@ def infer_arch(shapes: dict, name: str) -> tuple[FluxArch, str, str]:
                 qkv_bias="transformer_blocks.0.attn.to_q.bias" in sh,
                 guidance_embed="time_text_embed.guidance_embedder.linear_1.weight" in sh,
             ), "diffusers", prefix
-    except (KeyError, IndexError) as e:
-        raise QuantLoRAError(f"{name}: looks like a Flux transformer but tensor {e} is missing or misshapen; the file is incomplete.") from None
+    except (KeyError, IndexError, ZeroDivisionError) as e:
+        what = f"tensor {e}" if not isinstance(e, ZeroDivisionError) else "a norm scale of size 0"
+        raise QuantLoRAError(f"{name}: looks like a Flux transformer but {what} is missing or misshapen; the file is "
+                             "incomplete or damaged. Re-download it.") from None
     raise QuantLoRAError(
         f"{name}: {describe_foreign(shapes.keys(), name)}, not a FLUX.1 transformer "
         f"({len(shapes)} tensors, e.g. {', '.join(list(shapes)[:3])}). "

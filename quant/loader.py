@@ -105,7 +105,14 @@ def load_flux(path: str, build: ModelBuilder, quantization: str = "none", comput
     src_keys = set(src.shapes())
     plan = _bfl_plan(src_keys, prefix) if layout == "bfl" else _diffusers_plan(src_keys, prefix, arch)
 
-    model = build(arch, compute_dtype)
+    try:
+        model = build(arch, compute_dtype)
+    except (ValueError, AssertionError, RuntimeError, TypeError, ZeroDivisionError) as e:
+        if isinstance(e, (QuantLoRAError, torch.OutOfMemoryError)):
+            raise
+        raise QuantLoRAError(f"{src.name}: its tensors describe a Flux transformer that cannot be built ({arch.hidden_size} "
+                             f"hidden, {arch.num_heads} heads, {arch.depth}+{arch.depth_single_blocks} blocks: "
+                             f"{type(e).__name__}: {e}). The file is damaged or not a FLUX.1 model; re-download it.") from None
     units: dict[str, list[str]] = {"": []}
     for key in plan:
         m = _UNIT.match(key)
@@ -117,14 +124,16 @@ def load_flux(path: str, build: ModelBuilder, quantization: str = "none", comput
     try:
         for i, unit in enumerate(order):
             for key in units[unit]:
-                value = plan[key](reader).to(device=device, dtype=compute_dtype)
+                value = _read(plan, key, reader, src.name).to(device=device, dtype=compute_dtype)
                 if not _assign(model, key, value):
                     unexpected.append(key)
+            value = None
             if unit:
                 block = model.get_submodule(unit)
                 _check_loaded(block, unit, src.name)
                 check_shapes(backend, block, unit)
-                quantize_block(backend, block, compute_dtype, device)
+                _quantize(backend, block, unit, compute_dtype, device, src.name)
+                block = None
             if progress:
                 progress(i + 1, len(order))
     finally:
@@ -136,6 +145,26 @@ def load_flux(path: str, build: ModelBuilder, quantization: str = "none", comput
     report = LoadReport(src.path, layout, quantization, str(compute_dtype).replace("torch.", ""),
                         sorted(set(src.dtypes().values())), time.perf_counter() - t0, module_bytes(model), unexpected)
     return model, arch, report
+
+
+def _read(plan: dict, key: str, reader: TensorReader, name: str) -> torch.Tensor:
+    try:
+        return plan[key](reader)
+    except (QuantLoRAError, torch.OutOfMemoryError):
+        raise
+    except (RuntimeError, ValueError, TypeError) as e:  # q/k/v that do not concatenate, a scale of the wrong shape
+        raise QuantLoRAError(f"{name}: tensor {key} cannot be built from the file's tensors ({e}); "
+                             "the file is inconsistent. Re-download it.") from None
+
+
+def _quantize(backend, block: nn.Module, unit: str, compute_dtype: torch.dtype, device: torch.device, name: str) -> None:
+    try:
+        quantize_block(backend, block, compute_dtype, device)
+    except (QuantLoRAError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # the quantization library's own error types
+        raise QuantLoRAError(f"{name}: quantization {backend.name!r} failed on {unit} ({type(e).__name__}: {e}). "
+                             f"Pick another quantization (or 'none'); {backend.library} may need an update.") from None
 
 
 def _check_loaded(module: nn.Module, where: str, name: str) -> None:

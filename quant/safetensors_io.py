@@ -76,8 +76,10 @@ def read_header(path: str) -> SafetensorsHeader:
     tensors, data_end = {}, 0
     for key, info in header.items():
         try:
-            start, end = info["data_offsets"]
+            start, end = (int(o) for o in info["data_offsets"])
             dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
+            if not isinstance(dtype, str) or min(shape, default=0) < 0 or not 0 <= start <= end:
+                raise ValueError(key)
         except (KeyError, TypeError, ValueError):
             raise QuantLoRAError(f"{name}: tensor entry {key!r} is malformed; the file is corrupt. Re-download it.") from None
         data_end = max(data_end, int(end))

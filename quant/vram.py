@@ -20,6 +20,11 @@ import time
 MAX_DEVICES = 16          # bounded response size
 MAX_NODES = 256           # per-node records kept for one prompt
 MAX_NAME = 128
+MAX_ID = 64               # prompt and node ids come from the client: cut to keep responses bounded
+
+
+def _id(value):
+    return value if value is None else str(value)[:MAX_ID]
 
 
 def _psutil():
@@ -156,7 +161,7 @@ class PeakTracker:
             self._fold()
             acc = {}
             _max_into(acc, self.source.max_marks())
-            self._prompt = {"prompt_id": prompt_id, "running": True, "started": self.clock(), "acc": acc,
+            self._prompt = {"prompt_id": _id(prompt_id), "running": True, "started": self.clock(), "acc": acc,
                             "nodes": {}, "status": None}
             return out
 
@@ -168,7 +173,8 @@ class PeakTracker:
             done = self._end_node()
             acc = {}
             _max_into(acc, self.source.max_marks())
-            self._node = (node, display_node if display_node is not None else node, self.clock(), acc)
+            node = _id(node)
+            self._node = (node, _id(display_node) if display_node is not None else node, self.clock(), acc)
             return done
 
     def end_node(self) -> dict | None:

@@ -148,14 +148,28 @@ def write_taef1(folder: str, seed: int = 0) -> str:
 
 DEMO_FLUX = "quantlora-demo-flux.safetensors"
 DEMO_CLIP = "quantlora-demo-clip-l.safetensors"
+# Two LoRAs on the demo Flux (the example workflows' defaults): A in BFL/ComfyUI layout, B in kohya's.
+DEMO_LORA_A = "quantlora-demo-style-a.safetensors"
+DEMO_LORA_B = "quantlora-demo-style-b.safetensors"
+DEMO_LORAS = {DEMO_LORA_A: dict(rank=8, seed=1, fmt="bfl"), DEMO_LORA_B: dict(rank=16, seed=2, fmt="kohya")}
+
+
+def demo_set_complete(models_dir: str) -> bool:
+    """True when every file of the demo set is there (write_demo_set would write nothing)."""
+    files = [os.path.join("diffusion_models", DEMO_FLUX), os.path.join("text_encoders", DEMO_CLIP),
+             os.path.join("vae_approx", "taef1_decoder.safetensors"), os.path.join("vae_approx", "taef1_encoder.safetensors")]
+    files += [os.path.join("loras", name) for name in DEMO_LORAS]
+    return all(os.path.exists(os.path.join(models_dir, f)) for f in files)
 
 
 def write_demo_set(models_dir: str, cache_dir: str | None = None, seed: int = 0) -> dict:
-    """The small built-in model set: a tiny Flux (BFL file), a CLIP-L and taef1, random weights.
+    """The small built-in model set: a tiny Flux (BFL file), a CLIP-L, taef1 and two LoRAs
+    (DEMO_LORA_A, DEMO_LORA_B), random weights. Files already there are kept.
     The CLIP-L (250 MB) is written once into cache_dir and linked from there."""
     paths = {"flux": os.path.join(models_dir, "diffusion_models", DEMO_FLUX),
              "clip": os.path.join(models_dir, "text_encoders", DEMO_CLIP),
-             "vae_approx": os.path.join(models_dir, "vae_approx")}
+             "vae_approx": os.path.join(models_dir, "vae_approx"),
+             "loras": {name: os.path.join(models_dir, "loras", name) for name in DEMO_LORAS}}
     if not os.path.exists(paths["flux"]):
         write_bfl(paths["flux"], flux_bfl_state_dict(TINY, seed=seed))
     if not os.path.exists(paths["clip"]):
@@ -169,6 +183,9 @@ def write_demo_set(models_dir: str, cache_dir: str | None = None, seed: int = 0)
             write_clip_l(paths["clip"], seed)
     if not os.path.exists(os.path.join(paths["vae_approx"], "taef1_decoder.safetensors")):
         write_taef1(paths["vae_approx"], seed)
+    for name, kw in DEMO_LORAS.items():
+        if not os.path.exists(paths["loras"][name]):
+            write_demo_lora(paths["loras"][name], paths["flux"], **kw)
     return paths
 
 

@@ -1,5 +1,8 @@
-"""The main job (scripts/run_main.sh): a real ComfyUI server with this pack, one txt2img image
-through QuantizedFluxLoader and stock ComfyUI nodes, then the server keeps serving (--exit: stop).
+"""The main job (scripts/run_main.sh): ComfyUI with this pack runs the example workflow flux-nf4-lora headless.
+
+A real ComfyUI server with this pack; example_workflows/api/flux-nf4-lora.api.json (QuantizedFluxLoader NF4
++ one LoRA, stock ComfyUI nodes) run through the pack's client (client.run_workflow, with the job's
+options as overrides) on the demo models, then the server keeps serving (--exit: stop).
 
 Run from the repository root with the venv's python: python -m tools.main_job [--models DIR] [--exit]
 """
@@ -12,9 +15,10 @@ import signal
 import sys
 import time
 
-from .serve import COMFY, ROOT, STUBS, ComfyServer, execution_error, free_port, needs_stubs, port_free
+from .serve import COMFY, PACK_DIR_NAME, ROOT, STUBS, ComfyServer, free_port, needs_stubs, port_free
 
 DEFAULT_BASE = os.path.join(ROOT, ".harness", "main-job")
+WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "flux-nf4-lora.api.json")
 CACHE = os.path.join(ROOT, ".harness", "cache")
 # ComfyUI model folder names -> subfolders of a user's models folder (as ComfyUI/models lays them out).
 USER_FOLDERS = {"diffusion_models": ["diffusion_models", "unet"], "text_encoders": ["text_encoders", "clip"],
@@ -67,24 +71,30 @@ def write_extra_paths(base: str, models: str) -> str:
     return path
 
 
-def txt2img(flux: str, clip: str, quantization: str, text: str, seed: int, steps: int, size: int) -> dict:
-    """QuantizedFluxLoader on a Flux transformer through stock ComfyUI nodes, ending in SaveImage."""
-    return {
-        "model": {"class_type": "QuantizedFluxLoader",
-                  "inputs": {"model_name": flux, "quantization": quantization, "compute_dtype": "auto"}},
-        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip, "type": "stable_diffusion"}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["clip", 0]}},
-        "guided": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["pos", 0], "guidance": 3.5}},
-        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["model", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler",
-            "scheduler": "simple", "positive": ["guided", 0], "negative": ["neg", 0],
-            "latent_image": ["latent", 0], "denoise": 1.0}},
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "taef1"}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "quantlora-main"}},
-    }
+def workflow_overrides(a, prefix: str = "quantlora-main") -> list[str]:
+    """The job's options as client overrides on the workflow's nodes (addressed by their titles)."""
+    return [f"Flux model.quantization={json.dumps(a.quantization)}", f"Prompt.text={json.dumps(a.prompt)}",
+            f"Sampler.seed={a.seed}", f"Sampler.steps={a.steps}", f"Image size.width={a.size}",
+            f"Image size.height={a.size}", f"Save.filename_prefix={json.dumps(prefix)}"]
+
+
+class Progress:
+    """Plain progress lines from the client's events: each node as it starts, sampling steps by quarters."""
+
+    def __init__(self):
+        self.last = None
+
+    def __call__(self, p) -> None:
+        if p.kind == "executing":
+            say(f"  running {p.title} ({p.class_type})" if p.title != p.class_type else f"  running {p.title}")
+            self.last = None
+        elif p.kind == "cached" and p.data and p.data.get("nodes"):
+            say(f"  cached: {len(p.data['nodes'])} node(s)")
+        elif p.kind == "progress" and p.max:
+            quarter = int(4 * (p.value or 0) / p.max)
+            if quarter != self.last:
+                self.last = quarter
+                say(f"    {p.value:g}/{p.max:g}")
 
 
 def parse_args(argv=None):
@@ -133,15 +143,15 @@ def main(argv=None) -> int:
             say(f"No FLUX.1 transformer found in {a.models}/diffusion_models or {a.models}/unet.")
 
     models_dir = os.path.join(base, "models")
-    from tools.demo_models import DEMO_CLIP, DEMO_FLUX
+    from tools.demo_models import DEMO_CLIP, DEMO_FLUX, DEMO_LORAS, demo_set_complete
 
     say("")
-    say("DEMO MODELS: a tiny FLUX-architecture transformer, a CLIP-L text encoder and taef1 with RANDOM WEIGHTS.")
-    say("They exercise the machinery (loading, quantization, sampling, decoding); their images are noise.")
+    say("DEMO MODELS: a tiny FLUX-architecture transformer, a CLIP-L text encoder, taef1 and two LoRAs, all with "
+        "RANDOM WEIGHTS.")
+    say("They exercise the machinery (loading, quantization, LoRA, sampling, decoding); their images are noise.")
+    say(f"  {DEMO_FLUX}, {DEMO_CLIP}, taef1, {', '.join(DEMO_LORAS)}")
     say(f"  written to {models_dir} (once; reused afterwards)")
-    if not (os.path.exists(os.path.join(models_dir, "diffusion_models", DEMO_FLUX))
-            and os.path.exists(os.path.join(models_dir, "text_encoders", DEMO_CLIP))
-            and os.path.exists(os.path.join(models_dir, "vae_approx", "taef1_decoder.safetensors"))):
+    if not demo_set_complete(models_dir):
         import_comfy_in_process()
         from tools.demo_models import write_demo_set
 
@@ -165,19 +175,30 @@ def main(argv=None) -> int:
         ui = f"http://{host}:{srv.port}"
         say(f"ComfyUI is up after {time.time() - t0:.1f} s. UI: {ui}")
 
-        say(f"Queueing txt2img: QuantizedFluxLoader({DEMO_FLUX}, {a.quantization}) -> CLIPTextEncode -> FluxGuidance "
-            f"-> KSampler ({a.steps} steps, {a.size}x{a.size}) -> VAEDecode (taef1) -> SaveImage")
+        from client import ClientError, run_workflow
+
+        rel = os.path.relpath(WORKFLOW, ROOT)
+        overrides = workflow_overrides(a)
+        say(f"Running the example workflow {rel} (Flux NF4 + one LoRA) headless through the pack's client "
+            f"(client.run_workflow), on the demo models, with these overrides:")
+        for item in overrides:
+            say(f"  --set {item}")
         t0 = time.time()
-        entry = srv.run(txt2img(DEMO_FLUX, DEMO_CLIP, a.quantization, a.prompt, a.seed, a.steps, a.size))
-        err = execution_error(entry)
-        if err:
-            say(f"The graph failed in {err.get('node_type')}: {err.get('exception_message', '').strip()}")
+        try:
+            result = run_workflow(srv.url, WORKFLOW, overrides=overrides, out_dir=None, timeout=3600,
+                                  progress=Progress())
+        except ClientError as e:
+            say(f"The workflow failed: {e}")
             rc = 1
         else:
-            img = entry["outputs"]["save"]["images"][0]
-            path = os.path.join(base, img["type"], img["subfolder"], img["filename"])
-            say(f"Image saved in {time.time() - t0:.1f} s: {path}")
-            rc = 0
+            files = [f for out in result.node_outputs.values() for f in out.get("images", [])]
+            for f in files:
+                say(f"Image saved in {time.time() - t0:.1f} s: "
+                    f"{os.path.join(base, f.get('type', 'output'), f.get('subfolder', ''), f['filename'])}")
+            rc = 0 if files else 1
+            if not files:
+                say(f"The workflow ran but saved no image: {result.node_outputs}")
+        say(f"All example workflows are in the UI: Templates (left sidebar) > Custom Nodes > {PACK_DIR_NAME}.")
         if a.exit:
             return rc
         say(f"\nComfyUI is serving at {ui} (the pack's nodes are under QuantLoRA). Press Ctrl-C to stop.")

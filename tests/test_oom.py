@@ -1,0 +1,258 @@
+"""Out of GPU memory while loading or sampling, injected on CPU.
+
+The fault is real torch.OutOfMemoryError raised from a function inside the load or sampling
+path (an injected fault, nothing of ComfyUI is mocked). Checked: the pack's one error type with
+a message that says what ran out and which settings would fit; the OOM is not chained to it (its
+traceback would keep the partial state alive); everything the failed attempt allocated is
+released (weak references dead while the error is still held, as ComfyUI holds it); the next
+load / sampling succeeds and gives exactly the result of a clean one. On a GPU:
+bench/oom_check.py (real memory pressure).
+"""
+import importlib
+import os
+import weakref
+
+import pytest
+import torch
+
+from quantlora.errors import QuantLoRAError
+
+OOM_TEXT = ("CUDA out of memory. Tried to allocate 64.00 MiB. GPU 0 has a total capacity of 23.65 GiB of which "
+            "12.00 MiB is free. (injected by the test)")
+CFG = None
+
+
+@pytest.fixture(scope="module")
+def flux_file(comfy, tmp_path_factory):
+    global CFG
+    from quantlora.tools import demo_models as dm
+
+    CFG = dict(dm.TINY, depth=2, depth_single_blocks=2)
+    sd = dm.flux_bfl_state_dict(CFG, seed=11, dtype=torch.float32)
+    return dm.write_bfl(str(tmp_path_factory.mktemp("oom") / "flux-oom.safetensors"), sd)
+
+
+@pytest.fixture(scope="module")
+def lora_file(flux_file, tmp_path_factory):
+    from quantlora.tools.demo_models import write_demo_lora
+
+    return write_demo_lora(str(tmp_path_factory.mktemp("oom-lora") / "oom-lora.safetensors"), flux_file, rank=4, seed=3)
+
+
+def load(path, quantization="none"):
+    from quantlora.nodes.bridge import load_flux_model_patcher
+
+    return load_flux_model_patcher(path, quantization, "fp32")
+
+
+def conds():
+    g = torch.Generator().manual_seed(0)
+    pos = [[torch.randn(1, 6, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    neg = [[torch.randn(1, 6, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    return pos, neg
+
+
+LATENT = {"samples": torch.zeros(1, 16, 16, 16)}
+
+
+@torch.no_grad()
+def ksample(model, seed=5):
+    import nodes
+
+    pos, neg = conds()
+    return nodes.common_ksampler(model, seed, 2, 1.5, "euler", "simple", pos, neg, LATENT)[0]["samples"]
+
+
+def raised(fn, *args):
+    """Calls fn; returns the QuantLoRAError it raised."""
+    try:
+        fn(*args)
+    except QuantLoRAError as e:
+        return e
+    pytest.fail(f"{fn.__name__} did not raise QuantLoRAError")
+
+
+# ---------------------------------------------------------------- loading
+
+@pytest.mark.parametrize("quantization", ["none", "bnb-int8"])
+def test_load_oom_releases_partial_weights_and_next_load_succeeds(flux_file, monkeypatch, quantization):
+    from quantlora.quant import loader
+    from quantlora.quant.backends import BACKENDS, unavailable_reason
+
+    if unavailable_reason(quantization, torch.device("cpu")):
+        pytest.skip(unavailable_reason(quantization, torch.device("cpu")))
+    # Import the library first: bitsandbytes logs a warning at import with the exception it caught as
+    # an argument, and pytest's log capture keeps that record (so the exception's frames, and their
+    # callers' through f_back) for the test's duration. ComfyUI's logging keeps no records.
+    importlib.import_module(BACKENDS[quantization].module)
+    refs, calls = [], {"n": 0}
+    real_assign, real_quantize = loader._assign, loader.quantize_block
+
+    def assign(model, key, value):
+        if not refs:
+            refs.append(weakref.ref(model))
+        ok = real_assign(model, key, value)
+        if ok:
+            refs.append(weakref.ref(model.get_parameter(key)))
+        return ok
+
+    def quantize_block(backend, block, dtype, device):
+        calls["n"] += 1
+        refs.append(weakref.ref(block))
+        if calls["n"] == 3:  # two blocks loaded and quantized, the third fails
+            raise torch.OutOfMemoryError(OOM_TEXT)
+        return real_quantize(backend, block, dtype, device)
+
+    monkeypatch.setattr(loader, "_assign", assign)
+    monkeypatch.setattr(loader, "quantize_block", quantize_block)
+    try:
+        load(flux_file, quantization)
+    except QuantLoRAError as e:
+        err = e
+        alive = [r() for r in refs if r() is not None]  # while the error is still held
+    else:
+        pytest.fail("no error")
+    assert calls["n"] == 3 and len(refs) > 20
+    assert not alive, f"{len(alive)} of {len(refs)} partly loaded modules/tensors still referenced"
+    assert err.__context__ is None and err.__cause__ is None  # the OOM's traceback is not kept
+    msg = str(err)
+    assert "flux-oom.safetensors" in msg and "out of GPU memory while loading" in msg, msg
+    assert f"quantization {quantization!r}" in msg and "Tried to allocate 64.00 MiB" in msg, msg
+    assert "released" in msg and "bnb-nf4" in msg and "offload_mode block" in msg, msg
+    del err
+
+    monkeypatch.undo()
+    patcher, report = load(flux_file, quantization)
+    assert report.weights_bytes > 0
+    assert not any(p.is_meta for p in patcher.model.diffusion_model.parameters())
+    if quantization == "none":
+        from safetensors.torch import load_file
+
+        want = load_file(flux_file)
+        got = patcher.model.diffusion_model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_load_message_lists_settings_that_fit(monkeypatch):
+    from quantlora.quant import oom
+
+    gib = 2 ** 30
+    # 40 blocks of one 10000x10000 Linear (4e9 quantizable weights) + 1e8 other weights
+    shapes = {f"double_blocks.{i}.img_mlp.0.weight": (10000, 10000) for i in range(40)}
+    shapes["img_in.weight"] = (10000, 10000)
+    est, block = oom.weight_estimates(shapes, torch.bfloat16, ["none", "bnb-int8", "bnb-nf4"])
+    assert est["none"] == 2 * 41 * 10 ** 8 and est["bnb-int8"] == 40 * 10 ** 8 + 2 * 10 ** 8
+    assert block == 2 * 10 ** 8
+    monkeypatch.setattr(oom, "gpu_memory", lambda device: (4 * gib, 24 * gib))
+    msg = str(oom.load_error("big.safetensors", "bnb-int8", torch.bfloat16, "cuda:0", shapes,
+                             ["none", "bnb-int8", "bnb-nf4"], OOM_TEXT))
+    assert "4.0 GiB of 24.0 GiB are free" in msg, msg
+    fits = msg.split("Settings that would fit:")[1].split(".")[0]
+    assert "bnb-nf4" in fits and "bnb-int8" not in fits and "none" not in fits, msg
+    monkeypatch.setattr(oom, "gpu_memory", lambda device: (512 * 2 ** 20, 24 * gib))
+    msg = str(oom.load_error("big.safetensors", "bnb-nf4", torch.bfloat16, "cuda:0", shapes,
+                             ["none", "bnb-int8", "bnb-nf4"], OOM_TEXT))
+    assert "No quantization fits" in msg and "quantization 'none'" in msg and "offload_mode" in msg, msg
+
+
+# ---------------------------------------------------------------- sampling
+
+def _inject_forward_oom(monkeypatch, refs):
+    import comfy.ldm.flux.model as flux
+
+    def forward_orig(self, img, *args, **kwargs):
+        act = torch.empty(4 * 2 ** 20 // 4)  # stands for the activations in flight
+        refs.extend([weakref.ref(img), weakref.ref(act)])
+        raise torch.OutOfMemoryError(OOM_TEXT)
+
+    monkeypatch.setattr(flux.Flux, "forward_orig", forward_orig)
+
+
+def test_sampling_oom_unloads_keeps_no_adapter_and_next_sampling_is_exact(flux_file, lora_file, monkeypatch):
+    import comfy.model_management as mm
+    from quantlora.nodes import runtime
+
+    patcher, _ = load(flux_file)
+    runtime.install(patcher)
+    runtime.ensure_slots(patcher.model.diffusion_model, 8, "blocks")
+    m = patcher.clone()
+    st = os.stat(lora_file)
+    runtime.options(m)["loras"] = ((lora_file, st.st_mtime_ns, st.st_size, 0.8),)
+    want = ksample(m)
+    base = ksample(patcher)
+    assert not torch.equal(want, base)
+
+    refs = []
+    _inject_forward_oom(monkeypatch, refs)
+    try:
+        ksample(m)
+    except QuantLoRAError as e:
+        err = e
+        alive = [r for r in refs if r() is not None]
+    else:
+        pytest.fail("no error")
+    assert refs and not alive, "activations of the failed sampling still referenced"
+    assert err.__context__ is None
+    msg = str(err)
+    assert "out of GPU memory while sampling 128x128 (batch 1)" in msg and "Tried to allocate" in msg, msg
+    assert "unloaded" in msg and "lower resolution (e.g. 64x64" in msg and "offload_mode block" in msg, msg
+    state = runtime.hotswap_state(patcher.model.diffusion_model)
+    assert not state.active  # no adapter left behind
+    assert not any(lm.model is m or lm.model is patcher for lm in mm.current_loaded_models)
+    del err
+
+    monkeypatch.undo()
+    assert torch.equal(ksample(m), want)
+    assert torch.equal(ksample(patcher), base)
+
+
+def test_offload_sampler_oom_on_a_model_without_the_pack_wrappers(flux_file, monkeypatch):
+    from quantlora.nodes.offload_sampler_node import CPUOffloadSampler
+
+    patcher, _ = load(flux_file)  # the bridge alone: no hot-swap/OOM wrapper on it
+    pos, neg = conds()
+
+    def run():
+        return CPUOffloadSampler.execute(patcher, 5, 2, 1.5, "euler", "simple", pos, neg, LATENT, 1.0, "auto", 1, 0.0)
+
+    want = run().args[0]["samples"]
+    refs = []
+    _inject_forward_oom(monkeypatch, refs)
+    err = raised(run)
+    assert refs and not [r for r in refs if r() is not None]
+    assert err.__context__ is None
+    msg = str(err)
+    assert "out of GPU memory while sampling 128x128" in msg and "offload_mode block" in msg, msg
+    del err
+    monkeypatch.undo()
+    assert torch.equal(run().args[0]["samples"], want)
+
+
+def test_slots_oom_puts_the_plain_layers_back(flux_file, monkeypatch):
+    from torch import nn
+
+    from quantlora.lora import hotswap
+    from quantlora.lora.slots import LoRASlots
+    from quantlora.nodes import runtime
+
+    patcher, _ = load(flux_file)
+    dm = patcher.model.diffusion_model
+    calls, refs = {"n": 0}, []
+
+    class Failing(LoRASlots):
+        def __init__(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise torch.OutOfMemoryError(OOM_TEXT)
+            super().__init__(*a, **k)
+            refs.append(weakref.ref(self.down))
+
+    monkeypatch.setattr(hotswap, "LoRASlots", Failing)
+    err = raised(runtime.ensure_slots, dm, 8, "blocks")
+    assert len(refs) == 4 and not [r for r in refs if r() is not None]
+    assert "adding LoRA hot-swap slots (max_rank 8" in str(err) and "Lower max_rank" in str(err)
+    assert not any(isinstance(m, LoRASlots) for m in dm.modules()) and runtime.hotswap_state(dm) is None
+    assert isinstance(dm.double_blocks[0].img_attn.qkv, nn.Linear)
+    monkeypatch.undo()
+    state = runtime.ensure_slots(dm, 8, "blocks")
+    assert state.slots and all(isinstance(s, LoRASlots) for s in state.slots.values())
