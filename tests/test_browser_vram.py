@@ -6,8 +6,6 @@ compared with the route's host figures instead of the devices', and the per-node
 device totals and expect "VRAM peak ..." badges.
 """
 import os
-import shutil
-import tempfile
 import time
 
 import pytest
@@ -18,9 +16,7 @@ pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCREENSHOT = os.path.join(ROOT, "docs", "vram-widget.png")
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync"]
+from harness.browser import comfy_page
 WIDGET = "#quantlora-vram"
 
 
@@ -34,53 +30,12 @@ def numbered(graph: dict) -> tuple[dict, dict]:
     return out, ids
 
 
-def close_overlays(pg):
-    """A fresh profile opens the Templates dialog over the canvas (Escape does not close it: its
-    close button does), and a 'Nodes 2.0' banner across the top."""
-    try:
-        pg.wait_for_selector(".p-dialog", timeout=15_000)
-    except Exception:
-        pass
-    for _ in range(5):
-        dialogs = pg.locator(".p-dialog")
-        if not dialogs.count():
-            break
-        close = pg.locator(".p-dialog button:has(i.pi-times):visible")
-        if close.count():
-            close.last.click()
-        else:
-            pg.keyboard.press("Escape")
-        time.sleep(0.5)
-    assert not pg.locator(".p-dialog").count(), "the Templates dialog did not close"
-    pg.evaluate("""() => { for (const b of document.querySelectorAll('button')) {
-        const r = b.getBoundingClientRect();
-        if (r.top < 40 && r.height > 0 && b.querySelector("i[class*='lucide--x']")) b.click(); } }""")
-
-
 @pytest.fixture(scope="module")
 def page(server):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium")
-    from playwright.sync_api import sync_playwright
-
-    profile = tempfile.mkdtemp(prefix="quantlora-chromium-")
-    with sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
-                                                   viewport={"width": 1400, "height": 860})
-        pg = ctx.new_page()
-        pg.errors = []
-        pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-        pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" and "quantlora" in m.text.lower()
-              else None)
-        pg.goto(server.url, wait_until="domcontentloaded")
-        pg.wait_for_function("() => window.app && window.app.graph && document.querySelector('canvas')",
-                             timeout=60_000)
+    with comfy_page(server.url, console_filter=lambda text: "quantlora" in text.lower()) as pg:
         pg.wait_for_selector(WIDGET, state="visible", timeout=30_000)
-        close_overlays(pg)
         pg.wait_for_function(f"() => document.querySelector('{WIDGET}').dataset.updates >= 1", timeout=30_000)
         yield pg
-        ctx.close()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 def route(page):

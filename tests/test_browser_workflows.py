@@ -9,9 +9,6 @@ the graph after the run gives the same graph again (nodes, links, widget values)
 """
 import json
 import os
-import shutil
-import tempfile
-import time
 
 import pytest
 from PIL import Image
@@ -21,9 +18,7 @@ from test_example_workflows import NAMES, SIZE, STEPS, read
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync"]
+from harness.browser import comfy_page
 
 SETUP = """() => {
     const {app} = window;
@@ -57,44 +52,11 @@ def graph_part(ui: dict) -> dict:
             "groups": ui.get("groups", []), "last_node_id": ui.get("last_node_id"), "last_link_id": ui.get("last_link_id")}
 
 
-def close_dialogs(pg):
-    for _ in range(5):
-        close = pg.locator(".p-dialog button:has(i.pi-times):visible")
-        if not pg.locator(".p-dialog").count():
-            return
-        if close.count():
-            close.last.click()
-        else:
-            pg.keyboard.press("Escape")
-        time.sleep(0.3)
-    assert not pg.locator(".p-dialog").count(), "a dialog did not close"
-
-
 @pytest.fixture(scope="module")
 def page(server):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium")
-    from playwright.sync_api import sync_playwright
-
-    profile = tempfile.mkdtemp(prefix="quantlora-chromium-")
-    with sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
-                                                   viewport={"width": 1400, "height": 860})
-        pg = ctx.new_page()
-        pg.errors = []
-        pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-        pg.goto(server.url, wait_until="domcontentloaded")
-        pg.wait_for_function("() => window.app && window.app.graph && document.querySelector('canvas')",
-                             timeout=60_000)
-        try:  # a fresh profile opens the Templates dialog by itself
-            pg.wait_for_selector(".p-dialog", timeout=8_000)
-        except Exception:
-            pass
-        close_dialogs(pg)
+    with comfy_page(server.url) as pg:
         pg.evaluate(SETUP)
         yield pg
-        ctx.close()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 def open_from_templates(page, name: str):

@@ -3,7 +3,6 @@ our loader) against diffusers' FluxTransformer2DModel on the same weights, in fp
 import pytest
 import torch
 
-from quantlora.errors import QuantLoRAError
 
 
 def rel(a, b):
@@ -59,7 +58,7 @@ def reference(tiny):
     from quantlora.tools import demo_models as dm
 
     ref = FluxTransformer2DModel(**{k: v for k, v in dm.diffusers_config(dm.TINY).items() if not k.startswith("_")})
-    missing, unexpected = ref.load_state_dict(dm.to_diffusers(tiny["sd"], dm.TINY), strict=True), None
+    ref.load_state_dict(dm.to_diffusers(tiny["sd"], dm.TINY), strict=True)
     return ref.eval()
 
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from graphs import loader, txt2img
-from harness.server import PromptError, execution_error
+from harness.server import execution_error
 from quantlora.tools.demo_models import DEMO_FLUX
 
 pytestmark = pytest.mark.server

@@ -1,7 +1,6 @@
 """Layer 3: LoRAHotswap in a real ComfyUI server. Prompts alternating LoRAs and strengths on one
 loaded model give the same latents as fresh loads with that LoRA; two branches of one graph each
 get their own LoRA; a prompt without LoRA gets the bare base."""
-import io
 import os
 import shutil
 
