@@ -142,6 +142,8 @@ class HotswapState:
         self.active = False
         self._scales: dict[str, torch.Tensor] = {}
         self.swaps = 0
+        # While offload hooks own the slots' placement (CPUOffloadSampler), ensure_device leaves them be.
+        self.buffers_placed_by_offload = False
 
     @property
     def max_rank(self) -> int:
@@ -184,6 +186,8 @@ class HotswapState:
 
     def ensure_device(self, device: torch.device) -> None:
         """ComfyUI moves parameterised modules between devices; the slots' buffers follow the input."""
+        if self.buffers_placed_by_offload:
+            return
         for name, s in self.slots.items():
             if s.down.device != device:
                 for k in ("down", "up", "scale"):  # buffers only: the base stays where ComfyUI put it

@@ -188,10 +188,6 @@ def _install(patcher, plan: Plan) -> off.OffloadState:
     return st
 
 
-def _no_move(device) -> None:
-    """HotswapState.ensure_device while offloaded: the offload hooks place the slot buffers."""
-
-
 def _sync_lora(patcher, model_options) -> None:
     """LoRA slots (LoRAHotswap) under offload: write this sampling's LoRA set now, before the first
     forward, when every group is at rest in host memory. The hot-swap wrapper would otherwise write
@@ -203,7 +199,7 @@ def _sync_lora(patcher, model_options) -> None:
     state = runtime.hotswap_state(dm)
     if state is None:
         return
-    state.ensure_device = _no_move
+    state.buffers_placed_by_offload = True
     cfg = (model_options or {}).get("transformer_options", {}).get(runtime.OPTS_KEY, {})
     loras = tuple(cfg.get("loras", ()))
     if loras != state.active_key:
@@ -215,7 +211,7 @@ def _release_lora(dm) -> None:
 
     state = runtime.hotswap_state(dm)
     if state is not None:
-        state.__dict__.pop("ensure_device", None)
+        state.buffers_placed_by_offload = False
 
 
 def _on_detach(patcher, unpatch_all) -> None:
