@@ -95,41 +95,45 @@ def describe_foreign(keys, name: str) -> str:
     return "not a FLUX.1 transformer"
 
 
+# Where each layout keeps what the architecture is read from.
+_LAYOUT_KEYS = {
+    "bfl": dict(key_norm="double_blocks.0.img_attn.norm.key_norm.scale", img_in="img_in.weight",
+                double=r"double_blocks\.(\d+)\.", single=r"single_blocks\.(\d+)\.", txt_in="txt_in.weight",
+                vec_in="vector_in.in_layer.weight", mlp_in="double_blocks.0.img_mlp.0.weight",
+                q_bias="double_blocks.0.img_attn.qkv.bias", guidance="guidance_in.in_layer.weight"),
+    "diffusers": dict(key_norm="transformer_blocks.0.attn.norm_k.weight", img_in="x_embedder.weight",
+                      double=r"transformer_blocks\.(\d+)\.", single=r"single_transformer_blocks\.(\d+)\.",
+                      txt_in="context_embedder.weight", vec_in="time_text_embed.text_embedder.linear_1.weight",
+                      mlp_in="transformer_blocks.0.ff.net.0.proj.weight", q_bias="transformer_blocks.0.attn.to_q.bias",
+                      guidance="time_text_embed.guidance_embedder.linear_1.weight"),
+}
+
+
+def _layout(sh: dict) -> str | None:
+    if "double_stream_modulation_img.lin.weight" in sh:  # FLUX.2 shares the BFL names
+        return None
+    for layout, k in _LAYOUT_KEYS.items():
+        if k["key_norm"] in sh and k["img_in"] in sh:
+            return layout
+    return None
+
+
 def infer_arch(shapes: dict, name: str) -> tuple[FluxArch, str, str]:
     """Returns (arch, layout 'bfl'|'diffusers', key prefix) from {key: shape}."""
     prefix = strip_prefix(shapes)
     sh = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
-    keys = sh.keys()
+    layout = _layout(sh)
     try:
-        if "double_blocks.0.img_attn.norm.key_norm.scale" in sh and "img_in.weight" in sh \
-                and "double_stream_modulation_img.lin.weight" not in sh:
-            hidden = sh["img_in.weight"][0]
-            head_dim = sh["double_blocks.0.img_attn.norm.key_norm.scale"][0]
+        if layout is not None:
+            k = _LAYOUT_KEYS[layout]
+            hidden = sh[k["img_in"]][0]
             return FluxArch(
-                hidden_size=hidden, num_heads=hidden // head_dim,
-                depth=_count(keys, r"double_blocks\.(\d+)\."),
-                depth_single_blocks=_count(keys, r"single_blocks\.(\d+)\."),
-                in_channels=sh["img_in.weight"][1] // 4,
-                context_in_dim=sh["txt_in.weight"][1],
-                vec_in_dim=sh["vector_in.in_layer.weight"][1],
-                mlp_hidden=sh["double_blocks.0.img_mlp.0.weight"][0],
-                qkv_bias="double_blocks.0.img_attn.qkv.bias" in sh,
-                guidance_embed="guidance_in.in_layer.weight" in sh,
-            ), "bfl", prefix
-        if "transformer_blocks.0.attn.norm_k.weight" in sh and "x_embedder.weight" in sh:
-            hidden = sh["x_embedder.weight"][0]
-            head_dim = sh["transformer_blocks.0.attn.norm_k.weight"][0]
-            return FluxArch(
-                hidden_size=hidden, num_heads=hidden // head_dim,
-                depth=_count(keys, r"transformer_blocks\.(\d+)\."),
-                depth_single_blocks=_count(keys, r"single_transformer_blocks\.(\d+)\."),
-                in_channels=sh["x_embedder.weight"][1] // 4,
-                context_in_dim=sh["context_embedder.weight"][1],
-                vec_in_dim=sh["time_text_embed.text_embedder.linear_1.weight"][1],
-                mlp_hidden=sh["transformer_blocks.0.ff.net.0.proj.weight"][0],
-                qkv_bias="transformer_blocks.0.attn.to_q.bias" in sh,
-                guidance_embed="time_text_embed.guidance_embedder.linear_1.weight" in sh,
-            ), "diffusers", prefix
+                hidden_size=hidden, num_heads=hidden // sh[k["key_norm"]][0],
+                depth=_count(sh, k["double"]), depth_single_blocks=_count(sh, k["single"]),
+                in_channels=sh[k["img_in"]][1] // 4, context_in_dim=sh[k["txt_in"]][1],
+                vec_in_dim=sh[k["vec_in"]][1], mlp_hidden=sh[k["mlp_in"]][0],
+                qkv_bias=k["q_bias"] in sh, guidance_embed=k["guidance"] in sh,
+            ), layout, prefix
     except (KeyError, IndexError, ZeroDivisionError) as e:
         what = f"tensor {e}" if not isinstance(e, ZeroDivisionError) else "a norm scale of size 0"
         raise QuantLoRAError(f"{name}: looks like a Flux transformer but {what} is missing or misshapen; the file is "
