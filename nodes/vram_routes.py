@@ -44,6 +44,7 @@ EVENT = "quantlora.vram"
 NODE_EVENT = "quantlora.vram.node"
 PROMPT_EVENT = "quantlora.vram.prompt"
 BUSY_PERIOD_S = 1.0
+MIN_GAP_S = 0.5  # never two snapshots closer than this (prompt starts force one)
 
 log = logging.getLogger("quantlora.vram")
 _service = None
@@ -55,6 +56,7 @@ class VramService:
         self.tracker = tracker or vram.PeakTracker()
         self.loop = server.loop
         self._wake = asyncio.Event()
+        self._push_now = False
         self._status = None
         self._task = None
         self._errors = 0
@@ -126,6 +128,7 @@ class VramService:
         elif event == "execution_start":
             self._status = None
             self._emit(self.tracker.begin_prompt(data.get("prompt_id")), sid)
+            self._push_now = True  # a snapshot naming this prompt at once, even if it runs < 1 s
             self._poke()
         elif event == "executing":
             node = data.get("node")
@@ -177,11 +180,14 @@ class VramService:
             if not self._busy():
                 await self._push()
                 continue
-            next_at = loop.time()
+            next_at, last = loop.time(), -1.0
             while True:
-                if loop.time() >= next_at:
+                now = loop.time()
+                if now >= next_at or (self._push_now and now - last >= MIN_GAP_S):
+                    self._push_now = False
                     await self._push()
-                    next_at = loop.time() + BUSY_PERIOD_S
+                    last = loop.time()
+                    next_at = last + BUSY_PERIOD_S
                 try:  # pokes (node/prompt boundaries) only matter when the queue went idle
                     await asyncio.wait_for(self._wake.wait(), max(next_at - loop.time(), 0))
                     self._wake.clear()

@@ -270,10 +270,10 @@ def test_unetloader_model_any_architecture(comfy, tmp_path):
     from quantlora.tools import demo_models as dm
 
     sd = dm.flux_bfl_state_dict(dm.COMFY_MIN, seed=12, dtype=torch.bfloat16)
-    dm.write_bfl(str(tmp_path / "flux-min.safetensors"), sd)
+    dm.write_bfl(str(tmp_path / "quantlora-fp8cast-unet.safetensors"), sd)
     del sd
     folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
-    theirs = nodes.UNETLoader().load_unet("flux-min.safetensors", "default")[0]
+    theirs = nodes.UNETLoader().load_unet("quantlora-fp8cast-unet.safetensors", "default")[0]
     src = theirs.model.diffusion_model
     w = src.double_blocks[0].img_attn.qkv.weight
     w_dtype, w0 = w.dtype, w[:4, :4].clone()

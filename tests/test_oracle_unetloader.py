@@ -14,7 +14,7 @@ def comfy_min_file(comfy, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("unet")
     sd = dm.flux_bfl_state_dict(dm.COMFY_MIN, seed=11, dtype=torch.bfloat16)
-    path = dm.write_bfl(str(d / "flux-min.safetensors"), sd)
+    path = dm.write_bfl(str(d / "quantlora-oracle-unet.safetensors"), sd)  # unique: other tests register folders too
     del sd
     folder_paths.add_model_folder_path("diffusion_models", str(d))
     return path
