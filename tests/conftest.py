@@ -74,3 +74,13 @@ def server(tmp_path_factory):
     srv = ComfyServer(base).start()
     yield srv
     srv.stop()
+
+
+def write_tiny_flux(tmp_path_factory, filename: str, seed: int, **overrides):
+    """A seeded fp32 tiny Flux (demo TINY config with overrides) in BFL layout: (config, path)."""
+    import torch
+    from quantlora.tools import demo_models as dm
+
+    cfg = dict(dm.TINY, **overrides)
+    sd = dm.flux_bfl_state_dict(cfg, seed=seed, dtype=torch.float32)
+    return cfg, dm.write_bfl(str(tmp_path_factory.mktemp(filename.split(".")[0]) / filename), sd)

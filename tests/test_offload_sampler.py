@@ -13,6 +13,8 @@ import gc
 import weakref
 
 import pytest
+
+from conftest import write_tiny_flux
 import torch
 from safetensors.torch import save_file
 
@@ -25,11 +27,8 @@ MODES = ["none", "model", "block", "leaf"]
 @pytest.fixture(scope="module")
 def flux_file(comfy, tmp_path_factory):
     global CFG
-    from quantlora.tools import demo_models as dm
-
-    CFG = dict(dm.TINY, depth=2, depth_single_blocks=2)
-    sd = dm.flux_bfl_state_dict(CFG, seed=7, dtype=torch.float32)
-    return dm.write_bfl(str(tmp_path_factory.mktemp("offload") / "flux.safetensors"), sd)
+    CFG, path = write_tiny_flux(tmp_path_factory, "flux.safetensors", seed=7, depth=2, depth_single_blocks=2)
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import os
 import weakref
 
 import pytest
+
+from conftest import write_tiny_flux
 import torch
 
 from quantlora.errors import QuantLoRAError
@@ -25,11 +27,8 @@ CFG = None
 @pytest.fixture(scope="module")
 def flux_file(comfy, tmp_path_factory):
     global CFG
-    from quantlora.tools import demo_models as dm
-
-    CFG = dict(dm.TINY, depth=2, depth_single_blocks=2)
-    sd = dm.flux_bfl_state_dict(CFG, seed=11, dtype=torch.float32)
-    return dm.write_bfl(str(tmp_path_factory.mktemp("oom") / "flux-oom.safetensors"), sd)
+    CFG, path = write_tiny_flux(tmp_path_factory, "flux-oom.safetensors", seed=11, depth=2, depth_single_blocks=2)
+    return path
 
 
 @pytest.fixture(scope="module")
