@@ -15,7 +15,8 @@ from graphs import loader, txt2img
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCREENSHOT = os.path.join(ROOT, "docs", "vram-widget.png")
+# Saved where CI keeps artifacts (git-ignored); docs/vram-widget.png in the README is a copy of one.
+SCREENSHOT = os.path.join(os.environ.get("QUANTLORA_ARTIFACTS", os.path.join(ROOT, "test-artifacts")), "vram-widget.png")
 from harness.browser import comfy_page
 WIDGET = "#quantlora-vram"
 
