@@ -134,6 +134,8 @@ def load_flux(path: str, build: ModelBuilder, quantization: str = "none", comput
                 check_shapes(backend, block, unit)
                 _quantize(backend, block, unit, compute_dtype, device, src.name)
                 block = None
+                if device.type == "cpu":
+                    _return_freed_memory()
             if progress:
                 progress(i + 1, len(order))
     finally:

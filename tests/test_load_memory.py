@@ -2,9 +2,10 @@
 weights (a load-then-copy loader needs two), and below one copy for quantized variants, since each
 block is quantized as soon as its weights are in. Measured in a fresh subprocess per load.
 
-Measured here (0.54 GB bf16 file): none 0.00x (safetensors hands out tensors backed by the file's
-page cache when no dtype change is needed), torchao int8 0.65x, bnb NF4 0.87x (its CPU quantizer
-holds more than the packed result; on a GPU the blocks are quantized in VRAM)."""
+Measured here (0.54 GB bf16 file), three runs each: none 0.00x (safetensors hands out tensors backed by
+the file's page cache when no dtype change is needed), torchao int8 0.58-0.83x (1.5-1.6x when the loader
+does not return the quantizers' freed temporaries to the OS after each block), bnb NF4 0.53-0.69x (its
+CPU quantizer holds more than the packed result; on a GPU the blocks are quantized in VRAM)."""
 import json
 import os
 import subprocess
