@@ -19,6 +19,7 @@ import datetime
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -417,6 +418,60 @@ class Bench:
             except Exception as e:
                 self.rows.append(dict(variant=f"{extra} eager", error=f"{type(e).__name__}: {str(e)[:300]}"))
                 self.free()
+
+    def section_profile(self):
+        """Where one step's time goes, by kernel: bf16 eager with each attention choice, then the fastest
+        path (fp8 compiled) without and with rank-64 LoRA slots. Answers two open questions in BENCHMARKS.md
+        in one call: which SDPA kernel the model really runs, and what the slots' ~20 ms per step are."""
+        from quantlora.lora.formats import FluxDims, load_lora
+        from quantlora.lora.hotswap import HotswapState, attach_slots
+
+        c = self.cfg
+        dims = FluxDims(hidden=c["hidden_size"], mlp_hidden=4 * c["hidden_size"], depth=c["depth"], depth_single=c["depth_single_blocks"])
+        p, rep, load_s = self.load_ours("none")
+        dm = p.model.diffusion_model
+        for attention in ("default", "cudnn"):
+            self.profile_step(dm, f"bf16 eager, attention {attention}", attention)
+        self.free(p, dm)
+        q = self.args.fast_quant
+        p, rep, load_s = self.load_ours(q)
+        dm = p.model.diffusion_model
+        self.compile_blocks(dm)
+        self.profile_step(dm, f"{q} compile", self.args.attention)
+        dtype = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
+        state = HotswapState(attach_slots(dm, 64, "blocks", dtype, c["hidden_size"], 4 * c["hidden_size"], self.args.slot_layout))
+        lora = self.write_lora(64, seed=64)
+        state.activate((lora, 1.0), [(load_lora(lora, dims), 1.0)])
+        self.profile_step(dm, f"{q} compile + lora r64 active", self.args.attention)
+        self.free(p, dm, state)
+
+    def profile_step(self, dm, label, attention, top=25):
+        """Kernel time of one step (after two warm-up steps) as rows `profile <label>: <kernel>`, and
+        the whole table in <out>/profile-<label>.txt."""
+        from torch.profiler import ProfilerActivity, profile
+
+        for _ in range(2):
+            self.forward(dm, attention)
+        self.sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            self.forward(dm, attention)
+            self.sync()
+        key = "device_time_total" if self.dev.type == "cuda" else "self_cpu_time_total"
+        events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0 and (self.dev.type != "cuda" or e.device_type.name == "CUDA")]
+        events.sort(key=lambda e: getattr(e, key), reverse=True)
+        total = sum(getattr(e, key) for e in events) or 1
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+        os.makedirs(self.args.out, exist_ok=True)
+        with open(os.path.join(self.args.out, f"profile-{slug}.txt"), "w") as f:
+            f.write(f"{label}: {total / 1e3:.2f} ms of {'kernel' if self.dev.type == 'cuda' else 'CPU'} time in one step\n")
+            for e in events:
+                f.write(f"{getattr(e, key) / 1e3:9.3f} ms {e.count:6d}x  {e.key[:160]}\n")
+        for e in events[:top]:
+            self.rows.append(dict(variant=f"profile {label}: {e.key[:120]}", kernel_ms=round(getattr(e, key) / 1e3, 3),
+                                  calls=e.count, share=round(getattr(e, key) / total, 4)))
+        log(f"profile {label}: {total / 1e3:.2f} ms; top: " + "; ".join(f"{e.key[:60]} {getattr(e, key) / 1e3:.2f} ms x{e.count}" for e in events[:6]))
+        self.flush()
 
     def section_firststep(self):  # no baseline: a wall-clock figure
         """Process start to first finished step: the fastest path with LoRA slots, compiled.

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(HERE)
 BEGIN, END = "<!-- tables:begin (bench/report.py) -->", "<!-- tables:end -->"
 COLS = ["variant", "step_s", "step_ratio", "weights_gib", "weights_ratio", "peak_vram_gib", "load_s", "rel_err",
         "compile_s", "swap_s", "recompiles", "slot_gib", "lora_mib", "step_ratio_vs_no_offload", "peak_ratio_vs_no_offload",
-        "to_first_step_s", "tflops", "error"]
+        "to_first_step_s", "tflops", "kernel_ms", "calls", "share", "ok", "detail", "error"]
 
 
 def load_runs():

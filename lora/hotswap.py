@@ -99,7 +99,7 @@ def plan(slots: dict[str, LoRASlots], loras: list) -> dict[str, list[_Write]]:
                 need = -(-(start + k) // per_rank)
                 raise QuantLoRAError(
                     f"LoRA rank too large for the hot-swap slots: {names} need {start + k} rank rows on {t.module}, "
-                    f"which holds {s.pool} (max_rank={s.max_rank}, layout {'per-projection' if per_rank > 1 else 'shared'}). "
+                    f"which holds {s.pool} (max_rank={s.max_rank}, layout {s.layout}). "
                     f"Set max_rank to {_next_pow2(need)} or more (on the loader / the first LoRAHotswap node)."
                 )
             used[t.module] = start + k

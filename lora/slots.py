@@ -34,7 +34,7 @@ class LoRASlots(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.splits = list(splits) if splits else [self.out_features]
         assert sum(self.splits) == self.out_features, (self.splits, self.out_features)
-        self.max_rank = max_rank
+        self.max_rank, self.layout = max_rank, layout
         # per-projection: a fused layer holds max_rank rows for each of its projections, so any LoRA
         # of rank <= max_rank fits in any format; shared: max_rank rows in all (fewer FLOPs; a
         # diffusers q/k/v LoRA of rank r then takes 3r rows of a fused qkv layer).
