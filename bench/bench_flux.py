@@ -458,7 +458,7 @@ class Bench:
             self.forward(dm, attention)
             self.sync()
         key = "device_time_total" if self.dev.type == "cuda" else "self_cpu_time_total"
-        events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0 and (self.dev.type != "cuda" or e.device_type.name == "CUDA")]
+        events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0 and (self.dev.type != "cuda" or str(getattr(e, "device_type", "")).endswith("CUDA"))]
         events.sort(key=lambda e: getattr(e, key), reverse=True)
         total = sum(getattr(e, key) for e in events) or 1
         slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
