@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _env  # noqa: E402
+from bench_flux import GIB, log  # noqa: E402
 
-GIB = 2 ** 30
 SIZES = {
     "full": dict(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38),
     "smoke": dict(hidden_size=3072, num_heads=24, depth=2, depth_single_blocks=4),
@@ -40,10 +40,6 @@ SIZES = {
 A, B, C = "soak-a.safetensors", "soak-b.safetensors", "soak-c.safetensors"
 # Consecutive prompts always differ, so every prompt swaps.
 SETTINGS = [[], [(A, 1.0)], [(B, 0.5)], [(C, 1.0)], [(A, 0.3)], [(B, -0.7)], [(A, 1.0), (C, 0.5)], [(C, -0.4)]]
-
-
-def log(*a):
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
 def rss() -> int:
@@ -62,11 +58,11 @@ def memory(dev) -> dict:
     return m
 
 
-def write_models(args, workdir: str) -> str:
+def write_models(args) -> str:
     import folder_paths
     from quantlora.tools import demo_models as dm
 
-    flux_dir, lora_dir = os.path.join(workdir, "diffusion_models"), os.path.join(workdir, "loras")
+    flux_dir, lora_dir = os.path.join(args.workdir, "diffusion_models"), os.path.join(args.workdir, "loras")
     os.makedirs(flux_dir, exist_ok=True)
     flux = os.path.join(flux_dir, f"soak-flux-{args.size}.safetensors")
     if not os.path.exists(flux):
@@ -94,10 +90,11 @@ def run(args) -> list[dict]:
     rows = []
 
     def check(name, ok, **info):
-        rows.append({"variant": f"soak: {name}", "ok": bool(ok), "detail": json.dumps(info)[:400]})
-        log("PASS" if ok else "FAIL", name, json.dumps(info)[:400])
+        detail = json.dumps(info)[:400]
+        rows.append({"variant": f"soak: {name}", "ok": bool(ok), "detail": detail})
+        log("PASS" if ok else "FAIL", name, detail)
 
-    flux_name = write_models(args, args.workdir)
+    flux_name = write_models(args)
     g = torch.Generator().manual_seed(0)
     ctx = [torch.randn(1, 64, 4096, generator=g), torch.randn(1, 768, generator=g)]
     pos = [[ctx[0], {"pooled_output": ctx[1], "guidance": 3.5}]]
