@@ -40,6 +40,7 @@ SIZES = {
 A, B, C = "soak-a.safetensors", "soak-b.safetensors", "soak-c.safetensors"
 # Consecutive prompts always differ, so every prompt swaps.
 SETTINGS = [[], [(A, 1.0)], [(B, 0.5)], [(C, 1.0)], [(A, 0.3)], [(B, -0.7)], [(A, 1.0), (C, 0.5)], [(C, -0.4)]]
+WARM = len(SETTINGS) + 2  # prompts before memory is read and recompiles become errors: every setting seen
 
 
 def rss() -> int:
@@ -126,11 +127,10 @@ def run(args) -> list[dict]:
     t_ref = time.perf_counter() - t0
 
     base = load()
-    warm = len(SETTINGS) + 2
     mismatched, max_rel, recompiles, times = [], 0.0, 0, []
     for i in range(args.prompts):
         s = i % len(SETTINGS)
-        if i == warm:
+        if i == WARM:
             mem_warm = memory(dev)
             torch._dynamo.config.error_on_recompile = args.compile != "off"
         t = time.perf_counter()
@@ -183,6 +183,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--workdir", default="/tmp/quantlora-soak")
     args = ap.parse_args()
+    if args.prompts <= WARM:
+        ap.error(f"--prompts must be more than the {WARM} warm-up prompts")
     _env.setup(cpu=args.device == "cpu")
     shutil.rmtree(os.path.join(args.workdir, "loras"), ignore_errors=True)
     rows = run(args)
