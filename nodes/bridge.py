@@ -1,23 +1,34 @@
-"""The pack's transformer inside a standard ComfyUI MODEL: ComfyUI's own Flux model class and
-ModelPatcher, so stock samplers, conditioning, guidance and model patches drive it unchanged."""
+"""A Flux checkpoint -> a standard ComfyUI MODEL, built by ComfyUI's own loader.
+
+The pack reads and checks the file (safetensors only, named errors), then calls what UNETLoader
+calls (comfy.sd.load_diffusion_model_state_dict) with model_options carrying the compute dtype
+and the pack's custom operations (nodes/quant_ops.py). ComfyUI detects the variant, converts keys
+(BFL, diffusers, `.scale` -> `.weight`) and builds its own Flux class; each Linear's tensors reach
+the pack as they are loaded and block layers are quantized there and then.
+"""
 from __future__ import annotations
+
+import logging
 
 import torch
 
-import comfy.model_base
 import comfy.model_management as mm
-import comfy.model_patcher
-import comfy.ops
-import comfy.supported_models
 
-from ..errors import check_choice
+from ..errors import QuantLoRAError, check_choice
 from ..quant import oom
-from ..quant.backends import available_backends
-from ..quant.flux_config import FluxArch
-from ..quant.loader import load_flux
+from ..quant.backends import available_backends, require_backend
+from ..quant.flux_config import infer_arch
+from ..quant.loader import LayerLoader, LoadReport
+from ..quant.safetensors_io import TensorReader
+from ..quant.sizes import module_bytes
+from ..quant.sources import open_source
+from . import comfy_door
+from .quant_ops import operations_for
 
+log = logging.getLogger("quantlora")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPUTE_DTYPE_NAMES = ["auto", *DTYPES]
+FLUX_HEAD_DIM = 128  # FLUX.1's; ComfyUI builds its Flux with heads of 128
 
 
 def resolve_compute_dtype(name: str, parameters: int) -> torch.dtype:
@@ -28,44 +39,65 @@ def resolve_compute_dtype(name: str, parameters: int) -> torch.dtype:
     return mm.unet_dtype(model_params=parameters, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
 
 
-def model_config_for(arch: FluxArch, dtype: torch.dtype):
-    cls = comfy.supported_models.Flux if arch.guidance_embed else comfy.supported_models.FluxSchnell
-    config = cls(arch.comfy_unet_config())
-    config.set_inference_dtype(dtype, None)
-    config.custom_operations = comfy.ops.disable_weight_init  # weights arrive in the compute dtype
-    return config
+def _state_dict(src) -> dict:
+    """Every tensor of the file(s), memory-mapped: nothing is read until ComfyUI hands it to a layer.
+    The 'scaled_fp8' marker goes: the pack's Linear applies the per-layer scales itself."""
+    reader = TensorReader(src.headers)
+    return {k: reader.get(k) for k in reader.keys() if k != "scaled_fp8" and not k.endswith(".scaled_fp8")}
+
+
+def _metadata(src) -> dict | None:
+    meta = {}
+    for h in src.headers:
+        meta.update(h.metadata or {})
+    return meta or None
 
 
 def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, progress=None):
     """Returns (ModelPatcher, LoadReport)."""
-    from ..quant.sources import open_source
-
     src = open_source(path)
+    arch, layout, _ = infer_arch(src.shapes(), src.name)  # names what a non-Flux file is, before ComfyUI sees it
+    if arch.head_dim != FLUX_HEAD_DIM:
+        raise QuantLoRAError(f"{src.name}: a Flux-like transformer with attention heads of {arch.head_dim}, but FLUX.1 "
+                             f"and ComfyUI's Flux use heads of {FLUX_HEAD_DIM}. This is not a FLUX.1 dev/schnell "
+                             "checkpoint ComfyUI can run; pick a FLUX.1 transformer.")
     n_params = sum(int(torch.Size(s).numel()) for s in src.shapes().values())
     dtype = resolve_compute_dtype(compute_dtype, n_params)
-    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    # Unquantized weights live where ComfyUI keeps them (it moves them per run, lowvram-aware);
-    # quantized ones are made on the GPU block by block and stay there.
-    target = offload_device if quantization == "none" else load_device
-    holder = {}
+    load_device = mm.get_torch_device()
+    backend = require_backend(quantization, load_device)
+    n_linears = sum(1 for k, s in src.shapes().items() if k.endswith(".weight") and len(s) == 2)
+    loader = LayerLoader(backend, dtype, load_device, src.name, n_linears, progress)
+    ops = operations_for(loader, cast=mm.unet_manual_cast(dtype, load_device) is not None)
+    model_options = {"dtype": dtype, "custom_operations": ops}
 
-    def build(arch, dt):
-        holder["base"] = comfy.model_base.Flux(model_config_for(arch, dt), device="meta")
-        return holder["base"].diffusion_model
-
-    failed = None
+    failed = patcher = None
+    sd = _state_dict(src)
     try:
-        diffusion_model, arch, report = load_flux(path, build, quantization, dtype, target, progress, source=src)
+        patcher = comfy_door.load_diffusion_model_state_dict(sd, model_options, _metadata(src))
     except torch.OutOfMemoryError as e:
         failed = oom.detail(e)
+    except QuantLoRAError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise QuantLoRAError(f"{src.name}: ComfyUI {comfy_door.comfy_version()} could not build a Flux model from this "
+                             f"file ({type(e).__name__}: {str(e)[:400]}). If the file loads in ComfyUI's own "
+                             "'Load Diffusion Model' node, report this to QuantLoRA; otherwise the file is damaged.") from None
+    finally:
+        sd = None
     if failed is not None:
-        # Out of the except block: the OOM's traceback (and the loader's frames holding the partly
-        # loaded blocks) is gone; drop the model under construction too, then hand the memory back.
-        holder.clear()
+        # Out of the except block: the OOM's traceback (and the frames holding the partly loaded
+        # model) is gone; hand the memory back.
         oom.release()
-        raise oom.load_error(src.name, quantization, dtype, target, src.shapes(), available_backends(target), failed)
-    base = holder["base"]
-    base.diffusion_model = diffusion_model
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
+        raise oom.load_error(src.name, quantization, dtype, load_device, src.shapes(), available_backends(load_device), failed)
+    if patcher is None:
+        raise QuantLoRAError(f"{src.name}: ComfyUI {comfy_door.comfy_version()} does not recognise this file as a "
+                             "diffusion model. Pick a FLUX.1 dev/schnell transformer.")
+    loader.check_complete()
+    dm = patcher.model.diffusion_model
+    if not hasattr(dm, "double_blocks") or not hasattr(dm, "single_blocks"):
+        raise QuantLoRAError(f"{src.name}: ComfyUI built a {type(dm).__name__}, not a FLUX.1 transformer.")
+    report = LoadReport(src.path, layout, quantization, str(dtype).replace("torch.", ""),
+                        sorted(set(src.dtypes().values())), loader.elapsed(), module_bytes(dm),
+                        loader.quantized)
     patcher.model_options.setdefault("quantlora", {})["report"] = report
     return patcher, report

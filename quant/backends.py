@@ -179,3 +179,30 @@ def quantize_block(backend: Backend, module: nn.Module, compute_dtype: torch.dty
         module.to(device)
         return
     backend.apply(module, compute_dtype, device)
+
+
+def quantize_linear(backend: Backend, linear: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Quantizes one Linear in place, as its weights arrive. The module object stays the same (its
+    parent, built by ComfyUI, keeps pointing at it): torchao and quanto swap its weight for a
+    quantized tensor; for bitsandbytes, whose quantized layers are other classes with their own
+    forward, the module becomes the layer the library built (`become`)."""
+    holder = nn.Module()
+    holder.layer = linear
+    backend.apply(holder, compute_dtype, device)
+    q = holder.layer
+    if q is linear:
+        return
+    if hasattr(q, "qweight") and getattr(q, "frozen", False):
+        # quanto: a frozen QLinear is F.linear on its QTensor weight, which is what this Linear's own
+        # forward does with that weight (and its ABC metaclass rules out becoming one).
+        linear.weight, linear.bias = q.weight, q.bias
+        return
+    become(linear, q)
+
+
+def become(module: nn.Module, other: nn.Module) -> None:
+    """Turns `module` into `other` (class and state): a module's whole state lives in its __dict__,
+    and torch's own parametrize swaps __class__ the same way."""
+    module.__class__ = type(other)
+    module.__dict__.clear()
+    module.__dict__.update(other.__dict__)

@@ -1,8 +1,11 @@
-"""Stream a Flux checkpoint into a module tree built on the meta device, quantizing block by block.
+"""Per-layer work while ComfyUI's own loader fills a Flux model from a checkpoint.
 
-Tensors are read one at a time from memory-mapped safetensors and each transformer block
-is quantized as soon as its weights are in, so peak host memory stays near one copy of the
-file (less for quantized variants), never two.
+ComfyUI builds the model (its key conversions, variants and model classes) and hands each layer
+its tensors through `_load_from_state_dict`; the pack's operations class (nodes/quant_ops.py)
+passes every Linear's tensors to `LayerLoader.load_linear`, which converts them to the compute
+dtype and, for transformer-block Linears, quantizes them on the load device as they arrive. So
+host memory peaks near one copy of the file (less for quantized variants), never two.
+Plain torch: no ComfyUI import.
 """
 from __future__ import annotations
 
@@ -16,18 +19,15 @@ import torch
 from torch import nn
 
 from ..errors import QuantLoRAError
-from .backends import check_shapes, quantize_block, require_backend
-from .flux_config import FluxArch, infer_arch
-from .flux_keys import linear_maps, norm_maps, swap_halves
-from .safetensors_io import TensorReader
-from .sizes import module_bytes
-from .sources import CheckpointSource, open_source
+from .backends import Backend, quantize_linear
 
 log = logging.getLogger("quantlora")
 
-# Built on "meta": (arch, compute dtype) -> a module tree with BFL parameter names.
-ModelBuilder = Callable[[FluxArch, torch.dtype], nn.Module]
-_UNIT = re.compile(r"^((?:double|single)_blocks\.\d+)\.")
+# Linears inside transformer blocks are quantized; embedders and the final layer stay in the
+# compute dtype (they are small and sensitive).
+BLOCK_LAYER = re.compile(r"^(?:double_blocks|single_blocks)\.(\d+)\.")
+# Per-tensor scales of "scaled fp8" checkpoints; the weight is stored divided by it.
+SCALE_KEYS = ("scale_weight", "scale_input")
 
 
 @dataclass
@@ -39,139 +39,95 @@ class LoadReport:
     file_dtypes: list
     load_s: float = 0.0
     weights_bytes: int = 0
+    quantized_layers: int = 0
     unexpected: list = field(default_factory=list)
 
 
-def _bfl_plan(src_keys, prefix: str) -> dict[str, Callable[[TensorReader], torch.Tensor]]:
-    plan = {}
-    for k in src_keys:
-        if not k.startswith(prefix) or k.endswith((".scale_weight", ".scale_input")) or k.endswith("scaled_fp8"):
-            continue
-        target = k[len(prefix):]
-        scale_key = k[: -len("weight")] + "scale_weight" if k.endswith(".weight") else None
-        if scale_key in src_keys:  # "scaled fp8" checkpoints: weight * per-tensor scale
-            plan[target] = lambda r, k=k, s=scale_key: r.get(k).float() * r.get(s).float()
-        else:
-            plan[target] = lambda r, k=k: r.get(k)
-    return plan
+class LayerLoader:
+    """Receives each Linear's tensors from ComfyUI's load_state_dict call and places them."""
 
+    def __init__(self, backend: Backend, compute_dtype: torch.dtype, device: torch.device, name: str,
+                 total_linears: int = 0, progress: Callable[[int, int], None] | None = None):
+        self.backend, self.dtype, self.device, self.name = backend, compute_dtype, torch.device(device), name
+        self.total, self.progress = total_linears, progress
+        self.seen = self.quantized = 0
+        self.missing: list[str] | None = None  # torch's list for the whole load_state_dict call
+        self._unit = None
+        self.t0 = time.perf_counter()
 
-def _diffusers_plan(src_keys, prefix: str, arch: FluxArch) -> dict:
-    plan, groups = {}, {}
-    for m in linear_maps(arch.depth, arch.depth_single_blocks, arch.hidden_size, arch.mlp_hidden):
-        groups.setdefault(m.bfl, []).append(m)
-    for bfl, parts in groups.items():
-        parts.sort(key=lambda m: m.offset)
-        for end in ("weight", "bias"):
-            keys = [f"{prefix}{m.diffusers}.{end}" for m in parts]
-            if not all(k in src_keys for k in keys):
-                continue
-            swap = parts[0].swap_halves
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
 
-            def build(r, keys=keys, swap=swap):
-                t = torch.cat([r.get(k) for k in keys], dim=0) if len(keys) > 1 else r.get(keys[0])
-                return swap_halves(t) if swap else t
-            plan[f"{bfl}.{end}"] = build
-    for d, b in norm_maps(arch.depth, arch.depth_single_blocks).items():
-        if prefix + d in src_keys:
-            plan[b] = lambda r, k=prefix + d: r.get(k)
-    return plan
+    def quantizes(self, prefix: str) -> bool:
+        return self.backend.apply is not None and BLOCK_LAYER.match(prefix) is not None
 
+    def load_linear(self, module: nn.Module, state_dict: dict, prefix: str, missing_keys: list) -> None:
+        self.missing = missing_keys
+        w = state_dict.get(prefix + "weight")
+        if w is None:
+            missing_keys.append(prefix + "weight")
+            return
+        want = (module.out_features, module.in_features)
+        if tuple(w.shape) != want:
+            raise QuantLoRAError(f"{self.name}: tensor {prefix}weight has shape {tuple(w.shape)}, the model ComfyUI "
+                                 f"built from the file's other tensors expects {want}. The file is inconsistent "
+                                 "(a partial or mixed download); re-download it.")
+        scale = state_dict.get(prefix + "scale_weight")
+        if scale is not None:  # scaled fp8: stored weight * per-tensor (or per-row) scale
+            w = w.float() * scale.float().reshape(-1, 1) if scale.numel() > 1 else w.float() * scale.float()
+        b = state_dict.get(prefix + "bias")
+        wants_bias = getattr(module, "bias", None) is not None or getattr(module, "comfy_need_lazy_init_bias", False)
+        if b is None and wants_bias:
+            missing_keys.append(prefix + "bias")
+        quantize = self.quantizes(prefix)
+        device = self.device if quantize else None
+        module.weight = nn.Parameter(w.to(device=device, dtype=self.dtype), requires_grad=False)
+        if b is not None:
+            module.bias = nn.Parameter(b.to(device=device, dtype=self.dtype), requires_grad=False)
+        if quantize:
+            self._check_width(module, prefix)
+            self._quantize(module, prefix)
+        self.seen += 1
+        self._after(prefix)
 
-def _assign(model: nn.Module, key: str, value: torch.Tensor) -> bool:
-    mod_name, _, leaf = key.rpartition(".")
-    try:
-        mod = model.get_submodule(mod_name) if mod_name else model
-    except AttributeError:
-        return False
-    if leaf not in mod._parameters:
-        return False
-    old = mod._parameters[leaf]
-    if tuple(old.shape) != tuple(value.shape):
-        raise QuantLoRAError(f"tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(old.shape)}; the file is inconsistent.")
-    mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    return True
+    def _check_width(self, module: nn.Module, prefix: str) -> None:
+        m = self.backend.min_in_multiple
+        if m > 1 and module.in_features % m:
+            raise QuantLoRAError(f"quantization {self.backend.name!r} needs every layer's input width to be a multiple of "
+                                 f"{m}; {prefix.rstrip('.')} has {module.in_features}. Pick another quantization.")
 
-
-def load_flux(path: str, build: ModelBuilder, quantization: str = "none", compute_dtype: torch.dtype = torch.bfloat16,
-              device: torch.device | str = "cpu", progress: Callable[[int, int], None] | None = None,
-              source: CheckpointSource | None = None):
-    """Returns (module tree with weights, FluxArch, LoadReport)."""
-    t0 = time.perf_counter()
-    device = torch.device(device)
-    backend = require_backend(quantization, device)
-    src = source or open_source(path)
-    arch, layout, prefix = infer_arch(src.shapes(), src.name)
-    src_keys = set(src.shapes())
-    plan = _bfl_plan(src_keys, prefix) if layout == "bfl" else _diffusers_plan(src_keys, prefix, arch)
-
-    try:
-        model = build(arch, compute_dtype)
-    except (ValueError, AssertionError, RuntimeError, TypeError, ZeroDivisionError) as e:
-        if isinstance(e, (QuantLoRAError, torch.OutOfMemoryError)):
+    def _quantize(self, module: nn.Module, prefix: str) -> None:
+        try:
+            quantize_linear(self.backend, module, self.dtype, self.device)
+        except (QuantLoRAError, torch.OutOfMemoryError):
             raise
-        raise QuantLoRAError(f"{src.name}: its tensors describe a Flux transformer that cannot be built ({arch.hidden_size} "
-                             f"hidden, {arch.num_heads} heads, {arch.depth}+{arch.depth_single_blocks} blocks: "
-                             f"{type(e).__name__}: {e}). The file is damaged or not a FLUX.1 model; re-download it.") from None
-    units: dict[str, list[str]] = {"": []}
-    for key in plan:
-        m = _UNIT.match(key)
-        units.setdefault(m.group(1) if m else "", []).append(key)
-    order = [""] + sorted((u for u in units if u), key=lambda u: (u.startswith("single"), int(u.rsplit(".", 1)[1])))
+        except Exception as e:  # the quantization library's own error types
+            raise QuantLoRAError(f"{self.name}: quantization {self.backend.name!r} failed on {prefix.rstrip('.')} "
+                                 f"({type(e).__name__}: {e}). Pick another quantization (or 'none'); "
+                                 f"{self.backend.library} may need an update.") from None
+        self.quantized += 1
 
-    reader = TensorReader(src.headers)
-    unexpected = []
-    try:
-        for i, unit in enumerate(order):
-            for key in units[unit]:
-                value = _read(plan, key, reader, src.name).to(device=device, dtype=compute_dtype)
-                if not _assign(model, key, value):
-                    unexpected.append(key)
-            value = None
-            if unit:
-                block = model.get_submodule(unit)
-                _check_loaded(block, unit, src.name)
-                check_shapes(backend, block, unit)
-                _quantize(backend, block, unit, compute_dtype, device, src.name)
-                block = None
-                if device.type == "cpu":
-                    _return_freed_memory()
-            if progress:
-                progress(i + 1, len(order))
-    finally:
-        reader.close()
-    _check_loaded(model, "", src.name)
-    model.to(device)
-    if unexpected:
-        log.warning("QuantLoRA: %s: %d tensors not used by the Flux model, e.g. %s", src.name, len(unexpected), unexpected[:5])
-    report = LoadReport(src.path, layout, quantization, str(compute_dtype).replace("torch.", ""),
-                        sorted(set(src.dtypes().values())), time.perf_counter() - t0, module_bytes(model), unexpected)
-    return model, arch, report
+    def _after(self, prefix: str) -> None:
+        m = BLOCK_LAYER.match(prefix)
+        unit = m.group(0) if m else None
+        if unit != self._unit:
+            if self._unit is not None and self.device.type == "cpu" and self.backend.apply is not None:
+                return_freed_memory()
+            self._unit = unit
+        if self.progress:
+            self.progress(self.seen, max(self.total, self.seen))
+
+    def check_complete(self) -> None:
+        missing = [k for k in (self.missing or []) if not k.rsplit(".", 1)[-1] in SCALE_KEYS]
+        if missing:
+            raise QuantLoRAError(
+                f"{self.name}: {len(missing)} tensors of the Flux model are missing from the file (e.g. "
+                f"{', '.join(missing[:4])}). The file is incomplete or a different model variant; re-download it.")
 
 
-def _read(plan: dict, key: str, reader: TensorReader, name: str) -> torch.Tensor:
-    try:
-        return plan[key](reader)
-    except (QuantLoRAError, torch.OutOfMemoryError):
-        raise
-    except (RuntimeError, ValueError, TypeError) as e:  # q/k/v that do not concatenate, a scale of the wrong shape
-        raise QuantLoRAError(f"{name}: tensor {key} cannot be built from the file's tensors ({e}); "
-                             "the file is inconsistent. Re-download it.") from None
-
-
-def _quantize(backend, block: nn.Module, unit: str, compute_dtype: torch.dtype, device: torch.device, name: str) -> None:
-    try:
-        quantize_block(backend, block, compute_dtype, device)
-    except (QuantLoRAError, torch.OutOfMemoryError):
-        raise
-    except Exception as e:  # the quantization library's own error types
-        raise QuantLoRAError(f"{name}: quantization {backend.name!r} failed on {unit} ({type(e).__name__}: {e}). "
-                             f"Pick another quantization (or 'none'); {backend.library} may need an update.") from None
-
-
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """glibc keeps the quantizers' freed temporaries (fp32 copies, packing buffers) in its heap, so a
-    CPU load grew to 1.1-1.7x the file's size though each block is quantized as soon as it is in.
+    CPU load grew to 1.1-1.7x the file's size though each layer is quantized as soon as it is in.
     Returning them to the OS after each block keeps the peak near the quantized size."""
     global _LIBC
     if _LIBC is None:
@@ -185,12 +141,3 @@ def _return_freed_memory() -> None:
 
 
 _LIBC = None
-
-
-def _check_loaded(module: nn.Module, where: str, name: str) -> None:
-    missing = [f"{where}.{n}" if where else n for n, p in module.named_parameters() if p.is_meta]
-    if missing:
-        raise QuantLoRAError(
-            f"{name}: {len(missing)} tensors of the Flux model are missing from the file (e.g. {', '.join(missing[:4])}). "
-            "The file is incomplete or a different model variant; re-download it."
-        )

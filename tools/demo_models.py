@@ -11,12 +11,29 @@ import os
 import torch
 from safetensors.torch import save_file
 
-# hidden 64 / head dim 16; context and pooled widths match a CLIP-L text encoder (768),
-# so stock CLIPTextEncode conditioning drives it in a real server.
-TINY = dict(hidden_size=64, num_heads=4, depth=1, depth_single_blocks=1, context_in_dim=768, vec_in_dim=768,
+# hidden 128 = one head of 128 (ComfyUI builds Flux with heads of 128 and derives the head count
+# from the width); context and pooled widths match a CLIP-L text encoder (768), so stock
+# CLIPTextEncode conditioning drives it in a real server.
+TINY = dict(hidden_size=128, num_heads=1, depth=1, depth_single_blocks=1, context_in_dim=768, vec_in_dim=768,
             in_channels=16, mlp_ratio=4.0, guidance_embed=True, qkv_bias=True)
-# The smallest Flux ComfyUI's own UNETLoader detects (it fixes 24 heads of 128).
+# The smallest Flux ComfyUI 0.3.75's own loader detects (it fixes 24 heads of 128).
 COMFY_MIN = dict(TINY, hidden_size=3072, num_heads=24, context_in_dim=4096)
+
+
+def comfy_detects_width() -> bool:
+    """True where ComfyUI derives Flux's head count from its width (v0.33+); 0.3.75 fixes 24 heads."""
+    try:
+        import comfyui_version
+        major, minor = (int(p) for p in comfyui_version.__version__.split(".")[:2])
+    except Exception:
+        return True
+    return (major, minor) >= (0, 4)
+
+
+def demo_flux_config() -> dict:
+    """The demo Flux for the running ComfyUI: TINY, or on 0.3.75 the smallest it can load (one block
+    of each kind at hidden 3072, CLIP-L widths: ~0.5 B parameters)."""
+    return TINY if comfy_detects_width() else dict(COMFY_MIN, context_in_dim=768)
 
 
 def _axes(head_dim: int) -> list[int]:
@@ -25,6 +42,10 @@ def _axes(head_dim: int) -> list[int]:
 
 
 def flux_bfl_state_dict(cfg: dict = TINY, seed: int = 0, dtype=torch.bfloat16) -> dict:
+    """Seeded random weights under the BFL file layout's names (QK-norm scales as `.scale`, as
+    files have them; newer ComfyUI names the module parameter `.weight`)."""
+    import dataclasses
+
     import comfy.ldm.flux.model
     import comfy.ops
 
@@ -34,10 +55,15 @@ def flux_bfl_state_dict(cfg: dict = TINY, seed: int = 0, dtype=torch.bfloat16) -
               num_heads=c["num_heads"], depth=c["depth"], depth_single_blocks=c["depth_single_blocks"],
               axes_dim=_axes(c["hidden_size"] // c["num_heads"]), theta=10000, patch_size=2,
               qkv_bias=c["qkv_bias"], guidance_embed=c["guidance_embed"])
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields:
+        kw["txt_ids_dims"] = []
     meta = comfy.ldm.flux.model.Flux(device="meta", operations=comfy.ops.disable_weight_init, **kw)
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for k, p in meta.state_dict().items():
+        if k.endswith("_norm.weight"):
+            k = k[: -len("weight")] + "scale"
         if k.endswith(".scale"):  # RMSNorm scales near 1
             t = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
         else:
@@ -171,7 +197,7 @@ def write_demo_set(models_dir: str, cache_dir: str | None = None, seed: int = 0)
              "vae_approx": os.path.join(models_dir, "vae_approx"),
              "loras": {name: os.path.join(models_dir, "loras", name) for name in DEMO_LORAS}}
     if not os.path.exists(paths["flux"]):
-        write_bfl(paths["flux"], flux_bfl_state_dict(TINY, seed=seed))
+        write_bfl(paths["flux"], flux_bfl_state_dict(demo_flux_config(), seed=seed))
     if not os.path.exists(paths["clip"]):
         cached = os.path.join(cache_dir, DEMO_CLIP) if cache_dir else None
         if cached and not os.path.exists(cached):
