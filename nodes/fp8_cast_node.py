@@ -14,6 +14,13 @@ input MODEL, host memory holds both it and the fp8 copy (1.5x a bf16 model). App
 its own output with the same settings returns that MODEL as is (idempotent); with other settings
 it raises instead of rounding fp8 weights twice.
 
+Dynamic VRAM (ComfyUI v0.33+ on NVIDIA, comfy-aimdo): an input MODEL under dynamic VRAM is never
+deep-copied (its module tree carries comfy-aimdo's placement state). ComfyUI reloads it once outside
+dynamic VRAM (its own ModelPatcher.clone(disable_dynamic=True)), the node casts that private copy in
+place, and the output is a plain ModelPatcher, placed the classic way; the log says so. The
+pack's own loader already gives plain MODELs. Every write into ComfyUI's bookkeeping goes through
+nodes/comfy_door.py.
+
 LoRA slots (lora/slots.py) attached after this node wrap the fp8 layers and keep their buffers in
 bf16 (or the dtype asked for): the LoRA path computes in high precision; only the base weight is fp8.
 """
@@ -26,10 +33,11 @@ import torch
 from comfy_api.latest import io
 
 from ..errors import QuantLoRAError, check_choice
-from ..quant.fp8_cast import DEFAULT_SKIP_TEXT, STORAGE_DTYPES, CastSpec, cast_copy, cast_spec, parse_skip, plan
+from ..quant.fp8_cast import (DEFAULT_SKIP_TEXT, STORAGE_DTYPES, CastSpec, apply_fp8_cast, cast_copy, cast_spec,
+                               check_again, parse_skip, plan)
 from ..quant.sizes import module_bytes
+from . import comfy_door
 from .bridge import DTYPES
-from .offload_sampler_node import evict_sharing
 
 log = logging.getLogger("quantlora")
 COMPUTE_NAMES = ["auto", "bf16", "fp16", "fp32"]
@@ -37,30 +45,28 @@ COMPUTE_NAMES = ["auto", "bf16", "fp16", "fp32"]
 
 def model_compute_dtype(base) -> torch.dtype:
     """The dtype the model computes in now: what ComfyUI casts its inputs to."""
-    dt = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    dt = comfy_door.compute_dtype_of(base)
     if isinstance(dt, torch.dtype) and dt.is_floating_point and torch.finfo(dt).bits >= 16:
         return dt
     return torch.bfloat16
 
 
-def rebind(src, new_base):
-    """A clone of patcher `src` around another BaseModel: same patches and options, own bookkeeping."""
-    p = src.clone()
-    p.model = new_base
-    p.parent = None
-    p.size = 0
-    p.backup, p.object_patches_backup, p.hook_backup, p.cached_hook_patches = {}, {}, {}, {}
-    p.pinned = set()
-    p.is_injected = False
-    new_base.device = src.offload_device
-    new_base.model_loaded_weight_memory = 0
-    new_base.model_offload_buffer_memory = 0
-    new_base.lowvram_patch_counter = 0
-    new_base.model_lowvram = False
-    new_base.current_weight_patches_uuid = None
-    new_base.current_patcher = None
-    p.model_size()
-    return p
+def _message(report, storage_dtype, compute, before, after) -> str:
+    return (f"{report.layers} layers stored as {storage_dtype}, compute {str(compute).replace('torch.', '')}, "
+            f"{len(report.skipped)} kept in high precision; weights {before / 2**30:.3f} -> {after / 2**30:.3f} GiB")
+
+
+def _cast_in_place(model, own, storage_dtype, storage, compute, skip):
+    """A dynamic-VRAM input: `own` is a plain patcher on a fresh copy of its model that nothing else
+    holds (comfy_door.fresh_non_dynamic_copy); cast that copy in place."""
+    base = own.model
+    dm = base.diffusion_model
+    before = module_bytes(dm)
+    report = apply_fp8_cast(dm, storage, compute, skip, convert_rest=not comfy_door.casts_per_layer(base))
+    comfy_door.set_compute_dtype(base, compute)
+    comfy_door.forget_size(own)
+    own.model_size()
+    return own, _message(report, storage_dtype, compute, before, module_bytes(dm))
 
 
 def cast_model(model, storage_dtype: str = "float8_e4m3fn", compute_dtype: str = "auto", skip_pattern: str | None = None):
@@ -81,22 +87,22 @@ def cast_model(model, storage_dtype: str = "float8_e4m3fn", compute_dtype: str =
     names, kept = plan(dm, skip)
     if not names and cast_spec(dm) is None:
         return model, "nothing to cast (no high-precision Linear/Conv layer outside the skip pattern): unchanged"
-    evict_sharing(model, include_self=True)  # weights back on the host and unpatched before they are copied
-    share = {id(base.current_patcher): None} if getattr(base, "current_patcher", None) is not None else {}
+    if cast_spec(dm) is not None:
+        check_again(dm, spec)  # raises: other settings than the ones it was cast with
+    # Dynamic VRAM (v0.33+): the input's weights are placed by comfy-aimdo and its module tree carries
+    # that bookkeeping; the cast works on a plain copy ComfyUI reloads for us and casts it in place.
+    own = comfy_door.fresh_non_dynamic_copy(model, "FP8LayerwiseCast", "fp8 weights are stored and upcast by "
+                                            "QuantLoRA's layers")
+    if own is not None:
+        return _cast_in_place(model, own, storage_dtype, storage, compute, skip)
+    comfy_door.unload_clones_of(model, include_self=True)  # weights back on the host and unpatched before they are copied
     before = module_bytes(dm)
     new_base, report = cast_copy(base, storage, compute, skip, device=model.offload_device, under="diffusion_model",
-                                 share=share)
+                                 share=comfy_door.copy_memo(base), convert_rest=not comfy_door.casts_per_layer(base))
     new_base.to(model.offload_device)
-    new_dm = new_base.diffusion_model
-    if isinstance(getattr(new_dm, "dtype", None), torch.dtype):
-        new_dm.dtype = compute  # what BaseModel casts inputs to
-    if getattr(new_base, "manual_cast_dtype", None) is not None:
-        new_base.manual_cast_dtype = compute
-    out = rebind(model, new_base)
-    after = module_bytes(new_dm)
-    msg = (f"{report.layers} layers stored as {storage_dtype}, compute {str(compute).replace('torch.', '')}, "
-           f"{len(report.skipped)} kept in high precision; weights {before / 2**30:.3f} -> {after / 2**30:.3f} GiB")
-    return out, msg
+    comfy_door.set_compute_dtype(new_base, compute)
+    out = comfy_door.rebind(model, new_base)
+    return out, _message(report, storage_dtype, compute, before, module_bytes(new_base.diffusion_model))
 
 
 class FP8LayerwiseCast(io.ComfyNode):

@@ -1,4 +1,8 @@
-"""LoRAHotswap: a Flux LoRA (any common format) on any pack or ComfyUI Flux MODEL, swapped in place."""
+"""LoRAHotswap: a Flux LoRA (any common format) on any pack or ComfyUI Flux MODEL, swapped in place.
+
+A MODEL under ComfyUI's dynamic VRAM (v0.33+ on NVIDIA) is taken out of it for this node's
+output: the slots go on ComfyUI's own non-dynamic delegate of the model (loaded once, kept with
+the input MODEL), and the log says so once (nodes/comfy_door.py)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +14,7 @@ from comfy_api.latest import io
 
 from ..errors import QuantLoRAError, check_choice
 from ..lora.hotswap import TARGET_SETS
-from . import runtime
+from . import comfy_door, runtime
 
 log = logging.getLogger("quantlora")
 
@@ -58,6 +62,11 @@ class LoRAHotswap(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength, max_rank, targets) -> io.NodeOutput:
+        runtime.flux_module(model)  # a non-Flux MODEL fails here, before anything is loaded
+        # Dynamic VRAM (v0.33+): comfy-aimdo replaces a module's buffers with device copies while it
+        # places a model, so in-place slot writes would miss; the slots live on ComfyUI's plain
+        # (non-dynamic) delegate of this MODEL instead. The pack's loader gives plain MODELs.
+        model = comfy_door.non_dynamic(model, "LoRAHotswap", "LoRA slots are buffers QuantLoRA writes in place")
         dm = runtime.flux_module(model)
         if not math.isfinite(strength):
             raise QuantLoRAError(f"LoRA {lora_name!r}: strength {strength} is not a finite number; give a value from -10 to 10.")

@@ -34,6 +34,16 @@ How ComfyUI's model management is kept truthful (and kept from loading the model
 - The clone is kept (weakly keyed on the input patcher, so it lives exactly as long as it) and
   reused while the settings stay the same: hooks and pinned memory persist across runs, and
   hot-swapping LoRA slots between runs writes into the same (pinned) buffers the hooks move.
+- Every write into ComfyUI's bookkeeping (the "loaded" record above, the clone's size and parent,
+  unloading through current_loaded_models) is a named function of nodes/comfy_door.py; the
+  wrapper and callback take *args/**kwargs and pass them through unchanged (v0.33 added
+  force_full_load / force_offload to _prepare_sampling). The pack's own state about a patcher
+  (its offload state, "our load in progress") lives in weak maps here, not on ComfyUI's objects.
+- Dynamic VRAM (ComfyUI v0.33+ on NVIDIA: comfy-aimdo places a ModelPatcherDynamic's weights):
+  auto leaves placement to it (it already streams what does not fit); model/block/leaf own
+  placement, so they run on ComfyUI's non-dynamic delegate of that one model
+  (ModelPatcherDynamic.get_non_dynamic_delegate: a plain copy ComfyUI loads once and keeps with
+  the input MODEL), and the log says so once. The pack's loader gives plain MODELs already.
 - model mode: the same wrapper lets ComfyUI load the model as usual and, if it loaded only part
   (lowvram), loads the rest (load_models_gpu force_full_load=True); after sampling the node
   unloads that clone through ComfyUI (LoadedModel.model_unload). No pinning: one transfer per
@@ -56,6 +66,7 @@ from comfy_api.latest import io, ui
 from ..errors import QuantLoRAError, check_choice
 from ..quant import oom
 from ..quant import offload as off
+from . import comfy_door
 
 log = logging.getLogger("quantlora")
 KEY = "quantlora.offload"
@@ -94,6 +105,9 @@ def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: floa
         return Plan(mode, blocks_per_group, False, mode == "auto", f"no CUDA device ({dev}): offload is a no-op")
     if mode != "auto":
         return Plan(mode, blocks_per_group, True, False)
+    if comfy_door.is_dynamic(patcher):
+        # ComfyUI's dynamic VRAM already streams what does not fit: auto leaves placement to it.
+        return Plan("none", 1, True, True, "ComfyUI's dynamic VRAM places the weights")
     sizes = off.tree_sizes(_diffusion_model(patcher))
     if vram_budget_gb > 0:
         budget = int(vram_budget_gb * GIB)
@@ -115,51 +129,35 @@ def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: floa
                                           f"largest block {sizes.block_max / GIB:.3f} GiB, reserve {reserve / GIB:.2f} GiB")
 
 
-# ---------- ComfyUI model management ----------
+# ---------- ComfyUI model management (every write goes through comfy_door) ----------
 def evict_sharing(patcher, include_self: bool = False) -> int:
-    """Have ComfyUI unload every other loaded patcher of the same weights (what free_memory does:
-    LoadedModel.model_unload, then drop it from current_loaded_models). Returns how many."""
-    n = 0
-    for lm in list(mm.current_loaded_models):
-        other = lm.model
-        if other is None or (other is patcher and not include_self) or not other.is_clone(patcher):
-            continue
-        lm.model_unload()
-        mm.current_loaded_models.remove(lm)
-        n += 1
-    return n
+    """Have ComfyUI unload every other loaded patcher of the same weights (what free_memory does).
+    Returns how many."""
+    return comfy_door.unload_clones_of(patcher, include_self=include_self)
 
 
 def unload(patcher) -> None:
-    for lm in list(mm.current_loaded_models):
-        if lm.model is patcher:
-            lm.model_unload()
-            mm.current_loaded_models.remove(lm)
-    mm.soft_empty_cache()
-
-
-def _mark_resident(patcher, state: off.OffloadState) -> None:
-    m = patcher.model
-    m.device = patcher.load_device
-    m.model_loaded_weight_memory = state.working_set
-    m.model_offload_buffer_memory = 0
-    m.model_lowvram = False
-    m.lowvram_patch_counter = 0
-    m.current_weight_patches_uuid = patcher.patches_uuid
-    patcher.size = state.working_set
+    comfy_door.unload(patcher)
 
 
 _OWNER = "_quantlora_offload_owner"  # on the diffusion model: weakref to the patcher whose hooks are on it
+# Pack state about ComfyUI's patchers lives here, not on them: patcher -> its offload state, and
+# the patchers whose own load is in progress (load_models_gpu detaches them first).
+_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOADING: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def offload_state_of(patcher) -> off.OffloadState | None:
+    return _STATE.get(patcher)
 
 
 def _install(patcher, plan: Plan) -> off.OffloadState:
     dm = _diffusion_model(patcher)
     spec = off.make_spec(plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group)
     st = off.offload_state(dm)
-    mine = getattr(patcher, "_quantlora_offload_state", None)
-    if st is not None and st is mine and off.is_current(dm, spec) \
-            and patcher.model.current_weight_patches_uuid == patcher.patches_uuid:
-        _mark_resident(patcher, st)
+    mine = _STATE.get(patcher)
+    if st is not None and st is mine and off.is_current(dm, spec) and comfy_door.weights_patched_for(patcher):
+        comfy_door.mark_resident(patcher, st.working_set)
         return st
     if st is not None and not patcher.patches and off.is_current(dm, spec):
         # Another clone of these weights (e.g. the same model with another LoRA set) left the same
@@ -168,7 +166,7 @@ def _install(patcher, plan: Plan) -> off.OffloadState:
         # unloading it below only clears bookkeeping (nothing of it is on the GPU).
         prev = getattr(dm, _OWNER, lambda: None)()
         if prev is not None and prev is not patcher:
-            prev._quantlora_offload_state = None
+            _STATE.pop(prev, None)
         evict_sharing(patcher)
     else:
         evict_sharing(patcher)
@@ -182,9 +180,9 @@ def _install(patcher, plan: Plan) -> off.OffloadState:
         st = off.apply_offload(dm, plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group)
         log.info("QuantLoRA offload: %s (%s), %.3f of %.2f GiB of weights resident while sampling",
                  st.mode, st.strategy, st.working_set / GIB, st.model_bytes / GIB)
-    patcher._quantlora_offload_state = st
+    _STATE[patcher] = st
     setattr(dm, _OWNER, weakref.ref(patcher))
-    _mark_resident(patcher, st)
+    comfy_door.mark_resident(patcher, st.working_set)
     return st
 
 
@@ -214,52 +212,66 @@ def _release_lora(dm) -> None:
         state.buffers_placed_by_offload = False
 
 
-def _on_detach(patcher, unpatch_all) -> None:
-    st = getattr(patcher, "_quantlora_offload_state", None)
+def _on_detach(patcher, unpatch_all=True, *args, **kwargs) -> None:
+    """CallbacksMP.ON_DETACH: ModelPatcher.detach calls it as (patcher, unpatch_all)."""
+    st = _STATE.get(patcher)
     if st is None:
         return
-    if not unpatch_all and getattr(patcher, "_quantlora_loading", False):
+    if not unpatch_all and patcher in _LOADING:
         # load_models_gpu detaches (without unpatching) every loaded clone of the weights it loads,
         # this very patcher included, then loads it again: our own load, keep the hooks. Any other
         # detach means ComfyUI unloads us, another patcher of these weights is being loaded, or
         # this clone is being freed: take the offload off.
         return
-    patcher._quantlora_offload_state = None
+    _STATE.pop(patcher, None)
     dm = _diffusion_model(patcher)
     if off.offload_state(dm) is st:
         _release_lora(dm)
         off.remove_offload(dm)
         dm.__dict__.pop(_OWNER, None)
     patcher.unpatch_model(patcher.offload_device, unpatch_weights=True)
-    patcher.size = 0  # model_size() measures again
+    comfy_door.forget_size(patcher)  # model_size() measures again
+
+
+def _prepare_args(args, kwargs):
+    """(model, model_options) from the arguments ComfyUI's _prepare_sampling takes:
+    (model, noise_shape, conds, model_options=None, **v0.33: force_full_load, force_offload)."""
+    model = args[0] if args else kwargs["model"]
+    model_options = args[3] if len(args) > 3 else kwargs.get("model_options")
+    return model, model_options
 
 
 def _offload_wrapper(plan: Plan):
-    def prepare_sampling(executor, model, noise_shape, conds, model_options=None):
+    def prepare_sampling(executor, *args, **kwargs):
+        model, model_options = _prepare_args(args, kwargs)
         _install(model, plan)
         _sync_lora(model, model_options)
-        model._quantlora_loading = True
+        _LOADING.add(model)
         try:
-            return executor(model, noise_shape, conds, model_options=model_options)
+            return executor(*args, **kwargs)
         finally:
-            model._quantlora_loading = False
+            _LOADING.discard(model)
     return prepare_sampling
 
 
-def _full_load_wrapper(executor, model, noise_shape, conds, model_options=None):
-    out = executor(model, noise_shape, conds, model_options=model_options)
-    if model.model.model_lowvram:  # ComfyUI loaded part of it: model mode wants all of it
+def _full_load_wrapper(executor, *args, **kwargs):
+    out = executor(*args, **kwargs)
+    model, _ = _prepare_args(args, kwargs)
+    if comfy_door.loaded_partially(model):  # ComfyUI loaded part of it: model mode wants all of it
         mm.load_models_gpu([model], force_full_load=True)
     return out
 
 
 def offload_patcher(model, plan: Plan):
     """The patcher to sample with: the input itself (none / inactive), a per-run clone (model),
-    or the cached clone carrying the offload wrapper and callback (block / leaf)."""
+    or the cached clone carrying the offload wrapper and callback (block / leaf). Under dynamic
+    VRAM (v0.33+) model/block/leaf run on ComfyUI's non-dynamic delegate of the input: the node
+    owns placement of that one model (comfy_door.non_dynamic says so in the log)."""
     if not plan.active or plan.mode == "none":
         return model
+    src = comfy_door.non_dynamic(model, "CPUOffloadSampler", f"offload_mode {plan.mode} places the weights itself")
     if plan.mode == "model":
-        p = model.clone()
+        p = src.clone()
         p.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, _full_load_wrapper)
         return p
     settings = (plan.mode, plan.blocks_per_group)
@@ -268,8 +280,8 @@ def offload_patcher(model, plan: Plan):
         if cached[0] == settings:
             return cached[1]
         unload(cached[1])  # through ComfyUI: its callback takes the old hooks off
-    p = model.clone()
-    p.parent = None  # lives exactly as long as `model` (held by _CLONES); no LoadedModel hand-over to it
+    p = src.clone()
+    comfy_door.own_patcher(p)  # lives exactly as long as `model` (held by _CLONES); no LoadedModel hand-over
     p.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, _offload_wrapper(plan))
     p.add_callback_with_key(pe.CallbacksMP.ON_DETACH, KEY, _on_detach)
     _CLONES[model] = (settings, p)
@@ -302,7 +314,7 @@ def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
         raise sampling_oom(patcher, tuple(latent_image["samples"].shape), failed, plan.mode if plan.active else None)
     mode = f"{plan.mode}{' (auto)' if plan.auto else ''}" if plan.active else offload_mode
     if plan.mode == "block":
-        st = getattr(patcher, "_quantlora_offload_state", None)
+        st = _STATE.get(patcher)
         mode += f", {plan.blocks_per_group} block(s)/group" + (", side stream" if st and st.spec.use_stream else "")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

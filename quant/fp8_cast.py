@@ -168,9 +168,11 @@ def _check_again(root: nn.Module, spec: CastSpec) -> bool:
 
 @torch.no_grad()
 def apply_fp8_cast(root: nn.Module, storage: torch.dtype = torch.float8_e4m3fn, compute: torch.dtype = torch.bfloat16,
-                   skip=DEFAULT_SKIP, names: list[str] | None = None) -> CastReport:
+                   skip=DEFAULT_SKIP, names: list[str] | None = None, convert_rest: bool = True) -> CastReport:
     """Cast in place: selected layers' weights become fp8 (new Parameters), other floating
-    parameters move to the compute dtype if they differ. Idempotent for the same spec."""
+    parameters move to the compute dtype if they differ (unless convert_rest is False: layers that
+    cast their weights per call themselves, as ComfyUI's manual-cast ops do, keep their storage
+    dtype). Idempotent for the same spec."""
     if storage not in STORAGE_DTYPES.values():
         raise QuantLoRAError(f"storage dtype {storage}: choose float8_e4m3fn or float8_e5m2.")
     spec = CastSpec(storage, compute, tuple(skip))
@@ -186,7 +188,7 @@ def apply_fp8_cast(root: nn.Module, storage: torch.dtype = torch.float8_e4m3fn, 
         _set_upcast(m, compute)
         m._quantlora_fp8_layer = True
     # Everything else that is a plain float in another high-precision dtype follows the compute dtype.
-    for mname, m in root.named_modules():
+    for mname, m in (root.named_modules() if convert_rest else ()):
         for pname, p in list(m._parameters.items()):
             if p is None or (mname in chosen and pname == "weight") or not _plain(p):
                 continue
@@ -196,13 +198,17 @@ def apply_fp8_cast(root: nn.Module, storage: torch.dtype = torch.float8_e4m3fn, 
     return CastReport(spec, len(cast), kept)
 
 
+check_again = _check_again  # public name: the node checks before it copies anything
+
+
 def _is_cast_layer(m: nn.Module) -> bool:
     return getattr(m, "_quantlora_fp8_layer", False)
 
 
 @torch.no_grad()
 def cast_copy(root: nn.Module, storage: torch.dtype = torch.float8_e4m3fn, compute: torch.dtype = torch.bfloat16,
-              skip=DEFAULT_SKIP, device=None, under: str = "", share: dict | None = None) -> tuple[nn.Module, CastReport]:
+              skip=DEFAULT_SKIP, device=None, under: str = "", share: dict | None = None,
+              convert_rest: bool = True) -> tuple[nn.Module, CastReport]:
     """A cast copy of `root` (which is not touched); the cast applies to root.get_submodule(under)
     and skip patterns see names relative to it. Selected weights go straight to fp8 (no second
     high-precision copy: the extra memory is the fp8 weights plus the small uncast parts); the rest
@@ -218,6 +224,7 @@ def cast_copy(root: nn.Module, storage: torch.dtype = torch.float8_e4m3fn, compu
         w = target.get_submodule(name)._parameters["weight"]
         memo[id(w)] = nn.Parameter(to_fp8(w, storage, device), requires_grad=False)
     new = copy.deepcopy(root, memo)
-    report = apply_fp8_cast(new.get_submodule(under) if under else new, storage, compute, skip, names=cast)
+    report = apply_fp8_cast(new.get_submodule(under) if under else new, storage, compute, skip, names=cast,
+                            convert_rest=convert_rest)
     report.skipped = kept
     return new, report

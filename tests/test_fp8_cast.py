@@ -128,7 +128,7 @@ def test_cast_model_close_to_uncast(flux_file, storage):
         errs.append(rel(comfy_forward(dm, inp), comfy_forward(src, inp)))
     assert max(errs) < BOUND_MODEL[storage], (storage, errs)
     # one layer on its own
-    x = torch.randn(4, 64)
+    x = torch.randn(4, tiny_cfg()["hidden_size"])
     lin_src, lin = src.double_blocks[0].img_mlp[0], dm.double_blocks[0].img_mlp[0]
     err = rel(lin(x), lin_src(x))
     assert 0 < err < BOUND_LAYER[storage], (storage, err)
@@ -212,7 +212,8 @@ def test_lora_slots_on_fp8_equal_hand_merged(flux_file):
     names, _ = plan(src)
     # slots attached after the cast without a dtype: bf16, never the fp8 storage dtype
     bare = cast_model(model, "float8_e4m3fn", "auto")[0].model.diffusion_model
-    slots = attach_slots(bare, 8, "blocks", hidden=64, mlp_hidden=256)
+    h = tiny_cfg()["hidden_size"]
+    slots = attach_slots(bare, 8, "blocks", hidden=h, mlp_hidden=int(h * tiny_cfg()["mlp_ratio"]))
     assert {s.down.dtype for s in slots.values()} == {torch.bfloat16}
     # the LoRAHotswap path: slots in the model's compute dtype (fp32 here)
     dm = cast_model(model, "float8_e4m3fn", "auto")[0].model.diffusion_model

@@ -1,15 +1,22 @@
 """Layer 2: LoRA hot-swap slots on ComfyUI's Flux, streamed and quantized by the pack, against
 references built independently: the LoRA's ground-truth delta merged into the weights by
 hand (unquantized base), or added by a plain dense hook on the same quantized layers."""
+import contextlib
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import test_lora_formats as formats
 from quantlora.errors import QuantLoRAError
-from test_lora_formats import GT_NAMES, H, IN_TXT, IN_VEC, MLP, encode, expected, make_pieces
+from test_lora_formats import GT_NAMES, IN_TXT, IN_VEC, encode, expected, make_pieces
 from test_oracle_diffusers import comfy_forward, flux_inputs, rel
 
-CFG = dict(hidden_size=H, num_heads=4, depth=2, depth_single_blocks=2, context_in_dim=IN_TXT, vec_in_dim=IN_VEC,
+# ComfyUI (v0.33+) builds Flux with attention heads of 128 and derives the head count from the
+# width: hidden 128 is one head. The format tests' tables are at hidden 64; the LoRA files here are
+# written with the same tables at these widths (_at_model_dims).
+H, MLP = 128, 512
+CFG = dict(hidden_size=H, num_heads=1, depth=2, depth_single_blocks=2, context_in_dim=IN_TXT, vec_in_dim=IN_VEC,
            in_channels=16, mlp_ratio=MLP / H, guidance_embed=True, qkv_bias=True)
 FORMAT_FILES = {"diffusers": ("transformer.", "A/B"), "kohya": ("", "down/up"), "bfl": ("diffusion_model.", "A/B"),
                 "xlabs": ("", "xlabs"), "onetrainer": ("", "down/up")}
@@ -32,14 +39,28 @@ def load(path, quantization="none"):
     return load_flux_model_patcher(path, quantization, "fp32")[0].model.diffusion_model
 
 
+@contextlib.contextmanager
+def _at_model_dims():
+    """test_lora_formats' shape and split tables at this file's H/MLP while a LoRA is written."""
+    saved = formats.H, formats.MLP, formats.TABLES
+    formats.H, formats.MLP = H, MLP
+    formats.TABLES = dict(saved[2], diffusers=formats.diffusers_table(), onetrainer=formats.diffusers_table(),
+                          xlabs=formats.xlabs_table())
+    try:
+        yield
+    finally:
+        formats.H, formats.MLP, formats.TABLES = saved
+
+
 def lora_file(tmp_path, fmt, seed, ranks=None, names=None):
     names = names or NAMES[fmt]
     ranks = ranks or [1 + (i * 3) % 8 for i in range(len(names))]
-    pieces = make_pieces(fmt, names, ranks, seed)
-    prefix, suffix = FORMAT_FILES[fmt]
-    path = str(tmp_path / f"{fmt}-{seed}.safetensors")
-    save_file(encode(fmt, pieces, prefix=prefix, suffix=suffix if fmt not in ("kohya", "onetrainer", "xlabs") else "A/B"), path)
-    return path, expected(pieces)
+    with _at_model_dims():
+        pieces = make_pieces(fmt, names, ranks, seed)
+        prefix, suffix = FORMAT_FILES[fmt]
+        path = str(tmp_path / f"{fmt}-{seed}.safetensors")
+        save_file(encode(fmt, pieces, prefix=prefix, suffix=suffix if fmt not in ("kohya", "onetrainer", "xlabs") else "A/B"), path)
+        return path, expected(pieces)
 
 
 def slots_on(dm, max_rank=16, targets="all"):

@@ -339,7 +339,8 @@ def test_streamed_block_offload_sees_lora_writes_on_cuda(flux_file):
     from test_fp8_cast import make_lora
 
     dm = load(flux_file).model.diffusion_model.eval()
-    state = HotswapState(attach_slots(dm, 8, "blocks", torch.float32, 64, 256))
+    h = CFG["hidden_size"]
+    state = HotswapState(attach_slots(dm, 8, "blocks", torch.float32, h, int(h * CFG["mlp_ratio"])))
     lora = make_lora(dm)
     inp = {k: (v.cuda() if v is not None else v) for k, v in flux_inputs(CFG, seed=4).items()}
     dm.cuda()
