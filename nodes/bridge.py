@@ -57,6 +57,9 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     """Returns (ModelPatcher, LoadReport)."""
     src = open_source(path)
     arch, layout, _ = infer_arch(src.shapes(), src.name)  # names what a non-Flux file is, before ComfyUI sees it
+    if arch.hidden_size <= 0 or arch.num_heads <= 0:
+        raise QuantLoRAError(f"{src.name}: its tensors describe a Flux transformer that cannot be built (width "
+                             f"{arch.hidden_size}, {arch.num_heads} heads). The file is damaged; re-download it.")
     if arch.head_dim != FLUX_HEAD_DIM:
         raise QuantLoRAError(f"{src.name}: a Flux-like transformer with attention heads of {arch.head_dim}, but FLUX.1 "
                              f"and ComfyUI's Flux use heads of {FLUX_HEAD_DIM}. This is not a FLUX.1 dev/schnell "

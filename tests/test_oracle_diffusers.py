@@ -87,15 +87,16 @@ def test_schnell_and_inferred_arch(comfy, tmp_path):
     from quantlora.quant.flux_config import infer_arch
     from quantlora.tools import demo_models as dm
 
-    cfg = dict(dm.TINY, guidance_embed=False, depth=2, depth_single_blocks=3, hidden_size=128, num_heads=4)
+    cfg = dict(dm.TINY, guidance_embed=False, depth=2, depth_single_blocks=3, hidden_size=256, num_heads=2)
     sd = dm.flux_bfl_state_dict(cfg, seed=3, dtype=torch.float32)
     arch, layout, prefix = infer_arch({k: tuple(v.shape) for k, v in sd.items()}, "x")
-    assert (arch.depth, arch.depth_single_blocks, arch.hidden_size, arch.num_heads, arch.guidance_embed) == (2, 3, 128, 4, False)
+    assert (arch.depth, arch.depth_single_blocks, arch.hidden_size, arch.num_heads, arch.guidance_embed) == (2, 3, 256, 2, False)
     assert arch.variant == "schnell" and layout == "bfl" and prefix == ""
     path = dm.write_bfl(str(tmp_path / "schnell.safetensors"), sd)
     model, _ = load_pack(path)
-    ref = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **{k: v for k, v in arch.comfy_unet_config().items() if k != "image_model"})
-    ref.load_state_dict(sd)
+    # The reference: ComfyUI's own loader (what UNETLoader calls) on the same tensors, no pack code.
+    ref = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32}).model.diffusion_model
+    assert type(model) is type(ref) and not ref.params.guidance_embed
     inp = flux_inputs(cfg)
     inp["guidance"] = None
     assert rel(comfy_forward(model, inp), comfy_forward(ref.eval(), inp)) < 1e-6

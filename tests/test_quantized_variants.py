@@ -27,7 +27,7 @@ BOUNDS = {k: v / 10 for k, v in LAYER_BOUNDS.items()}
 def tiny_file(comfy, tmp_path_factory):
     from quantlora.tools import demo_models as dm
 
-    cfg = dict(dm.TINY, hidden_size=128, num_heads=4, depth=2, depth_single_blocks=2)
+    cfg = dict(dm.TINY, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
     sd = dm.flux_bfl_state_dict(cfg, seed=5, dtype=torch.float32)
     return cfg, dm.write_bfl(str(tmp_path_factory.mktemp("q") / "flux.safetensors"), sd)
 

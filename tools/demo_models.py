@@ -87,6 +87,15 @@ def diffusers_config(cfg: dict) -> dict:
             "guidance_embeds": cfg["guidance_embed"], "axes_dims_rope": _axes(head_dim)}
 
 
+def diffusers_key_names(cfg: dict) -> set:
+    """The tensor names diffusers' FluxTransformer2DModel has for this config."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        ref = FluxTransformer2DModel(**{k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")})
+    return set(ref.state_dict())
+
+
 def to_diffusers(sd: dict, cfg: dict) -> dict:
     """BFL -> diffusers through ComfyUI's own key map (independent of the pack's table)."""
     import comfy.utils
@@ -94,8 +103,13 @@ def to_diffusers(sd: dict, cfg: dict) -> dict:
     mlp = int(cfg["hidden_size"] * cfg["mlp_ratio"])
     key_map = comfy.utils.flux_to_diffusers({"depth": cfg["depth"], "depth_single_blocks": cfg["depth_single_blocks"],
                                              "hidden_size": cfg["hidden_size"]})
+    names = diffusers_key_names(cfg)
     out = {}
     for dkey, target in key_map.items():
+        if dkey not in names:
+            continue  # aliases newer ComfyUI also reads (ff.linear_in, single blocks' attn.to_out)
+        if isinstance(target, str) and target.endswith("_norm.weight") and target not in sd:
+            target = target[: -len("weight")] + "scale"  # files name QK-norm scales .scale; newer ComfyUI's map .weight
         if isinstance(target, str):
             if target in sd:
                 out[dkey] = sd[target]
