@@ -481,24 +481,37 @@ class _WebSocket:
 
 # -- running --
 
+def _message(e: dict) -> str:
+    """An error entry's message with its details, the details only where they add something."""
+    msg = str(e.get("message") or e.get("type") or "error")
+    details = e.get("details")
+    if details and str(details) not in msg:
+        msg += f": {details}"
+    return msg
+
+
 def _format_validation(body: Any, graph: dict) -> str:
+    """The server's 400 answer to POST /prompt as lines for a person. Handles ComfyUI 0.3.75's and
+    v0.33's shapes: a top-level "error" (a dict, or a string from old servers) that v0.33 ties to a
+    node through extra_info.node_id (e.g. an unknown class_type: "missing_node_type"; 0.3.75 said
+    "invalid_prompt" and named the node only in its details), plus per-node "node_errors"."""
     if not isinstance(body, dict):
         return f"the server rejected the prompt: {body}"
     err = body.get("error")
     if isinstance(err, dict):
-        head = err.get("message") or err.get("type") or "invalid prompt"
-        if err.get("details"):
-            head += f": {err['details']}"
+        head = _message(err) if (err.get("message") or err.get("type")) else "invalid prompt"
+        extra = err.get("extra_info") if isinstance(err.get("extra_info"), dict) else {}
+        if extra.get("node_id") is not None and not body.get("node_errors"):
+            head = f"{node_label(graph, extra['node_id'], extra.get('class_type'))}: {head}"
     else:
         head = str(err or "invalid prompt")
     lines = [f"the server rejected the prompt: {head}"]
-    for nid, info in (body.get("node_errors") or {}).items():
+    node_errors = body.get("node_errors")
+    for nid, info in (node_errors.items() if isinstance(node_errors, dict) else ()):
+        info = info if isinstance(info, dict) else {"errors": [{"message": str(info)}]}
         label = node_label(graph, nid, info.get("class_type"))
         for e in info.get("errors") or []:
-            msg = e.get("message") or e.get("type") or "error"
-            if e.get("details"):
-                msg += f": {e['details']}"
-            lines.append(f"  {label}: {msg}")
+            lines.append(f"  {label}: {_message(e) if isinstance(e, dict) else e}")
     return "\n".join(lines)
 
 

@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: set-up (idempotent), Debian Chromium for the browser
-# tests if absent, then pytest with the venv's python. Extra arguments go to pytest
-# (e.g. scripts/test.sh tests/test_server_errors.py -x). Exit status: pytest's; "no tests" fails.
+# tests if absent, then two pytest passes with the venv's python:
+#   1. the whole suite on ComfyUI v0.33.0 (.harness/ComfyUI, the primary harness: what users run);
+#   2. the server layer on ComfyUI 0.3.75 (.harness/ComfyUI-0.3.75, the oldest supported version):
+#      the files in OLD_COMFY_TESTS below (loader, LoRA, offload and the pack's routes through a real
+#      server), run with QUANTLORA_COMFYUI pointing at that tree.
+# Extra arguments go to pass 1 (e.g. scripts/test.sh tests/test_server_errors.py -x); pass 2 then
+# runs only with QUANTLORA_OLD_COMFY_PASS=1. QUANTLORA_OLD_COMFY_PASS=0 skips it always.
+# Exit status: 0 when both passes pass; else pass 1's pytest status if it failed, else pass 2's.
+# "No tests" fails. The last line is a summary of both passes.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${QUANTLORA_VENV:-$ROOT/.venv}"
 TIMEOUT="${QUANTLORA_TEST_TIMEOUT:-600}"
+COMFY_OLD="${QUANTLORA_HARNESS:-$ROOT/.harness}/ComfyUI-0.3.75"
+OLD_COMFY_TESTS=(
+  tests/test_server_loader.py
+  tests/test_server_lora.py
+  tests/test_server_offload.py
+  tests/test_routes_contract.py
+)
 cd "$ROOT"
 
 if ! bash scripts/setup.sh; then
@@ -21,16 +35,46 @@ if grep -rqs --include='*.py' -E 'mark\.browser' tests/ && ! command -v chromium
   fi
 fi
 
+describe() {  # pytest exit status -> words
+  case "$1" in
+    0) echo "passed" ;;
+    1) echo "FAILED (tests failed)" ;;
+    5) echo "FAILED (no tests collected)" ;;
+    skipped) echo "skipped" ;;
+    *) echo "FAILED (pytest exit $1)" ;;
+  esac
+}
+
 start=$(date +%s)
-"$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" "$@"
-rc=$?
-took=$(( $(date +%s) - start ))
-if [ "$rc" -eq 5 ]; then
-  echo "========== scripts/test.sh: FAILED: pytest collected no tests (exit 5) in ${took}s ==========" >&2
-  exit 1
-elif [ "$rc" -eq 0 ]; then
-  echo "========== scripts/test.sh: passed in ${took}s =========="
-else
-  echo "========== scripts/test.sh: FAILED (pytest exit $rc) in ${took}s ==========" >&2
+echo "========== pass 1: the whole suite on ComfyUI v0.33.0 ($ROOT/.harness/ComfyUI) =========="
+( unset QUANTLORA_COMFYUI; "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" "$@" )
+rc1=$?
+took1=$(( $(date +%s) - start ))
+
+run_old="${QUANTLORA_OLD_COMFY_PASS:-}"
+[ -z "$run_old" ] && { [ "$#" -eq 0 ] && run_old=1 || run_old=0; }
+rc2=skipped
+took2=0
+if [ "$run_old" = "1" ]; then
+  start2=$(date +%s)
+  echo "========== pass 2: the server layer on ComfyUI 0.3.75 ($COMFY_OLD) =========="
+  QUANTLORA_COMFYUI="$COMFY_OLD" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" -m "not browser" \
+    "${OLD_COMFY_TESTS[@]}"
+  rc2=$?
+  took2=$(( $(date +%s) - start2 ))
 fi
-exit "$rc"
+
+total=$(( $(date +%s) - start ))
+summary="v0.33.0 (whole suite): $(describe "$rc1") in ${took1}s; 0.3.75 (server layer): $(describe "$rc2")"
+[ "$rc2" != skipped ] && summary+=" in ${took2}s"
+if [ "$rc1" -eq 0 ] && { [ "$rc2" = skipped ] || [ "$rc2" -eq 0 ]; }; then
+  echo "========== scripts/test.sh: passed in ${total}s: $summary =========="
+  exit 0
+fi
+echo "========== scripts/test.sh: FAILED in ${total}s: $summary ==========" >&2
+if [ "$rc1" -ne 0 ]; then
+  [ "$rc1" -eq 5 ] && exit 1
+  exit "$rc1"
+fi
+[ "$rc2" -eq 5 ] && exit 1
+exit "$rc2"

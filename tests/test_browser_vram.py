@@ -49,6 +49,7 @@ def widget(page):
                  ...el.dataset }}; }}""")
 
 
+@pytest.mark.no_demo_models
 def test_widget_appears_and_matches_route(page):
     w, r = widget(page), route(page)
     assert w["visible"]
@@ -127,6 +128,7 @@ def test_updates_while_running_and_node_badge(page, server):
     assert os.path.getsize(SCREENSHOT) > 10_000
 
 
+@pytest.mark.no_demo_models
 def test_setting_hides_widget_and_badges(page):
     set_ = "async (v) => { await window.app.extensionManager.setting.set('QuantLoRA.VRAM.Enabled', v); }"
     page.evaluate(set_, False)

@@ -96,6 +96,29 @@ def test_cli_validation_error_exit_1(server, tmp_path):
 
 
 @pytest.mark.server
+@pytest.mark.no_demo_models
+def test_cli_validation_errors_of_stock_nodes_exit_1(server, tmp_path):
+    """Validation errors as this server version words them (stock nodes only, no model file): an
+    input below its minimum (a node error) and an unknown node type (a prompt error, tied to its
+    node by v0.33, named only in the details by 0.3.75)."""
+    graph = {"latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 8, "height": 64, "batch_size": 1},
+                        "_meta": {"title": "Size"}},
+             "save": {"class_type": "SaveLatent", "inputs": {"samples": ["latent", 0], "filename_prefix": "v"}}}
+    r = cli(write(tmp_path, graph), "--url", server.url, "--out", str(tmp_path / "o"))
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "rejected the prompt" in r.stderr and "node latent ('Size', EmptySD3LatentImage)" in r.stderr, r.stderr
+    assert "smaller than min" in r.stderr and "width" in r.stderr, r.stderr
+
+    graph["latent"]["class_type"] = "NoSuchNode-QuantLoRA-Test"
+    r = cli(write(tmp_path, graph), "--url", server.url, "--out", str(tmp_path / "o"))
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "rejected the prompt" in r.stderr and "NoSuchNode-QuantLoRA-Test" in r.stderr, r.stderr
+    if server.version_tuple >= (0, 33):
+        assert "node latent ('Size', NoSuchNode-QuantLoRA-Test)" in r.stderr and "not found" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.server
 def test_cli_bad_quantization_exit_1(server, tmp_path):
     # ComfyUI 0.3.75 does not check a V3 combo's value (a later one answers 400); either way the
     # client exits 1 with the server's message naming the value.
@@ -191,6 +214,42 @@ def test_override_values_and_node_references():
     assert out["sample"]["inputs"]["seed"] == 5 and out["save"]["inputs"]["filename_prefix"] == "7"
     with pytest.raises(WorkflowError, match="several nodes"):
         apply_overrides(g, ["CLIPTextEncode.text=y"])
+
+
+# The 400 answers of both supported servers, as they send them (recorded from 0.3.75 and v0.33.0).
+OLD_MISSING = {"error": {"type": "invalid_prompt", "message": "Cannot execute because node Nope does not exist.",
+                         "details": "Node ID '#n1'", "extra_info": {}}, "node_errors": {}}
+NEW_MISSING = {"error": {"type": "missing_node_type", "message": "Node 'Loader' not found. The custom node may not be "
+                         "installed.", "details": "Node ID '#n1'",
+                         "extra_info": {"node_id": "n1", "class_type": "Nope", "node_title": "Loader"}}, "node_errors": {}}
+NEW_BAD_UUID = {"error": {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID",
+                          "details": "prompt_id must be a UUID string in canonical lowercase hyphenated form; omit it "
+                          "to let the server generate one", "extra_info": {}}, "node_errors": {}}
+COMBO = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                   "details": "", "extra_info": {}},
+         "node_errors": {"n1": {"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                                            "details": "quantization: 'bnb-q3' not in ['none', 'bnb-nf4']",
+                                            "extra_info": {}}],
+                                "dependent_outputs": ["n2"], "class_type": "QuantizedFluxLoader"}}}
+
+
+def test_validation_messages_of_both_server_versions():
+    from quantlora.client import _format_validation
+
+    graph = {"n1": {"class_type": "Nope", "inputs": {}, "_meta": {"title": "Loader"}},
+             "n2": {"class_type": "SaveImage", "inputs": {}}}
+    old = _format_validation(OLD_MISSING, graph)
+    assert old == "the server rejected the prompt: Cannot execute because node Nope does not exist.: Node ID '#n1'"
+    new = _format_validation(NEW_MISSING, graph)
+    assert new.startswith("the server rejected the prompt: node n1 ('Loader', Nope): Node 'Loader' not found"), new
+    assert "must be a valid UUID" in _format_validation(NEW_BAD_UUID, graph)
+    combo = _format_validation(COMBO, graph).splitlines()
+    assert combo[0] == "the server rejected the prompt: Prompt outputs failed validation", combo
+    assert combo[1] == ("  node n1 ('Loader', QuantizedFluxLoader): Value not in list: quantization: 'bnb-q3' not in "
+                        "['none', 'bnb-nf4']"), combo
+    assert _format_validation("Bad Request", graph) == "the server rejected the prompt: Bad Request"
+    assert _format_validation({"error": "old string error", "node_errors": {"n2": "oops"}}, graph).splitlines() == [
+        "the server rejected the prompt: old string error", "  node n2 (SaveImage): oops"]
 
 
 def test_client_imports_only_the_standard_library():

@@ -15,7 +15,9 @@ import uuid
 
 import pytest
 
-pytestmark = pytest.mark.server
+from harness.server import PromptError
+
+pytestmark = [pytest.mark.server, pytest.mark.no_demo_models]
 
 LIMIT = 64 * 1024
 ROUTES = {"/quantlora/vram": {"GET", "HEAD"}, "/quantlora/vram/reset": {"POST"}, "/quantlora/stats": {"GET", "HEAD"}}
@@ -113,10 +115,19 @@ def _tree_graph(leaves: int, id_len: int) -> dict:
 
 
 def test_responses_stay_bounded_with_client_controlled_ids(server):
-    prompt_id = "p" * 5000
     g = _tree_graph(256, 1000)
     assert len(g) == 512
-    out = server.post("/prompt", {"prompt": g, "client_id": server.client_id, "prompt_id": prompt_id})
+    # ComfyUI 0.3.75 takes any client-chosen prompt id; v0.33 refuses one that is not a UUID (400,
+    # nothing queued). Where it is refused, the node ids (1000 characters each) are what the client
+    # controls, and the id is a UUID.
+    prompt_id = "p" * 5000
+    try:
+        out = server.post("/prompt", {"prompt": g, "client_id": server.client_id, "prompt_id": prompt_id})
+    except PromptError as e:
+        assert e.status == 400 and e.body["error"]["type"] == "invalid_prompt_id", e.body
+        assert server.version_tuple >= (0, 33), server.version
+        prompt_id = str(uuid.uuid4())
+        out = server.post("/prompt", {"prompt": g, "client_id": server.client_id, "prompt_id": prompt_id})
     assert out["prompt_id"] == prompt_id
     entry = server.wait(prompt_id)
     assert entry["status"]["status_str"] == "success", entry["status"]

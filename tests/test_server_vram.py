@@ -49,6 +49,7 @@ def check_snapshot(s):
     assert len(json.dumps(s)) < 64 * 1024
 
 
+@pytest.mark.no_demo_models
 def test_route_shape_and_meaning(server):
     s = server.get("/quantlora/vram")
     check_snapshot(s)
@@ -58,6 +59,7 @@ def test_route_shape_and_meaning(server):
     assert server.get("/system_stats")["system"]["ram_total"] == s["host"]["total"]
 
 
+@pytest.mark.no_demo_models
 def test_route_is_read_only_and_ignores_request_data(server):
     before = server.get("/quantlora/vram")["peak_reset_at"]
     with pytest.raises(PromptError) as e:
@@ -68,6 +70,7 @@ def test_route_is_read_only_and_ignores_request_data(server):
     assert s["peak_reset_at"] == before  # reading resets nothing
 
 
+@pytest.mark.no_demo_models
 def test_reset(server):
     before = server.get("/quantlora/vram")
     time.sleep(0.01)

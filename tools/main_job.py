@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from .serve import COMFY, PACK_DIR_NAME, ROOT, STUBS, ComfyServer, free_port, needs_stubs, port_free
+from .serve import COMFY, COMFY_VERSION, PACK_DIR_NAME, ROOT, STUBS, ComfyServer, free_port, needs_stubs, port_free
 
 DEFAULT_BASE = os.path.join(ROOT, ".harness", "main-job")
 WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "flux-nf4-lora.api.json")
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
         say(f"Port {a.port} is taken; using {port}.")
     srv = ComfyServer(base, extra_args=extra, port=port, listen=a.listen, cpu=not cuda)
     say("")
-    say(f"Starting ComfyUI ({COMFY}) on {'the GPU' if cuda else 'the CPU'}; log: {os.path.join(base, 'server.log')}")
+    say(f"Starting ComfyUI {COMFY_VERSION} ({COMFY}) on {'the GPU' if cuda else 'the CPU'}; "
+        f"log: {os.path.join(base, 'server.log')}")
     try:
         t0 = time.time()
         srv.start()
@@ -198,7 +199,8 @@ def main(argv=None) -> int:
             rc = 0 if files else 1
             if not files:
                 say(f"The workflow ran but saved no image: {result.node_outputs}")
-        say(f"All example workflows are in the UI: Templates (left sidebar) > Custom Nodes > {PACK_DIR_NAME}.")
+        say(f"All example workflows are in the UI: Templates (left sidebar) > {PACK_DIR_NAME} (under Extensions; "
+            "Custom Nodes in older frontends).")
         if a.exit:
             return rc
         say(f"\nComfyUI is serving at {ui} (the pack's nodes are under QuantLoRA). Press Ctrl-C to stop.")

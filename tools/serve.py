@@ -2,12 +2,19 @@
 
 Used by the end-to-end tests (tests/harness/server.py re-exports it) and by the main job
 (tools/main_job.py, scripts/run_main.sh). Standard library only.
+
+The tree is $QUANTLORA_COMFYUI, by default .harness/ComfyUI (ComfyUI v0.33.0, the primary harness;
+scripts/test.sh also points it at .harness/ComfyUI-0.3.75, the oldest supported version). Both start
+the same way on CPU. What differs between them for a client: v0.33 refuses a client-chosen prompt_id
+that is not a canonical UUID (400 invalid_prompt_id), so `queue` sends none or a UUID, and validation
+errors have other types and messages (see `validation_errors`).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +29,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFY = os.environ.get("QUANTLORA_COMFYUI", os.path.join(ROOT, ".harness", "ComfyUI"))
 STUBS = os.path.join(ROOT, "tests", "harness", "stubs")
 PACK_DIR_NAME = "QuantLoRA"
+
+
+def comfy_version(tree: str = COMFY) -> str:
+    """The version string of a ComfyUI tree (comfyui_version.py), or "unknown"."""
+    try:
+        with open(os.path.join(tree, "comfyui_version.py"), encoding="utf-8") as f:
+            m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", f.read())
+    except OSError:
+        return "unknown"
+    return m.group(1) if m else "unknown"
+
+
+def version_tuple(v: str) -> tuple:
+    """"0.33.0" -> (0, 33, 0); () when it does not parse."""
+    try:
+        return tuple(int(p) for p in v.split("+")[0].split(".")[:3])
+    except ValueError:
+        return ()
+
+
+COMFY_VERSION = comfy_version()
 
 # Run ComfyUI's main.py with the import-only torchvision/torchaudio stand-ins on the path, but
 # only after transformers and diffusers have recorded that torchvision is absent: otherwise they
@@ -74,6 +102,8 @@ class ComfyServer:
         self.cpu = cpu
         self.proc = None
         self.client_id = uuid.uuid4().hex
+        self.version = COMFY_VERSION
+        self.version_tuple = version_tuple(COMFY_VERSION)
 
     def command(self) -> list[str]:
         args = [*(["--cpu"] if self.cpu else []), "--listen", self.listen, "--port", str(self.port),
@@ -152,8 +182,12 @@ class ComfyServer:
     def object_info(self, node: str) -> dict:
         return self.get(f"/object_info/{node}")[node]
 
-    def queue(self, graph: dict) -> str:
-        return self.post("/prompt", {"prompt": graph, "client_id": self.client_id})["prompt_id"]
+    def queue(self, graph: dict, prompt_id: str | None = None) -> str:
+        """POST /prompt; the server picks the id unless `prompt_id` is given (v0.33+: a canonical UUID)."""
+        body = {"prompt": graph, "client_id": self.client_id}
+        if prompt_id is not None:
+            body["prompt_id"] = prompt_id
+        return self.post("/prompt", body)["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:
         deadline = time.time() + timeout
@@ -182,6 +216,25 @@ def execution_error(entry: dict) -> dict | None:
         if kind == "execution_error":
             return data
     return None
+
+
+def validation_errors(body: dict) -> list[tuple[str | None, str, str]]:
+    """(node id or None, type, message + details) for every error in a /prompt 400 answer, in the
+    shapes of both ComfyUI 0.3.75 and v0.33: the top-level "error" (a dict, or a plain string on
+    some old paths) and each node_errors entry's "errors". Types differ between them (an unknown
+    class_type is "invalid_prompt" in 0.3.75, "missing_node_type" in v0.33; a V3 node's input is
+    named by its full id or by its last part), so tests match on what both say."""
+    out = []
+    err = body.get("error") if isinstance(body, dict) else body
+    if isinstance(err, dict):
+        out.append((err.get("extra_info", {}).get("node_id") if isinstance(err.get("extra_info"), dict) else None,
+                    str(err.get("type", "")), f"{err.get('message', '')}: {err.get('details', '')}"))
+    elif err:
+        out.append((None, "", str(err)))
+    for nid, info in ((body.get("node_errors") if isinstance(body, dict) else None) or {}).items():
+        for e in (info or {}).get("errors") or []:
+            out.append((str(nid), str(e.get("type", "")), f"{e.get('message', '')}: {e.get('details', '')}"))
+    return out
 
 
 def reset_base(base: str):

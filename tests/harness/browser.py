@@ -9,31 +9,57 @@ import time
 
 import pytest
 
+from .server import PACK_DIR_NAME
+
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync"]
 
 
+# A modal dialog: reka-ui's role=dialog in frontend 1.48 (ComfyUI v0.33: Templates, settings, missing
+# models...), PrimeVue's .p-dialog in the older frontends (1.32, ComfyUI 0.3.75).
+DIALOG = "[role=dialog], .p-dialog"
+DIALOG_CLOSE = ("[role=dialog] button[aria-label='Close dialog']:visible, "
+                ".p-dialog button:has(i.pi-times):visible")
+
+
+def open_dialogs(pg) -> int:
+    return pg.locator(DIALOG).count()
+
+
 def close_overlays(pg, wait_s: float = 15):
-    """A fresh profile opens the Templates dialog over the canvas (Escape does not close it: its
-    close button does), and a 'Nodes 2.0' banner across the top."""
+    """A fresh user (the server keeps settings per user: a fresh base directory) gets the Templates
+    dialog over the canvas once the app is up (about 1 s later; Escape does not close it in every
+    version: its close button does). Older frontends also put a 'Nodes 2.0' banner across the top."""
     try:
-        pg.wait_for_selector(".p-dialog", timeout=wait_s * 1000)
+        pg.wait_for_selector(DIALOG, timeout=wait_s * 1000)
     except Exception:
         pass
     for _ in range(5):
-        if not pg.locator(".p-dialog").count():
+        if not open_dialogs(pg):
             break
-        close = pg.locator(".p-dialog button:has(i.pi-times):visible")
+        close = pg.locator(DIALOG_CLOSE)
         if close.count():
             close.last.click()
         else:
             pg.keyboard.press("Escape")
         time.sleep(0.4)
-    assert not pg.locator(".p-dialog").count(), "a dialog over the canvas did not close"
+    assert not open_dialogs(pg), "a dialog over the canvas did not close: " + pg.locator(DIALOG).first.inner_text()[:300]
     pg.evaluate("""() => { for (const b of document.querySelectorAll('button')) {
         const r = b.getBoundingClientRect();
         if (r.top < 40 && r.height > 0 && b.querySelector("i[class*='lucide--x']")) b.click(); } }""")
+
+
+def _server_setting(url: str, key: str):
+    """A user setting as the server stores it (GET /api/settings/<key>), None when unknown."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/api/settings/{key}", timeout=10) as r:
+            return json.loads(r.read() or b"null")
+    except Exception:  # noqa: BLE001 - only a hint for how long to wait
+        return None
 
 
 @contextlib.contextmanager
@@ -52,11 +78,21 @@ def comfy_page(url: str, console_filter=None):
             pg.errors = []
             pg.on("pageerror", lambda e: pg.errors.append(str(e)))
             if console_filter:
-                pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" and console_filter(m.text) else None)
+                # console errors the filter picks, and every console error raised from the pack's own
+                # web files (served under /extensions/<pack folder>/)
+                def on_console(m):
+                    if m.type == "error" and (console_filter(m.text)
+                                              or f"/extensions/{PACK_DIR_NAME}/" in (m.location or {}).get("url", "")):
+                        pg.errors.append(m.text)
+
+                pg.on("console", on_console)
+            # The Templates dialog opens for a user who has not seen it yet (a server-side setting):
+            # wait for it only then, briefly otherwise.
+            seen = _server_setting(url, "Comfy.TutorialCompleted") is True
             pg.goto(url, wait_until="domcontentloaded")
             pg.wait_for_function("() => window.app && window.app.graph && document.querySelector('canvas')",
                                  timeout=60_000)
-            close_overlays(pg)
+            close_overlays(pg, wait_s=3 if seen else 15)
             yield pg
             ctx.close()
     finally:
