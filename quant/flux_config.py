@@ -1,4 +1,7 @@
-"""Flux architecture inferred from tensor names and shapes, for BFL and diffusers layouts."""
+"""Flux architecture read from tensor names and shapes, for BFL and diffusers layouts.
+
+ComfyUI builds the model (nodes/bridge.py); this reading only checks a file before ComfyUI sees it
+(naming what a foreign file is, and a damaged one's problem) and gives the LoRA parser its widths."""
 from __future__ import annotations
 
 import re
@@ -34,26 +37,8 @@ class FluxArch:
         return self.mlp_hidden / self.hidden_size
 
     @property
-    def axes_dim(self) -> list[int]:
-        """RoPE axes (id, row, col); FLUX.1's [16, 56, 56] at head dim 128, scaled for others."""
-        d = self.head_dim
-        side = ((d - d // 8) // 2) // 2 * 2
-        return [d - 2 * side, side, side]
-
-    @property
     def variant(self) -> str:
         return "dev" if self.guidance_embed else "schnell"
-
-    def comfy_unet_config(self) -> dict:
-        return {
-            "image_model": "flux", "guidance_embed": self.guidance_embed,
-            "in_channels": self.in_channels, "out_channels": self.in_channels,
-            "vec_in_dim": self.vec_in_dim, "context_in_dim": self.context_in_dim,
-            "hidden_size": self.hidden_size, "mlp_ratio": self.mlp_ratio, "num_heads": self.num_heads,
-            "depth": self.depth, "depth_single_blocks": self.depth_single_blocks,
-            "axes_dim": self.axes_dim, "theta": self.theta, "patch_size": self.patch_size,
-            "qkv_bias": self.qkv_bias,
-        }
 
     def as_dict(self) -> dict:
         return asdict(self)
