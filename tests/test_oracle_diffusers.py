@@ -102,7 +102,7 @@ def test_schnell_and_inferred_arch(comfy, tmp_path):
     assert type(model) is type(ref) and not ref.params.guidance_embed
     inp = flux_inputs(cfg)
     inp["guidance"] = None
-    assert rel(comfy_forward(model, inp), comfy_forward(ref.eval(), inp)) < 1e-6
+    assert rel(comfy_forward(model, inp), comfy_forward(ref.eval(), inp)) < 1e-5  # fp32 summation order only
 
 
 def test_scaled_fp8_checkpoint(comfy, tiny, tmp_path):
