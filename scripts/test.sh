@@ -13,7 +13,9 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${QUANTLORA_VENV:-$ROOT/.venv}"
 TIMEOUT="${QUANTLORA_TEST_TIMEOUT:-600}"
-COMFY_OLD="${QUANTLORA_HARNESS:-$ROOT/.harness}/ComfyUI-0.3.75"
+HARNESS="${QUANTLORA_HARNESS:-$ROOT/.harness}"
+COMFY="${QUANTLORA_COMFYUI:-$HARNESS/ComfyUI}"   # pass 1's tree: v0.33.0 unless the caller picks another
+COMFY_OLD="$HARNESS/ComfyUI-0.3.75"
 OLD_COMFY_TESTS=(
   tests/test_server_loader.py
   tests/test_server_lora.py
@@ -35,6 +37,10 @@ if grep -rqs --include='*.py' -E 'mark\.browser' tests/ && ! command -v chromium
   fi
 fi
 
+version_of() { sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py" 2>/dev/null; }
+V1="$(version_of "$COMFY")"
+V2="$(version_of "$COMFY_OLD")"
+
 describe() {  # pytest exit status -> words
   case "$1" in
     0) echo "passed" ;;
@@ -46,8 +52,8 @@ describe() {  # pytest exit status -> words
 }
 
 start=$(date +%s)
-echo "========== pass 1: the whole suite on ComfyUI v0.33.0 ($ROOT/.harness/ComfyUI) =========="
-( unset QUANTLORA_COMFYUI; "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" "$@" )
+echo "========== pass 1: the whole suite on ComfyUI $V1 ($COMFY) =========="
+QUANTLORA_COMFYUI="$COMFY" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" "$@"
 rc1=$?
 took1=$(( $(date +%s) - start ))
 
@@ -57,7 +63,7 @@ rc2=skipped
 took2=0
 if [ "$run_old" = "1" ]; then
   start2=$(date +%s)
-  echo "========== pass 2: the server layer on ComfyUI 0.3.75 ($COMFY_OLD) =========="
+  echo "========== pass 2: the server layer on ComfyUI $V2 ($COMFY_OLD) =========="
   QUANTLORA_COMFYUI="$COMFY_OLD" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" -m "not browser" \
     "${OLD_COMFY_TESTS[@]}"
   rc2=$?
@@ -65,7 +71,7 @@ if [ "$run_old" = "1" ]; then
 fi
 
 total=$(( $(date +%s) - start ))
-summary="v0.33.0 (whole suite): $(describe "$rc1") in ${took1}s; 0.3.75 (server layer): $(describe "$rc2")"
+summary="ComfyUI $V1 (whole suite): $(describe "$rc1") in ${took1}s; ComfyUI $V2 (server layer): $(describe "$rc2")"
 [ "$rc2" != skipped ] && summary+=" in ${took2}s"
 if [ "$rc1" -eq 0 ] && { [ "$rc2" = skipped ] || [ "$rc2" -eq 0 ]; }; then
   echo "========== scripts/test.sh: passed in ${total}s: $summary =========="
