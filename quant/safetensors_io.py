@@ -13,6 +13,11 @@ from ..errors import QuantLoRAError
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _MAX_HEADER = 256 * 1024 * 1024
+# A FLUX.1 checkpoint has ~800 tensors and a LoRA on every layer of it ~2,500; the bounds leave room
+# for any real file while a hostile header cannot hold the server for long or take much memory.
+_MAX_ENTRIES = 100_000
+LORA_MAX_HEADER = 16 * 1024 * 1024
+LORA_MAX_ENTRIES = 20_000
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -45,8 +50,17 @@ def _refuse_pickle(path: str, head: bytes, by_content: bool = True) -> None:
         )
 
 
-def read_header(path: str) -> SafetensorsHeader:
-    """Parse and validate a safetensors header; detects truncation without reading tensor data."""
+def _refuse_constant(name: str):
+    def parse_constant(c):
+        raise QuantLoRAError(f"{name}: the safetensors header holds {c}, which no valid file has; the file is corrupt. "
+                             "Re-download it.")
+    return parse_constant
+
+
+def read_header(path: str, max_header: int = _MAX_HEADER, max_entries: int = _MAX_ENTRIES,
+                kind: str = "file") -> SafetensorsHeader:
+    """Parse and validate a safetensors header; detects truncation without reading tensor data.
+    max_header / max_entries bound the time and memory one file can take before it is refused."""
     name = os.path.basename(path)
     if not os.path.isfile(path):
         raise QuantLoRAError(f"{path}: file not found. Put it in the models folder ComfyUI lists and refresh the node.")
@@ -60,17 +74,27 @@ def read_header(path: str) -> SafetensorsHeader:
         if len(head) < 8:
             raise QuantLoRAError(f"{name}: only {size} bytes; not a safetensors file (truncated or empty). Re-download it.")
         f.seek(8)
-        if n == 0 or n > _MAX_HEADER or n > size - 8:
+        if n == 0 or n > size - 8:
             raise QuantLoRAError(
                 f"{name}: not a valid safetensors file (header length {n} does not fit a {size}-byte file). "
                 "It is corrupt, truncated or another format; re-download it."
             )
+        if n > max_header:
+            raise QuantLoRAError(
+                f"{name}: its safetensors header is {n / 2**20:.1f} MiB; a {kind} of this kind has at most "
+                f"{max_header / 2**20:.0f} MiB of header. Refused without reading it: the file is not a real {kind} "
+                "(damaged or made to stall the server).")
         raw = f.read(n)
+    if raw.count(b'"data_offsets"') > max_entries:
+        raise QuantLoRAError(f"{name}: its header lists more than {max_entries:,} tensors; a real {kind} has far fewer. "
+                             "Refused before reading any tensor: the file is damaged or not a Flux model file.")
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, parse_constant=_refuse_constant(name))
         if not isinstance(header, dict):
             raise ValueError("header is not an object")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        if isinstance(e, QuantLoRAError):
+            raise
         raise QuantLoRAError(f"{name}: safetensors header is not valid JSON ({e}); the file is corrupt. Re-download it.") from None
     metadata = header.pop("__metadata__", None) or {}
     tensors, data_end = {}, 0
@@ -80,7 +104,7 @@ def read_header(path: str) -> SafetensorsHeader:
             dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
             if not isinstance(dtype, str) or min(shape, default=0) < 0 or not 0 <= start <= end:
                 raise ValueError(key)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise QuantLoRAError(f"{name}: tensor entry {key!r} is malformed; the file is corrupt. Re-download it.") from None
         data_end = max(data_end, int(end))
         tensors[key] = TensorInfo(dtype, shape)
@@ -123,9 +147,10 @@ class TensorReader:
         self._handles.clear()
 
 
-def load_state_dict(path: str) -> tuple[dict, dict]:
+def load_state_dict(path: str, max_header: int = LORA_MAX_HEADER, max_entries: int = LORA_MAX_ENTRIES,
+                    kind: str = "LoRA") -> tuple[dict, dict]:
     """Whole small file (a LoRA) into memory, after validation. Returns (tensors, metadata)."""
-    header = read_header(path)
+    header = read_header(path, max_header, max_entries, kind)
     reader = TensorReader([header])
     try:
         return {k: reader.get(k) for k in header.tensors}, header.metadata
