@@ -151,6 +151,8 @@ CONTRACT = {
     "comfy.ldm.flux.model:Flux._forward": "what the DIFFUSION_MODEL wrapper wraps",
     "comfy.model_base:BaseModel.memory_required": "offload auto: activation estimate",
     "nodes:common_ksampler": "CPUOffloadSampler samples through it",
+    "comfy.ldm.modules.attention:wrap_attn": "calls transformer_options['optimized_attention_override']",
+    "comfy.ops:CastWeightBiasOp.comfy_cast_weights": "FP8LayerwiseCast turns on ComfyUI's own per-layer cast",
 }
 
 # Signatures the pack's wrappers, callbacks and calls depend on: "module:callable" -> every parameter
@@ -205,6 +207,10 @@ CALL_SITES = {
     "comfy.ldm.flux.model:Flux.forward": [
         ".execute(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)"],
     "comfy.model_patcher:ModelPatcher.detach": ["callback(self, unpatch_all)"],
+    # transformer_options["optimized_attention_override"] (runtime.set_attention, cuDNN SDPA): (func, *args, **kwargs)
+    "comfy.ldm.modules.attention:wrap_attn": [
+        '["optimized_attention_override"](func, *args, **kwargs)',
+        "optimized_attention_override(func, *args, **kwargs)"],
 }
 
 # ModelPatcher's instance fields in each supported ComfyUI. rebind() gives a patcher around another
@@ -224,7 +230,7 @@ PATCHER_FIELDS = [
 # Every ModelPatcher field the pack writes (all in this module); `optional` ones only where present.
 PATCHER_FIELDS_WRITTEN = ("size", "parent", "model", "backup", "object_patches_backup", "pinned", "hook_backup",
                           "cached_hook_patches", "is_injected")
-PATCHER_FIELDS_WRITTEN_OPTIONAL = ("backup_buffers", "cached_patcher_init", "clone_base_uuid")
+PATCHER_FIELDS_WRITTEN_OPTIONAL = ("backup_buffers", "cached_patcher_init", "clone_base_uuid", "is_multigpu_base_clone")
 
 # Dynamic VRAM (v0.33+), used only where present (feature checks in non_dynamic / fresh_non_dynamic_copy).
 DYNAMIC_CONTRACT = {
@@ -299,8 +305,7 @@ def fresh_non_dynamic_copy(patcher, node: str, why: str):
     if not _accepts(patcher.clone, "disable_dynamic") or getattr(patcher, "cached_patcher_init", None) is None:
         raise _no_plain_copy(node)
     out = patcher.clone(disable_dynamic=True)
-    out.parent = None  # its own model: no LoadedModel hand-over to the dynamic input
-    forget_reload_recipe(out)
+    new_identity(out)
     log.info("QuantLoRA %s: the input MODEL (%s) is under ComfyUI's dynamic VRAM; %s, so the output is a plain "
              "(non-dynamic) ModelPatcher on its own copy of the weights, placed the classic way.",
              node, type(patcher.model).__name__, why)
@@ -311,6 +316,20 @@ def fresh_non_dynamic_copy(patcher, node: str, why: str):
 # BaseModel fields ModelPatcher keeps its load state in (ModelPatcher.__init__/load/unpatch_model).
 BASE_MODEL_LOAD_FIELDS = ("device", "model_loaded_weight_memory", "model_offload_buffer_memory",
                           "lowvram_patch_counter", "model_lowvram", "current_weight_patches_uuid", "current_patcher")
+
+
+def new_identity(patcher) -> None:
+    """A patcher whose model is no longer its source's weights (a cast or private copy): not the
+    source's LoadedModel heir (parent), not its multi-GPU twin (clone_base_uuid), and no loader
+    recipe that would rebuild the source's weights (cached_patcher_init)."""
+    import uuid
+
+    patcher.parent = None
+    forget_reload_recipe(patcher)
+    if hasattr(patcher, "clone_base_uuid"):
+        patcher.clone_base_uuid = uuid.uuid4()
+    if hasattr(patcher, "is_multigpu_base_clone"):
+        patcher.is_multigpu_base_clone = False
 
 
 def forget_reload_recipe(patcher) -> None:
@@ -374,8 +393,6 @@ def rebind(src, new_base):
     with its own, empty bookkeeping: nothing loaded, no backups, no pins, not a clone of `src`.
     The output is a plain ModelPatcher even when `src` is dynamic. v0.33+: ModelPatcher.clone's
     model_override (what ComfyUI's get_non_dynamic_delegate uses); older: clone() and reset."""
-    import uuid
-
     _reset_load_state(new_base, src.offload_device)
     empty = ({}, {}, {}, set())  # backup, backup_buffers, object_patches_backup, pinned
     if _accepts(src.clone, "model_override"):
@@ -386,13 +403,10 @@ def rebind(src, new_base):
         p.backup, p.object_patches_backup, p.pinned = {}, {}, set()
         if hasattr(p, "backup_buffers"):
             p.backup_buffers = {}
-    p.parent = None
+    new_identity(p)
     p.size = 0
     p.hook_backup, p.cached_hook_patches = {}, {}
     p.is_injected = False
-    forget_reload_recipe(p)
-    if hasattr(p, "clone_base_uuid"):
-        p.clone_base_uuid = uuid.uuid4()  # other weights: not a multi-GPU twin of src
     p.model_size()
     return p
 

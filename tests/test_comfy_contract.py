@@ -151,6 +151,14 @@ def test_wrappers_accept_what_comfy_passes(door, name):
     sig.bind(object(), *names, some_future_argument=True)       # what a later release may add
 
 
+def test_attention_override_accepts_what_comfy_passes(door):
+    from quantlora.quant.attention import sdpa_override
+
+    sig = inspect.signature(sdpa_override)
+    sig.bind(object(), "q", "k", "v", 1, mask=None, skip_reshape=True, transformer_options={},
+             _inside_attn_wrapper=True, some_future_argument=1)
+
+
 def test_detach_callback_accepts_what_comfy_passes(door):
     from quantlora.nodes.offload_sampler_node import _on_detach
 

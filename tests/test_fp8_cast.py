@@ -6,7 +6,9 @@ Bounds used below (stated, then measured in the assertions):
 - the whole tiny Flux forward (fp32 compute): < 2% (e4m3fn), < 4% (e5m2) relative L2 error
   against the uncast model.
 - ComfyUI's UNETLoader Flux (hidden 3072, random weights, bf16 compute): < 10% (measured 7.3%:
-  random weights at that width put most of the output through the cast blocks).
+  random weights at that width put most of the output through the cast blocks). The same width is
+  the smallest Flux ComfyUI 0.3.75 loads, so there the whole-model bounds are < 10% (e4m3fn,
+  measured 7-8%) and < 16% (e5m2, measured 11-12%).
 - against the uncast model whose weights were rounded to fp8 by hand the cast model is exact up
   to summation order (< 1e-5 fp32; measured 0 in bf16): the upcast path is nothing but
   "fp8 storage, compute dtype math".
@@ -21,7 +23,8 @@ from quantlora.errors import QuantLoRAError
 from test_oracle_diffusers import comfy_forward, flux_inputs, rel
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
-BOUND_MODEL = {"float8_e4m3fn": 0.02, "float8_e5m2": 0.04}
+BOUND_MODEL_NARROW = {"float8_e4m3fn": 0.02, "float8_e5m2": 0.04}
+BOUND_MODEL_WIDE = {"float8_e4m3fn": 0.10, "float8_e5m2": 0.16}  # hidden 3072 (ComfyUI 0.3.75's smallest Flux)
 BOUND_LAYER = {"float8_e4m3fn": 0.04, "float8_e5m2": 0.08}
 
 
@@ -93,7 +96,7 @@ def test_plain_tree_cast_is_fp8_storage_plus_upcast():
 def flux_file(comfy, tmp_path_factory):
     from quantlora.tools import demo_models as dm
 
-    sd = dm.flux_bfl_state_dict(dm.TINY, seed=4, dtype=torch.float32)
+    sd = dm.flux_bfl_state_dict(tiny_cfg(), seed=4, dtype=torch.float32)
     return dm.write_bfl(str(tmp_path_factory.mktemp("fp8") / "flux.safetensors"), sd)
 
 
@@ -103,10 +106,16 @@ def load(path, quantization="none", dtype="fp32"):
     return load_flux_model_patcher(path, quantization, dtype)[0]
 
 
+def bound_model() -> dict:
+    return BOUND_MODEL_NARROW if tiny_cfg()["hidden_size"] <= 256 else BOUND_MODEL_WIDE
+
+
 def tiny_cfg():
+    """The smallest Flux the running ComfyUI's loader builds: hidden 128 (one head) on v0.33+;
+    hidden 3072 (24 heads, one block of each kind) on 0.3.75, which fixes the head count."""
     from quantlora.tools import demo_models as dm
 
-    return dm.TINY
+    return dm.demo_flux_config()
 
 
 @torch.no_grad()
@@ -126,7 +135,7 @@ def test_cast_model_close_to_uncast(flux_file, storage):
     for seed in (1, 2):
         inp = flux_inputs(tiny_cfg(), seed)
         errs.append(rel(comfy_forward(dm, inp), comfy_forward(src, inp)))
-    assert max(errs) < BOUND_MODEL[storage], (storage, errs)
+    assert max(errs) < bound_model()[storage], (storage, errs)
     # one layer on its own
     x = torch.randn(4, tiny_cfg()["hidden_size"])
     lin_src, lin = src.double_blocks[0].img_mlp[0], dm.double_blocks[0].img_mlp[0]
@@ -233,10 +242,10 @@ def test_lora_slots_on_fp8_equal_hand_merged(flux_file):
     inp = flux_inputs(tiny_cfg(), 5)
     out = comfy_forward(dm, inp)
     assert rel(out, comfy_forward(merged8, inp)) < 1e-5
-    assert rel(out, comfy_forward(merged, inp)) < BOUND_MODEL["float8_e4m3fn"]
+    assert rel(out, comfy_forward(merged, inp)) < bound_model()["float8_e4m3fn"]
     assert rel(out, comfy_forward(src, inp)) > 10 * rel(out, comfy_forward(merged, inp))  # the LoRA is really on
     state.deactivate()
-    assert rel(comfy_forward(dm, inp), comfy_forward(src, inp)) < BOUND_MODEL["float8_e4m3fn"]
+    assert rel(comfy_forward(dm, inp), comfy_forward(src, inp)) < bound_model()["float8_e4m3fn"]
 
 
 @pytest.mark.slow

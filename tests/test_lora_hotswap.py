@@ -12,12 +12,21 @@ from quantlora.errors import QuantLoRAError
 from test_lora_formats import GT_NAMES, IN_TXT, IN_VEC, encode, expected, make_pieces
 from test_oracle_diffusers import comfy_forward, flux_inputs, rel
 
-# ComfyUI (v0.33+) builds Flux with attention heads of 128 and derives the head count from the
-# width: hidden 128 is one head. The format tests' tables are at hidden 64; the LoRA files here are
-# written with the same tables at these widths (_at_model_dims).
-H, MLP = 128, 512
-CFG = dict(hidden_size=H, num_heads=1, depth=2, depth_single_blocks=2, context_in_dim=IN_TXT, vec_in_dim=IN_VEC,
-           in_channels=16, mlp_ratio=MLP / H, guidance_embed=True, qkv_bias=True)
+# The smallest Flux the running ComfyUI's own loader builds (set by the flux_file fixture): ComfyUI
+# v0.33+ builds heads of 128 and derives their count from the width, so hidden 128 is one head;
+# 0.3.75 fixes 24 heads of 128 (hidden 3072). The format tests' tables are at hidden 64; the LoRA
+# files here are written with the same tables at these widths (_at_model_dims).
+H = MLP = CFG = None
+
+
+def model_cfg() -> dict:
+    from quantlora.tools import demo_models as dm
+
+    h = dm.demo_flux_config()["hidden_size"]
+    return dict(hidden_size=h, num_heads=h // 128, depth=2, depth_single_blocks=2, context_in_dim=IN_TXT,
+                vec_in_dim=IN_VEC, in_channels=16, mlp_ratio=4.0, guidance_embed=True, qkv_bias=True)
+
+
 FORMAT_FILES = {"diffusers": ("transformer.", "A/B"), "kohya": ("", "down/up"), "bfl": ("diffusion_model.", "A/B"),
                 "xlabs": ("", "xlabs"), "onetrainer": ("", "down/up")}
 # final_layer.linear is left out: the format tests' tables give it another output width.
@@ -27,8 +36,11 @@ STRENGTH = 0.8
 
 @pytest.fixture(scope="module")
 def flux_file(comfy, tmp_path_factory):
+    global H, MLP, CFG
     from quantlora.tools import demo_models as dm
 
+    CFG = model_cfg()
+    H, MLP = CFG["hidden_size"], int(CFG["hidden_size"] * CFG["mlp_ratio"])
     sd = dm.flux_bfl_state_dict(CFG, seed=21, dtype=torch.float32)
     return dm.write_bfl(str(tmp_path_factory.mktemp("hs") / "flux.safetensors"), sd)
 
