@@ -153,6 +153,7 @@ CONTRACT = {
     "nodes:common_ksampler": "CPUOffloadSampler samples through it",
     "comfy.ldm.modules.attention:wrap_attn": "calls transformer_options['optimized_attention_override']",
     "comfy.ops:CastWeightBiasOp.comfy_cast_weights": "FP8LayerwiseCast turns on ComfyUI's own per-layer cast",
+    "comfy.ops:manual_cast": "the loader's other layers when the device computes in another dtype",
 }
 
 # Signatures the pack's wrappers, callbacks and calls depend on: "module:callable" -> every parameter
@@ -192,6 +193,9 @@ SIGNATURES = {
                                                ("model", "latent_image", "downscale_ratio_spacial",
                                                 "downscale_ratio_temporal")],
     "comfy.model_base:BaseModel.memory_required": [("self", "input_shape", "cond_shapes")],
+    # the loader's Linear receives its tensors here (nodes/quant_ops.py)
+    "comfy.ops:disable_weight_init.Linear._load_from_state_dict": [
+        ("self", "state_dict", "prefix", "local_metadata", "strict", "missing_keys", "unexpected_keys", "error_msgs")],
 }
 
 # How ComfyUI calls the pack's wrappers and callbacks: "module:function" -> the call in its source

@@ -211,7 +211,7 @@ def make_lora(dm, rank=4, seed=0):
 
 @torch.no_grad()
 def test_lora_slots_on_fp8_equal_hand_merged(flux_file):
-    from quantlora.lora.hotswap import HotswapState, attach_slots
+    from quantlora.lora.hotswap import attach_slots
     from quantlora.nodes import runtime
     from quantlora.nodes.fp8_cast_node import cast_model
     from quantlora.quant.fp8_cast import plan
