@@ -32,7 +32,7 @@ import _env  # noqa: E402
 SIZES = {
     "full": dict(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, latent=128, txt=512),
     "smoke": dict(hidden_size=3072, num_heads=24, depth=2, depth_single_blocks=4, latent=128, txt=512),
-    "tiny": dict(hidden_size=128, num_heads=4, depth=1, depth_single_blocks=2, latent=16, txt=8),
+    "tiny": dict(hidden_size=128, num_heads=1, depth=1, depth_single_blocks=2, latent=16, txt=8),  # heads of 128, as ComfyUI needs
 }
 GIB = 2 ** 30
 PROCESS_START = time.perf_counter()
@@ -76,14 +76,18 @@ class Bench:
 
         t0 = time.perf_counter()
         c = self.cfg
+        # v0.33 added a required FluxParams field (FLUX.1: no text position ids); 0.3.75 has none.
+        extra = {"txt_ids_dims": []} if "txt_ids_dims" in getattr(comfy.ldm.flux.model.FluxParams, "__dataclass_fields__", {}) else {}
         meta = comfy.ldm.flux.model.Flux(
             device="meta", operations=comfy.ops.disable_weight_init, in_channels=16, out_channels=16, vec_in_dim=768,
             context_in_dim=4096, hidden_size=c["hidden_size"], mlp_ratio=4.0, num_heads=c["num_heads"],
             depth=c["depth"], depth_single_blocks=c["depth_single_blocks"], axes_dim=_axes(c["hidden_size"] // c["num_heads"]),
-            theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+            theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, **extra)
         g = torch.Generator(device=self.dev).manual_seed(0)
         sd = {}
         for k, p in meta.state_dict().items():
+            if k.endswith(("query_norm.weight", "key_norm.weight")):  # v0.33's module names; files keep BFL's .scale
+                k = k[: -len("weight")] + "scale"
             std = 0.02 if k.endswith("weight") else (0.1 if k.endswith(".scale") else 0.01)
             t = torch.randn(p.shape, generator=g, device=self.dev, dtype=torch.float32) * std
             if k.endswith(".scale"):

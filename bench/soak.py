@@ -35,7 +35,7 @@ from bench_flux import GIB, log  # noqa: E402
 SIZES = {
     "full": dict(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38),
     "smoke": dict(hidden_size=3072, num_heads=24, depth=2, depth_single_blocks=4),
-    "tiny": dict(hidden_size=128, num_heads=4, depth=1, depth_single_blocks=2),
+    "tiny": dict(hidden_size=128, num_heads=1, depth=1, depth_single_blocks=2),  # heads of 128, as ComfyUI needs
 }
 A, B, C = "soak-a.safetensors", "soak-b.safetensors", "soak-c.safetensors"
 # Consecutive prompts always differ, so every prompt swaps.

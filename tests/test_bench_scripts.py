@@ -58,3 +58,90 @@ def test_soak_dry_run(tmp_path, compile_mode):
 def test_oom_check_dry_run(tmp_path):
     out = bench("oom_check.py", tmp_path)
     assert "dry run on cpu" in out and "skipped: needs a CUDA device" in out
+
+
+def _device_allowed() -> set[str]:
+    """Distributions a script may import on the GPU device: the image's, the carried wheels', and
+    what the image's own distributions require, transitively (the image brings those with them)."""
+    import importlib.metadata as md
+    import re
+
+    norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()  # noqa: E731
+    read = lambda f: [l.strip().split("==")[0] for l in open(os.path.join(ROOT, "bench", f)) if l.strip() and not l.startswith("#")]  # noqa: E731,E741
+    image, carried = {norm(n) for n in read("device-image.txt")}, {norm(n) for n in read("carry-wheels.txt")}
+    requires = {}
+    for d in md.distributions():
+        requires.setdefault(norm(d.metadata["Name"]), set()).update(
+            norm(re.split(r"[\s;<>=!~\[(]", req, maxsplit=1)[0]) for req in d.requires or () if "extra ==" not in req)
+    brought, todo = set(image), list(image)
+    while todo:  # what the image's distributions require, transitively (as installed here)
+        for r in requires.get(todo.pop(), ()):
+            if r not in brought:
+                brought.add(r)
+                todo.append(r)
+    return brought | carried
+
+
+def check_device_imports(log_path, stand_ins=("av",)):
+    """Every third-party module the script's processes imported maps to a distribution the device
+    has or a call carries (bench/device-image.txt, bench/carry-wheels.txt); issue 11: a device call
+    once found torchsde and PyAV missing. Modules the script replaces with stand-ins when absent are
+    named in stand_ins."""
+    import importlib.metadata as md
+    import re
+    import site
+
+    norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()  # noqa: E731
+    allowed = _device_allowed()
+    owners = md.packages_distributions()
+    roots = [os.path.realpath(p) for p in site.getsitepackages()]
+    missing = {}
+    for line in open(log_path):
+        name, _, where = line.rstrip("\n").partition("\t")
+        where = os.path.realpath(where.split(",")[0]) if where else ""
+        root = next((r for r in roots if where.startswith(r + os.sep)), None)
+        if root is None or name in stand_ins:
+            continue  # stdlib, the pack, the ComfyUI tree, the harness stand-ins, generated code
+        top = where[len(root) + 1:].split(os.sep)[0]  # a vendored module counts as its host package's
+        dists = owners.get(name) or owners.get(top.removesuffix(".py")) or [top]
+        if not any(norm(d) in allowed for d in dists):
+            missing[name] = dists
+    assert not missing, f"imported, but neither in the device image nor carried: {missing}"
+
+
+def test_comfy_peers_dry_run(tmp_path, monkeypatch):
+    """Both processes (dynamic VRAM 'on' runs with it off on a CPU), every section, the merged rows
+    and the on-vs-off comparison; and nothing imported that the device lacks."""
+    imports = tmp_path / "imports.txt"
+    monkeypatch.setenv("QUANTLORA_IMPORT_LOG", str(imports))
+    out = bench("comfy_peers.py", tmp_path, "--size", "tiny", "--fast-quant", "torchao-int8-weight-only",
+                "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2", "--switches", "2",
+                "--workdir", str(tmp_path / "work"), timeout=600)
+    assert "all done" in out
+    got = rows(tmp_path / "results-peers.json")
+    errors = {v: r for v, r in got.items() if "error" in r or "skipped" in r}
+    assert not errors, errors
+    for mode in ("on", "off"):
+        tag = f"v0.33 dynamic {mode}: "
+        assert got[tag + "ours bf16 eager"]["step_ratio"] == 1.0
+        for v in ("comfyui default", "comfyui fp8_e4m3fn_fast"):
+            assert len(got[tag + v]["switch_s"]) == 2 and got[tag + v]["step_lora_s"] > 0
+        slotted = got[tag + "ours torchao-int8-weight-only compile (regional) + slots r64 (none active)"]
+        assert len(slotted["switch_s"]) == 2 and slotted["recompiles"] == []
+        assert tag + "ours torchao-int8-weight-only compile (regional)" in got
+        assert got[tag + "graph bf16 -> FP8LayerwiseCast + LoRAHotswap + CPUOffloadSampler block (2 steps)"]["equal_to_none"]
+    assert "v0.33 dynamic off: comfyui fp8_e4m3fn_fast, each block compiled" in got
+    compared = {v: r for v, r in got.items() if v.startswith("on vs off: ")}
+    assert len(compared) >= 10 and all(r["equal"] for r in compared.values()), compared
+    check_device_imports(imports)
+
+
+def test_device_import_check_catches_a_missing_package(tmp_path):
+    import site
+
+    pkg = os.path.join(site.getsitepackages()[0], "av", "__init__.py")
+    log = tmp_path / "imports.txt"
+    log.write_text(f"av\t{pkg}\nnumpy\t{os.path.join(site.getsitepackages()[0], 'numpy', '__init__.py')}\n")
+    check_device_imports(log)  # av has a stand-in
+    with pytest.raises(AssertionError, match="av"):
+        check_device_imports(log, stand_ins=())

@@ -1,0 +1,711 @@
+"""ComfyUI v0.33's own Flux rows and the pack's, in the same processes, with dynamic VRAM on and off
+(issue 10, GPU part).
+
+Dynamic VRAM (comfy-aimdo) has to be initialised before torch touches CUDA, so each mode runs in its
+own process, set up as ComfyUI's main.py sets itself up (cuda_malloc's allocator choice, then
+comfy_aimdo.control.init, then after comfy.model_management: init_devices, ModelPatcherDynamic as the
+core patcher, memory_management.aimdo_enabled). The parent (--dynamic both, the default) runs
+`--dynamic on` then `--dynamic off` and merges their rows.
+
+Every figure samples through ComfyUI's machinery (comfy.sample.sample: KSampler, euler, cfg 1, the
+model's ModelPatcher loaded by load_models_gpu) at FLUX.1-dev shapes (--size full: 19 + 38 blocks,
+hidden 3072, 1024x1024 = 4096 image + 512 text tokens, batch 1) on seeded random weights
+(bench_flux's checkpoint, written once to --workdir and reused by both processes). One step's time is
+the CUDA-event interval between two sampler callbacks (median over the steps after the first).
+
+Rows, per process (`v0.33 dynamic on|off: ...`):
+- ours bf16 eager: the pack's loader (nodes.bridge.load_flux_model_patcher), the ratio baseline;
+  also its bare forward (bench_flux's way) for comparison with BENCHMARKS.md's 0.165 s.
+- comfyui <weight_dtype>: UNETLoader (comfy.sd.load_diffusion_model), steady s/step, first step after
+  the load, then LoraLoaderModelOnly switches to fresh rank-32 LoRAs: switch_s = apply (file read +
+  patches) + first step after it - steady step; step with a LoRA attached.
+- comfyui fp8_e4m3fn_fast, each block compiled (off only): ComfyUI's set_torch_compile_wrapper (what
+  its TorchCompileModel node uses) on every block, same measures.
+- ours torchao-fp8-dynamic compile (regional), then with rank-64 slots (none active) and LoRAHotswap
+  switches to the same fresh LoRAs (same switch_s definition), recompiles counted.
+- graph core (the example workflows' cores, 4 steps, seed 42): loader bnb-nf4 -> LoRAHotswap ->
+  KSampler; loader none -> FP8LayerwiseCast -> LoRAHotswap -> CPUOffloadSampler block. Latents saved;
+  the parent compares every run present in both processes: "on vs off: <run>" rows with
+  equal / max_abs_diff / rel_err.
+Memory, on every sampling row: torch's peak allocated, the device's used memory (mem_get_info, max
+over the steps, and before the load), what ComfyUI lists as loaded, and ModelPatcher load calls:
+with dynamic VRAM torch's allocator does not see the weights, so `used` is the figure that shows a
+double load.
+
+    python bench/comfy_peers.py --out $OUT/peers                     # both modes, full size, < 8.5 min
+    python bench/comfy_peers.py --dynamic on --size smoke ...       # one mode
+    python bench/comfy_peers.py --device cpu --size tiny ...        # the CPU dry run (dynamic VRAM is off on CPU)
+
+Import-only stand-ins are installed for PyAV (comfy_api's video types) when it is missing (the GPU
+image lacks it; nothing here decodes video). QUANTLORA_IMPORT_LOG=<file>: each process appends the
+top-level modules it imported (the CPU test checks them against the GPU image's packages).
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MODES = ("on", "off")
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:5.0f}s]", *a, flush=True)
+
+
+def _log_imports():
+    path = os.environ.get("QUANTLORA_IMPORT_LOG")
+    if not path:
+        return
+    with open(path, "a") as f:
+        for name in sorted({m.split(".")[0] for m in list(sys.modules)}):
+            mod = sys.modules.get(name)
+            where = getattr(mod, "__file__", None) or ",".join(getattr(getattr(mod, "__spec__", None), "submodule_search_locations", None) or [])
+            f.write(f"{name}\t{where or ''}\n")
+
+
+# ---------------------------------------------------------------- process set-up (main.py's order)
+def comfy_start(mode: str, cpu: bool) -> dict:
+    """ComfyUI's main.py start-up, as far as memory management goes. Returns what was enabled."""
+    comfy_dir = os.environ.get("QUANTLORA_COMFYUI") or os.path.join(ROOT, ".harness", "ComfyUI")
+    sys.path.insert(0, comfy_dir)
+    sys.path.insert(0, HERE)
+    import comfy.cli_args
+    from comfy.cli_args import args, enables_dynamic_vram
+
+    args.cpu = cpu
+    args.disable_dynamic_vram = mode == "off"
+    info = {"mode": mode}
+    try:
+        import cuda_malloc  # noqa: F401  (main.py: cudaMallocAsync on cu130 builds)
+    except ImportError:
+        pass
+    info["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    assert "torch" not in sys.modules, "torch imported before comfy-aimdo's init"
+    import comfy_aimdo.control
+
+    if enables_dynamic_vram():
+        headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
+        try:
+            comfy_aimdo.control.init(simple_vram_headroom=headroom, nvml_pressure=not args.disable_nvml_pressure)
+        except TypeError:
+            comfy_aimdo.control.init(simple_vram_headroom=headroom)
+    import _env
+
+    _env.setup(comfy_dir=comfy_dir, cpu=cpu)
+    _stub_av()
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    info["aimdo"] = False
+    if args.enable_dynamic_vram or (enables_dynamic_vram() and mm.is_nvidia()):
+        ok = comfy_aimdo.control.init_devices((d.index, int(args.vram_headroom * 1024 ** 3)) for d in mm.get_all_torch_devices())
+        if ok:
+            comfy_aimdo.control.set_log_warning()
+            comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+            comfy.memory_management.aimdo_enabled = True
+            info["aimdo"] = True
+    import comfyui_version
+
+    info["comfyui"] = comfyui_version.__version__
+    return info
+
+
+def _stub_av():
+    """PyAV is imported at module level by comfy_api's video types; the GPU image has none."""
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("av") is not None:
+        return
+    log("av is not installed: using an import-only stand-in")
+    for full, names in {"av": (), "av.container": ("InputContainer", "OutputContainer"), "av.subtitles": (),
+                        "av.subtitles.stream": ("SubtitleStream",), "av.video": (), "av.video.frame": ("VideoFrame",),
+                        "av.audio": (), "av.audio.frame": ("AudioFrame",)}.items():
+        mod = types.ModuleType(full)
+        mod.__path__ = []
+        mod.__spec__ = importlib.machinery.ModuleSpec(full, None, is_package=True)
+        for n in names:
+            setattr(mod, n, type(n, (), {}))
+        sys.modules[full] = mod
+        if "." in full:
+            parent, _, leaf = full.rpartition(".")
+            setattr(sys.modules[parent], leaf, mod)
+
+
+# ---------------------------------------------------------------- one mode, in its own process
+class Peers:
+    def __init__(self, args, info):
+        import torch
+        from bench_flux import GIB, Bench
+
+        self.torch, self.GIB = torch, GIB
+        self.args, self.info = args, info
+        self.cuda = args.device == "cuda"
+        self.tag = f"v0.33 dynamic {args.dynamic}"
+        bargs = argparse.Namespace(device=args.device, size=args.size, workdir=args.workdir, out=args.out,
+                                   repeats=5, attention="default", sections=["peers"])
+        self.b = Bench(bargs)  # checkpoint/LoRA writers and the bare-forward timing
+        self.rows = []
+        self.base_step = None
+        self.ref = None
+        self.latdir = os.path.join(args.workdir, f"latents-{args.size}-{args.dynamic}")
+        os.makedirs(self.latdir, exist_ok=True)
+        for f in os.listdir(self.latdir):
+            os.remove(os.path.join(self.latdir, f))
+        g = torch.Generator().manual_seed(7)
+        ctx, pooled = torch.randn(1, self.b.txt, 4096, generator=g), torch.randn(1, 768, generator=g)
+        self.pos = [[ctx, {"pooled_output": pooled, "guidance": 3.5}]]
+        self.neg = [[torch.zeros_like(ctx), {"pooled_output": torch.zeros_like(pooled), "guidance": 3.5}]]
+        self.latent = {"samples": torch.zeros(1, 16, self.b.latent, self.b.latent)}
+        self.loads = {"load": 0, "partially_load": 0}
+        self._count_loads()
+
+    # ---------- bookkeeping ----------
+    def left(self) -> float:
+        return self.args.deadline - time.time()
+
+    def row(self, variant, **r):
+        r = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+        r = {"variant": f"{self.tag}: {variant}", **r}
+        self.rows.append(r)
+        log(json.dumps(r))
+        self.flush()
+
+    def flush(self):
+        torch = self.torch
+        os.makedirs(self.args.out, exist_ok=True)
+        dev = torch.cuda.get_device_name(0) if self.cuda else "cpu"
+        with open(os.path.join(self.args.out, f"results-peers-{self.args.dynamic}.json"), "w") as f:
+            json.dump({"device": dev, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                       "size": self.args.size, "setup": self.info, "rows": self.rows}, f, indent=1)
+
+    def _count_loads(self):
+        import comfy.model_patcher as mp
+
+        for cls in {mp.ModelPatcher, getattr(mp, "ModelPatcherDynamic", mp.ModelPatcher)}:
+            for name in ("load", "partially_load"):
+                if name not in cls.__dict__:
+                    continue
+                orig = cls.__dict__[name]
+
+                def counting(*a, _orig=orig, _name=name, **k):
+                    self.loads[_name] += 1
+                    return _orig(*a, **k)
+
+                setattr(cls, name, counting)
+
+    def reset_peak(self):
+        try:
+            self.torch.cuda.reset_peak_memory_stats()
+        except Exception:  # an allocator backend without the statistics
+            pass
+
+    def peak(self) -> float | None:
+        """torch's peak allocated GiB since reset_peak (under dynamic VRAM the weights are not in it)."""
+        if not self.cuda:
+            return None
+        try:
+            return self.torch.cuda.max_memory_allocated() / self.GIB
+        except Exception:
+            return None
+
+    def used(self) -> float | None:
+        if not self.cuda:
+            return None
+        free, total = self.torch.cuda.mem_get_info()
+        return (total - free) / self.GIB
+
+    def nvidia_smi_used(self) -> float | None:
+        if not self.cuda:
+            return None
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout.split()
+            return round(float(out[0]) / 1024, 2)
+        except Exception:
+            return None
+
+    def comfy_listed(self) -> list:
+        import comfy.model_management as mm
+
+        out = []
+        for lm in mm.current_loaded_models:
+            m = lm.model
+            if m is None:
+                continue
+            try:
+                out.append([type(m).__name__, round(m.loaded_size() / self.GIB, 2), round(m.model_size() / self.GIB, 2)])
+            except Exception as e:
+                out.append([type(m).__name__, f"{type(e).__name__}"])
+        return out
+
+    def free(self):
+        import comfy.model_management as mm
+        import torch._dynamo
+
+        mm.unload_all_models()
+        gc.collect()
+        torch._dynamo.reset()
+        mm.soft_empty_cache()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+
+    def save(self, label, lat):
+        import re
+
+        self.torch.save(lat.cpu(), os.path.join(self.latdir, re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + ".pt"))
+
+    # ---------- sampling ----------
+    def sample(self, model, steps, seed=42, t_apply=None, label=None):
+        """ComfyUI's KSampler path (common_ksampler minus its preview callback). Returns a dict:
+        steady (median step after the first), first (apply/sampling start to the end of step 1),
+        latent, peak/used memory."""
+        import comfy.sample
+
+        torch = self.torch
+        lat = comfy.sample.fix_empty_latent_channels(model, self.latent["samples"])
+        noise = comfy.sample.prepare_noise(lat, seed)
+        ev, used = [], []
+        t_first = [None]
+
+        def cb(step, x0, x, total):
+            if self.cuda:
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                ev.append(e)
+                if step == 0:
+                    torch.cuda.synchronize()
+                if step in (0, total - 1):
+                    used.append(self.used())
+            else:
+                ev.append(time.perf_counter())
+            if step == 0:
+                t_first[0] = time.perf_counter()
+
+        if self.cuda:
+            self.reset_peak()
+        t0 = time.perf_counter() if t_apply is None else t_apply
+        with torch.no_grad():
+            out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", self.pos, self.neg, lat,
+                                      denoise=1.0, callback=cb, disable_pbar=True, seed=seed)
+        if self.cuda:
+            torch.cuda.synchronize()
+            d = [a.elapsed_time(b) / 1000 for a, b in zip(ev, ev[1:])]
+        else:
+            d = [b - a for a, b in zip(ev, ev[1:])]
+        steady = statistics.median(d[1:] if len(d) > 2 else d) if d else float("nan")
+        res = dict(steady=steady, first=t_first[0] - t0, latent=out,
+                   peak_alloc_gib=self.peak(),
+                   used_max_gib=max(u for u in used if u is not None) if any(u is not None for u in used) else None)
+        if label:
+            self.save(label, out)
+        return res
+
+    def rel(self, a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    # ---------- sections ----------
+    def section_ours_bf16(self):
+        from quantlora.nodes.bridge import load_flux_model_patcher
+
+        self.free()
+        before = self.used()
+        t0 = time.perf_counter()
+        p, rep = load_flux_model_patcher(self.b.path, "none", "bf16" if self.cuda else "fp32")
+        load_s = time.perf_counter() - t0
+        r = self.sample(p, self.args.steps, label="ours bf16 eager")
+        r2 = self.sample(p, self.args.steps)
+        steady = min(r["steady"], r2["steady"])
+        self.base_step, self.ref = steady, r["latent"]
+        # the bare forward, as bench_flux times it (comparable with BENCHMARKS.md's bf16 eager)
+        dm = p.model.diffusion_model
+        bare = None
+        try:
+            if self.cuda:
+                import comfy.model_management as mm
+
+                mm.load_models_gpu([p], force_full_load=True)
+            _, bare, _ = self.b.time_steps(dm, 5)
+        except Exception as e:
+            log(f"bare forward failed: {type(e).__name__}: {e}")
+        self.row("ours bf16 eager", step_s=steady, step_ratio=1.0, bare_forward_s=bare, load_s=load_s,
+                 first_step_s=r["first"], weights_gib=rep.weights_bytes / self.GIB, peak_alloc_gib=r["peak_alloc_gib"],
+                 used_before_gib=before, used_max_gib=r["used_max_gib"], nvidia_smi_used_gib=self.nvidia_smi_used(),
+                 comfy_listed=self.comfy_listed(), patcher=type(p).__name__, loads=dict(self.loads))
+        del p, dm
+        self.free()
+
+    def _switches(self, base, apply, name, first_run):
+        """Steady step of `base`, then switches to each fresh LoRA via apply(base, lora_name)."""
+        steady0 = first_run["steady"]
+        switch, steps_lora = [], []
+        for name_l in self.lora_names:
+            if self.left() < self.args.switch_budget:
+                log(f"{name}: time guard, {len(switch)} switches done")
+                break
+            if self.cuda:
+                self.torch.cuda.synchronize()
+            t = time.perf_counter()
+            m = apply(base, name_l)
+            r = self.sample(m, self.args.steps, t_apply=t, label=f"{name} + {name_l}" if name_l == self.lora_names[0] else None)
+            switch.append(r["first"] - steady0)
+            steps_lora.append(r["steady"])
+            del m
+        return switch, steps_lora
+
+    def section_comfy(self, weight_dtype, compiled=False):
+        import nodes
+
+        self.free()
+        loads0 = dict(self.loads)
+        before = self.used()
+        t0 = time.perf_counter()
+        p = nodes.UNETLoader().load_unet(os.path.basename(self.b.path), weight_dtype)[0]
+        load_s = time.perf_counter() - t0
+        name = f"comfyui {weight_dtype}"
+        if compiled:
+            from comfy_api.torch_helpers import set_torch_compile_wrapper
+            from comfy_extras.nodes_torch_compile import skip_torch_compile_dict
+
+            p = p.clone(disable_dynamic=True)
+            dm = p.model.diffusion_model
+            keys = [f"diffusion_model.double_blocks.{i}" for i in range(len(dm.double_blocks))] + \
+                   [f"diffusion_model.single_blocks.{i}" for i in range(len(dm.single_blocks))]
+            set_torch_compile_wrapper(model=p, backend="inductor", options={"guard_filter_fn": skip_torch_compile_dict}, keys=keys)
+            name += ", each block compiled"
+        r = self.sample(p, self.args.steps, t_apply=t0, label=name)
+        r2 = self.sample(p, self.args.steps)
+        r["steady"] = min(r["steady"], r2["steady"])
+        listed, used_loaded = self.comfy_listed(), self.used()
+        loader = nodes.LoraLoaderModelOnly()  # one node: it keeps the last file read, as in a graph
+        switch, steps_lora = self._switches(p, lambda m, n: loader.load_lora_model_only(m, n, 1.0)[0], name, r)
+        self.row(name, step_s=r["steady"], step_ratio=r["steady"] / self.base_step if self.base_step else None,
+                 load_s=load_s, load_to_first_step_s=r["first"], switch_s=switch,
+                 switch_s_median=statistics.median(switch) if switch else None,
+                 step_lora_s=statistics.median(steps_lora) if steps_lora else None,
+                 rel_err_vs_ours_bf16=self.rel(r["latent"], self.ref) if self.ref is not None else None,
+                 peak_alloc_gib=r["peak_alloc_gib"], used_before_gib=before, used_max_gib=r["used_max_gib"],
+                 used_loaded_gib=used_loaded, nvidia_smi_used_gib=self.nvidia_smi_used(), comfy_listed=listed,
+                 patcher=type(p).__name__, dynamic=bool(getattr(p, "is_dynamic", lambda: False)()),
+                 loads={k: self.loads[k] - loads0[k] for k in self.loads})
+        del p
+        self.free()
+
+    def section_ours_fp8(self, slots: bool):
+        """The example workflow (b)'s core: QuantizedFluxLoader(fp8 dynamic, lora_max_rank 64 or 0, compile
+        regional) -> [LoRAHotswap] -> KSampler. Slots come before the compile (the loader's lora_max_rank),
+        so swaps should never recompile; recompiles are counted (torch._dynamo's error_on_recompile)."""
+        import torch._dynamo
+
+        from quantlora.nodes import runtime
+        from quantlora.nodes.hotswap_node import LoRAHotswap
+        from quantlora.nodes.loader_node import QuantizedFluxLoader
+
+        self.free()
+        q = self.args.fast_quant
+        loads0 = dict(self.loads)
+        before = self.used()
+        t0 = time.perf_counter()
+        p = QuantizedFluxLoader.execute(os.path.basename(self.b.path), q, "auto", lora_max_rank=64 if slots else 0,
+                                        compile="regional").args[0]
+        load_s = time.perf_counter() - t0
+        rep = p.model_options.get("quantlora", {}).get("report")
+        name = f"ours {q} compile (regional)" + (" + slots r64" if slots else "")
+        r = self.sample(p, self.args.steps, t_apply=t0, label=name + (" (none active)" if slots else ""))
+        r2 = self.sample(p, self.args.steps)
+        r["steady"] = min(r["steady"], r2["steady"])
+        listed, used_loaded = self.comfy_listed(), self.used()
+        switch, steps_lora, recompiles = [], [], []
+        if slots:
+            def apply(base, lora_name):
+                return LoRAHotswap.execute(base, lora_name, 1.0, 64, "blocks").args[0]
+
+            torch._dynamo.config.error_on_recompile = True
+            try:
+                switch, steps_lora = self._switches(p, apply, name, r)
+            except Exception as e:  # error_on_recompile raises on any recompile: measure again without it
+                if "recompil" not in str(e).lower():
+                    raise
+                recompiles.append(str(e)[:300])
+                log(f"recompile: {str(e)[:300]}")
+                torch._dynamo.config.error_on_recompile = False
+                switch, steps_lora = self._switches(p, apply, name, r)
+            finally:
+                torch._dynamo.config.error_on_recompile = False
+        self.row(name + (" (none active)" if slots else ""), step_s=r["steady"],
+                 step_ratio=r["steady"] / self.base_step if self.base_step else None,
+                 load_s=load_s, load_to_first_step_s=r["first"],
+                 weights_gib=rep.weights_bytes / self.GIB if rep is not None else None,
+                 switch_s=switch or None, switch_s_median=statistics.median(switch) if switch else None,
+                 step_lora_s=statistics.median(steps_lora) if steps_lora else None,
+                 step_lora_ratio=statistics.median(steps_lora) / self.base_step if steps_lora and self.base_step else None,
+                 recompiles=recompiles if slots else None,
+                 rel_err_vs_ours_bf16=self.rel(r["latent"], self.ref) if self.ref is not None else None,
+                 peak_alloc_gib=r["peak_alloc_gib"], used_before_gib=before, used_max_gib=r["used_max_gib"],
+                 used_loaded_gib=used_loaded, nvidia_smi_used_gib=self.nvidia_smi_used(), comfy_listed=listed,
+                 patcher=type(p).__name__, loads={k: self.loads[k] - loads0[k] for k in self.loads},
+                 lora_stats=runtime.stats() if slots else None)
+        del p
+        self.free()
+
+    def section_graph(self):
+        """The example workflows' cores through the pack's nodes, fixed seed: latents kept for on vs off."""
+        import nodes
+
+        from quantlora.nodes import offload_sampler_node as off_node
+        from quantlora.nodes.fp8_cast_node import cast_model
+        from quantlora.nodes.hotswap_node import LoRAHotswap
+        from quantlora.nodes.loader_node import QuantizedFluxLoader
+
+        flux, lora = os.path.basename(self.b.path), self.lora_names[0]
+        steps = self.args.graph_steps
+        # (a) NF4 + LoRA: QuantizedFluxLoader -> LoRAHotswap -> KSampler
+        self.free()
+        loads0, before = dict(self.loads), self.used()
+        if self.cuda:
+            self.reset_peak()
+        t0 = time.perf_counter()
+        m = QuantizedFluxLoader.execute(flux, self.args.graph_quant, "auto").args[0]
+        m = LoRAHotswap.execute(m, lora, 1.0, 64, "blocks").args[0]
+        lat = nodes.common_ksampler(m, 42, steps, 1.0, "euler", "simple", self.pos, self.neg, self.latent)[0]["samples"]
+        self.save(f"graph {self.args.graph_quant} + LoRAHotswap + KSampler", lat)
+        self.row(f"graph {self.args.graph_quant} + LoRAHotswap + KSampler ({steps} steps)", wall_s=time.perf_counter() - t0,
+                 peak_alloc_gib=self.peak(),
+                 used_before_gib=before, used_after_gib=self.used(), nvidia_smi_used_gib=self.nvidia_smi_used(),
+                 comfy_listed=self.comfy_listed(), patcher=type(m).__name__,
+                 loads={k: self.loads[k] - loads0[k] for k in self.loads}, finite=bool(self.torch.isfinite(lat).all()))
+        del m
+        self.free()
+        # (c) bf16 -> FP8LayerwiseCast -> LoRAHotswap -> CPUOffloadSampler (none, then block)
+        loads0, before = dict(self.loads), self.used()
+        t0 = time.perf_counter()
+        m = QuantizedFluxLoader.execute(flux, "none", "auto").args[0]
+        m8, msg = cast_model(m, "float8_e4m3fn", "auto")
+        del m
+        cast_s = time.perf_counter() - t0
+        m8 = LoRAHotswap.execute(m8, lora, 1.0, 64, "blocks").args[0]
+        lats = {}
+        for mode in ("none", "block"):
+            if self.cuda:
+                self.reset_peak()
+            loads_m = dict(self.loads)
+            t = time.perf_counter()
+            lat, text = off_node.sample(m8, 42, steps, 1.0, "euler", "simple", self.pos, self.neg, self.latent, 1.0, mode, 1, 0.0)
+            lats[mode] = lat["samples"]
+            label = f"graph bf16 -> FP8LayerwiseCast + LoRAHotswap + CPUOffloadSampler {mode}"
+            self.save(label, lats[mode])
+            self.row(f"{label} ({steps} steps)", wall_s=time.perf_counter() - t, cast_s=cast_s if mode == "none" else None,
+                     cast_msg=msg if mode == "none" else None, text=text,
+                     peak_alloc_gib=self.peak(),
+                     used_before_gib=before, used_after_gib=self.used(), nvidia_smi_used_gib=self.nvidia_smi_used(),
+                     comfy_listed=self.comfy_listed(), loads={k: self.loads[k] - loads_m[k] for k in self.loads},
+                     equal_to_none=bool(self.torch.equal(lats[mode], lats["none"])),
+                     finite=bool(self.torch.isfinite(lats[mode]).all()))
+            if mode == "none":
+                self.free()
+        del m8
+        self.free()
+
+    def prepare(self):
+        """The seeded checkpoint (bf16, ~22 GiB at full size) and the rank-32 LoRAs, written once."""
+        t = time.perf_counter()
+        self.b.write_checkpoint()
+        import folder_paths
+
+        folder_paths.add_model_folder_path("diffusion_models", self.args.workdir)
+        folder_paths.add_model_folder_path("loras", self.args.workdir)
+        self.lora_names = [os.path.basename(self.b.write_lora(32, seed=s)) for s in range(101, 101 + self.args.switches)]
+        log(f"model and {len(self.lora_names)} LoRAs ready in {time.perf_counter() - t:.0f} s")
+
+    def run(self):
+        self.prepare()
+        off = self.args.dynamic == "off" or not self.info.get("aimdo")
+        # In priority order: the time guard skips from the end. Estimates are full-size seconds.
+        plan = [("ours_bf16", self.section_ours_bf16, 20),
+                ("comfy fp8_e4m3fn_fast", lambda: self.section_comfy("fp8_e4m3fn_fast"), 45 if off else 35),
+                ("comfy default", lambda: self.section_comfy("default"), 45 if off else 35)]
+        if off:
+            plan.append(("comfy fp8_e4m3fn_fast compiled", lambda: self.section_comfy("fp8_e4m3fn_fast", compiled=True), 45))
+        plan += [("ours fp8 compile + slots", lambda: self.section_ours_fp8(True), 40),
+                 ("graph", self.section_graph, 45),
+                 ("ours fp8 compile, no slots", lambda: self.section_ours_fp8(False), 25)]
+        only = [s for s in self.args.sections.split(",") if s]
+        for name, fn, est in plan:
+            if only and not any(name.startswith(s) for s in only):
+                continue
+            est = est if self.args.size == "full" else est / 4
+            if self.left() < est:
+                self.row(name, skipped=f"time guard: {self.left():.0f} s left, section needs ~{est:.0f} s")
+                continue
+            log(f"=== {name} ({self.left():.0f} s left)")
+            t = time.perf_counter()
+            try:
+                fn()
+            except Exception as e:  # one section failing must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                self.row(name, error=f"{type(e).__name__}: {str(e)[:400]}")
+                self.torch._dynamo.config.error_on_recompile = False
+                try:
+                    self.free()
+                except Exception:
+                    pass
+            log(f"=== {name} took {time.perf_counter() - t:.0f} s")
+        self.flush()
+
+
+def child(args):
+    info = comfy_start(args.dynamic, cpu=args.device == "cpu")
+    import torch
+
+    info.update(torch=torch.__version__, device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu")
+    log(f"dynamic {args.dynamic}: {json.dumps(info)}")
+    p = Peers(args, info)
+    if args.prepare_only:
+        p.prepare()
+        return
+    p.run()
+    log(f"dynamic {args.dynamic}: done")
+
+
+# ---------------------------------------------------------------- parent: both modes, merged
+def compare(args) -> list[dict]:
+    import torch
+
+    dirs = {m: os.path.join(args.workdir, f"latents-{args.size}-{m}") for m in MODES}
+    rows = []
+    if not all(os.path.isdir(d) for d in dirs.values()):
+        return rows
+    common = sorted(set(os.listdir(dirs["on"])) & set(os.listdir(dirs["off"])))
+    for f in common:
+        a, b = (torch.load(os.path.join(dirs[m], f)) for m in MODES)
+        diff = (a.float() - b.float())
+        rows.append({"variant": f"on vs off: {f[:-3]}", "equal": bool(torch.equal(a, b)),
+                     "max_abs_diff": round(diff.abs().max().item(), 6),
+                     "rel_err": round((diff.norm() / b.float().norm().clamp_min(1e-30)).item(), 6),
+                     "finite": bool(torch.isfinite(a).all() and torch.isfinite(b).all())})
+    return rows
+
+
+def parent(args, argv):
+    deadline = T0 + args.budget
+    merged, setups = [], {}
+    modes = MODES if args.dynamic == "both" else (args.dynamic,)
+
+    def run_child(extra, until, what):
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra, "--deadline", str(until)]
+        log(f"--- {what}: {' '.join(cmd[1:])}")
+        try:
+            rc = subprocess.run(cmd, timeout=max(30.0, until - time.time() + args.grace)).returncode
+        except subprocess.TimeoutExpired:
+            rc = "killed at the time limit"
+        log(f"--- {what}: exit {rc} ({time.time() - T0:.0f} s since start)")
+        return rc
+
+    import shutil
+
+    for mode in MODES:  # nothing stale from an earlier run in the same folders
+        shutil.rmtree(os.path.join(args.workdir, f"latents-{args.size}-{mode}"), ignore_errors=True)
+        if os.path.exists(os.path.join(args.out, f"results-peers-{mode}.json")):
+            os.remove(os.path.join(args.out, f"results-peers-{mode}.json"))
+    # The checkpoint and LoRAs first, in a process of their own, so the modes share the time left fairly.
+    rc = run_child(["--dynamic", "off", "--prepare-only"], deadline, "writing the model and LoRAs")
+    if rc != 0:
+        merged.append({"variant": "prepare: model and LoRAs", "error": f"exit {rc}"})
+    for i, mode in enumerate(modes):
+        until = time.time() + (deadline - time.time()) * (args.on_share if len(modes) == 2 and i == 0 else 1.0)
+        rc = run_child(["--dynamic", mode], until, f"dynamic {mode}")
+        path = os.path.join(args.out, f"results-peers-{mode}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                d_ = json.load(f)
+            merged += d_["rows"]
+            setups[mode] = d_.get("setup")
+        if rc != 0:
+            merged.append({"variant": f"v0.33 dynamic {mode}: process", "error": f"exit {rc}"})
+    merged += compare(args)
+    out = {"device": "cpu", "date": datetime.date.today().isoformat(), "size": args.size, "setup": setups, "rows": merged}
+    for mode in modes:
+        p = os.path.join(args.out, f"results-peers-{mode}.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                d_ = json.load(f)
+            out.update(device=d_["device"], torch=d_["torch"])
+    with open(os.path.join(args.out, "results-peers.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    summary(merged)
+    log(f"all done in {time.time() - T0:.0f} s")
+
+
+def summary(rows):
+    keys = ("step_s", "step_ratio", "switch_s_median", "step_lora_s", "load_to_first_step_s", "used_max_gib", "equal",
+            "rel_err", "error", "skipped")
+    print("\n| variant | " + " | ".join(keys) + " |", flush=True)
+    for r in rows:
+        vals = []
+        for k in keys:
+            v = r.get(k, "")
+            vals.append(str(v)[:60])
+        print(f"| {r['variant'][:90]} | " + " | ".join(vals) + " |", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dynamic", default="both", choices=("both", *MODES))
+    ap.add_argument("--size", default="full", choices=("full", "smoke", "tiny"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--workdir", default="/tmp/quantlora-bench")
+    ap.add_argument("--steps", type=int, default=6, help="sampler steps per timed run")
+    ap.add_argument("--graph-steps", type=int, default=4)
+    ap.add_argument("--graph-quant", default="bnb-nf4")
+    ap.add_argument("--fast-quant", default="torchao-fp8-dynamic")
+    ap.add_argument("--switches", type=int, default=3, help="LoRA switches per model (each to a fresh rank-32 file)")
+    ap.add_argument("--switch-budget", type=float, default=12.0, help="seconds left below which no more switches start")
+    ap.add_argument("--sections", default="", help="comma-separated name prefixes (default: all)")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for everything; sections that do not fit are skipped")
+    ap.add_argument("--on-share", type=float, default=0.47, help="share of the time left after the model is written for 'on'")
+    ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--grace", type=float, default=25.0, help="seconds past a process's deadline before it is killed")
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    atexit.register(_log_imports)
+    if args.dynamic == "both":
+        argv = []
+        skip = False
+        for a in sys.argv[1:]:
+            if skip:
+                skip = False
+                continue
+            if a in ("--dynamic", "--deadline", "--on-share", "--budget", "--grace"):
+                skip = True
+                continue
+            if a.startswith(("--dynamic=", "--deadline=", "--on-share=", "--budget=", "--grace=")):
+                continue
+            argv.append(a)
+        os.makedirs(args.out, exist_ok=True)
+        parent(args, argv)
+    else:
+        if args.deadline is None:
+            args.deadline = T0 + args.budget
+        if args.device == "cpu" and args.dynamic == "on":
+            log("dynamic VRAM needs CUDA: this 'on' process runs with it off (a dry run of the code path)")
+        child(args)
+
+
+if __name__ == "__main__":
+    main()
