@@ -23,7 +23,7 @@ from ..quant.safetensors_io import TensorReader
 from ..quant.sizes import module_bytes
 from ..quant.sources import open_source
 from . import comfy_door
-from .quant_ops import operations_for
+from .quant_ops import loading_with, operations_for
 
 log = logging.getLogger("quantlora")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,13 +70,14 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     backend = require_backend(quantization, load_device)
     n_linears = sum(1 for k, s in src.shapes().items() if k.endswith(".weight") and len(s) == 2)
     loader = LayerLoader(backend, dtype, load_device, src.name, n_linears, progress)
-    ops = operations_for(loader, cast=mm.unet_manual_cast(dtype, load_device) is not None)
+    ops = operations_for(cast=mm.unet_manual_cast(dtype, load_device) is not None)
     model_options = {"dtype": dtype, "custom_operations": ops}
 
     failed = patcher = None
     sd = _state_dict(src)
     try:
-        patcher = comfy_door.load_diffusion_model_state_dict(sd, model_options, _metadata(src))
+        with loading_with(loader):
+            patcher = comfy_door.load_diffusion_model_state_dict(sd, model_options, _metadata(src))
     except torch.OutOfMemoryError as e:
         failed = oom.detail(e)
     except QuantLoRAError:
