@@ -4,7 +4,7 @@
 #   1. the whole suite on ComfyUI v0.33.0 (.harness/ComfyUI, the primary harness: what users run);
 #   2. the server layer on ComfyUI 0.3.75 (.harness/ComfyUI-0.3.75, the oldest supported version):
 #      the files in OLD_COMFY_TESTS below (loader, LoRA, offload and the pack's routes through a real
-#      server), run with QUANTLORA_COMFYUI pointing at that tree.
+#      server) less OLD_COMFY_DESELECT, run with QUANTLORA_COMFYUI pointing at that tree (about 3 min).
 # Extra arguments go to pass 1 (e.g. scripts/test.sh tests/test_server_errors.py -x); pass 2 then
 # runs only with QUANTLORA_OLD_COMFY_PASS=1. QUANTLORA_OLD_COMFY_PASS=0 skips it always.
 # Exit status: 0 when both passes pass; else pass 1's pytest status if it failed, else pass 2's.
@@ -21,6 +21,11 @@ OLD_COMFY_TESTS=(
   tests/test_server_lora.py
   tests/test_server_offload.py
   tests/test_routes_contract.py
+)
+# Left out there: twelve fresh loads of 0.3.75's smallest Flux (hidden 3072) took 150 s on 2 cores; the
+# same equality runs on v0.33 in pass 1, and the other LoRA server tests run in both passes.
+OLD_COMFY_DESELECT=(
+  tests/test_server_lora.py::test_alternating_loras_equal_fresh_loads
 )
 cd "$ROOT"
 
@@ -53,7 +58,7 @@ describe() {  # pytest exit status -> words
 
 start=$(date +%s)
 echo "========== pass 1: the whole suite on ComfyUI $V1 ($COMFY) =========="
-QUANTLORA_COMFYUI="$COMFY" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" "$@"
+QUANTLORA_COMFYUI="$COMFY" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" --durations=15 "$@"
 rc1=$?
 took1=$(( $(date +%s) - start ))
 
@@ -64,8 +69,8 @@ took2=0
 if [ "$run_old" = "1" ]; then
   start2=$(date +%s)
   echo "========== pass 2: the server layer on ComfyUI $V2 ($COMFY_OLD) =========="
-  QUANTLORA_COMFYUI="$COMFY_OLD" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" -m "not browser" \
-    "${OLD_COMFY_TESTS[@]}"
+  QUANTLORA_COMFYUI="$COMFY_OLD" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" --durations=10 -m "not browser" \
+    "${OLD_COMFY_TESTS[@]}" "${OLD_COMFY_DESELECT[@]/#/--deselect=}"
   rc2=$?
   took2=$(( $(date +%s) - start2 ))
 fi
