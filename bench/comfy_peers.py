@@ -123,7 +123,10 @@ def comfy_start(mode: str, cpu: bool) -> dict:
 
 
 def _stub_av():
-    """PyAV is imported at module level by comfy_api's video types; the GPU image has none."""
+    """PyAV is imported at module level by comfy_api's video types; the GPU image has none. Any
+    `av` / `av.*` module is an import-only stand-in whose names are placeholder classes (any
+    attribute of which is one too, for enum members read at import)."""
+    import importlib.abc
     import importlib.machinery
     import importlib.util
     import types
@@ -131,18 +134,29 @@ def _stub_av():
     if importlib.util.find_spec("av") is not None:
         return
     log("av is not installed: using an import-only stand-in")
-    for full, names in {"av": (), "av.container": ("InputContainer", "OutputContainer"), "av.subtitles": (),
-                        "av.subtitles.stream": ("SubtitleStream",), "av.video": (), "av.video.frame": ("VideoFrame",),
-                        "av.audio": (), "av.audio.frame": ("AudioFrame",)}.items():
-        mod = types.ModuleType(full)
-        mod.__path__ = []
-        mod.__spec__ = importlib.machinery.ModuleSpec(full, None, is_package=True)
-        for n in names:
-            setattr(mod, n, type(n, (), {}))
-        sys.modules[full] = mod
-        if "." in full:
-            parent, _, leaf = full.rpartition(".")
-            setattr(sys.modules[parent], leaf, mod)
+
+    class _AnyMeta(type):
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _AnyMeta(name, (), {})
+
+    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == "av" or fullname.startswith("av."):
+                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            mod = types.ModuleType(spec.name)
+            mod.__path__ = []
+            mod.__getattr__ = lambda name: _AnyMeta(name, (), {}) if not name.startswith("__") else (_ for _ in ()).throw(AttributeError(name))
+            return mod
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, _Finder())
 
 
 # ---------------------------------------------------------------- one mode, in its own process
