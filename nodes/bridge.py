@@ -103,5 +103,6 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     report = LoadReport(src.path, layout, quantization, str(dtype).replace("torch.", ""),
                         sorted(set(src.dtypes().values())), loader.elapsed(), module_bytes(dm),
                         loader.quantized)
+    comfy_door.set_true_size(patcher, module_bytes(patcher.model))
     patcher.model_options.setdefault("quantlora", {})["report"] = report
     return patcher, report

@@ -83,3 +83,16 @@ def test_unrunnable_backend_names_reason_and_choices(tiny_file):
         load_flux_model_patcher(tiny_file[1], "torchao-fp8-dynamic", "fp32")
     msg = str(e.value)
     assert "torchao-fp8-dynamic" in msg and "compute capability 8.9" in msg and "bnb-nf4" in msg
+
+
+def test_comfyui_sees_the_bytes_really_held(tiny_file):
+    """ComfyUI's model_size() would count 8-bit tensor subclasses at their bf16 size; the loader tells
+    it the bytes the model holds, so ComfyUI frees only what is needed."""
+    from quantlora.nodes.bridge import load_flux_model_patcher
+    from quantlora.quant.sizes import module_bytes
+
+    bf, _ = load_flux_model_patcher(tiny_file[1], "none", "fp32")
+    q, _ = load_flux_model_patcher(tiny_file[1], "torchao-int8-weight-only", "fp32")
+    assert q.model_size() == module_bytes(q.model) and bf.model_size() == module_bytes(bf.model)
+    assert q.model_size() < 0.5 * bf.model_size()
+    assert q.clone().model_size() == q.model_size()
