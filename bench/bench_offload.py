@@ -31,7 +31,6 @@ import os
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -276,36 +275,6 @@ class OffloadBench(Bench):
             self.unload()
 
 
-def _stub_missing():
-    """GPU images may lack two packages ComfyUI imports at module level but this bench never uses:
-    PyAV (comfy_api's video types) and torchsde (k-diffusion's Brownian-tree samplers; the bench
-    samples with euler). Stand-ins for the names imported let the modules load."""
-    import importlib.machinery
-    import importlib.util
-
-    import diffusers.utils.import_utils  # noqa: F401  (let diffusers see the real state first)
-
-    stubs = {"av": {"": (), "container": ("InputContainer", "OutputContainer"), "subtitles": (),
-                    "subtitles.stream": ("SubtitleStream",), "video": (), "video.frame": ("VideoFrame",),
-                    "audio": (), "audio.frame": ("AudioFrame",)},
-             "torchsde": {"": ("BrownianTree",)}}
-    for pkg, subs in stubs.items():
-        if importlib.util.find_spec(pkg) is not None:
-            continue
-        log(f"{pkg} is not installed: using an import-only stand-in")
-        for sub, names in subs.items():
-            full = f"{pkg}.{sub}" if sub else pkg
-            mod = types.ModuleType(full)
-            mod.__path__ = []
-            mod.__spec__ = importlib.machinery.ModuleSpec(full, None, is_package=True)
-            for n in names:
-                setattr(mod, n, type(n, (), {}))
-            sys.modules[full] = mod
-            if sub:
-                parent, _, leaf = full.rpartition(".")
-                setattr(sys.modules[parent], leaf, mod)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="full", choices=SIZES)
@@ -324,8 +293,7 @@ def main():
     args.variants = args.variants.split(",")
     args.modes = [m for m in args.modes.split(",") if m]
     args.attention = "default"  # read by bench_flux.Bench where it has that option
-    _env.setup(cpu=args.device == "cpu")
-    _stub_missing()
+    _env.setup(cpu=args.device == "cpu")  # also PyAV's stand-in (the device image has none)
     from quantlora.nodes.fp8_cast_node import cast_model
 
     t_start = time.perf_counter()

@@ -36,14 +36,12 @@ double load.
     python bench/comfy_peers.py --dynamic on --size smoke ...       # one mode
     python bench/comfy_peers.py --device cpu --size tiny ...        # the CPU dry run (dynamic VRAM is off on CPU)
 
-Import-only stand-ins are installed for PyAV (comfy_api's video types) when it is missing (the GPU
-image lacks it; nothing here decodes video). QUANTLORA_IMPORT_LOG=<file>: each process appends the
-top-level modules it imported (the CPU test checks them against the GPU image's packages).
+bench/_env.py installs an import-only stand-in for PyAV (comfy_api's video types; the GPU image lacks
+it, nothing here decodes video) and, with QUANTLORA_IMPORT_LOG=<file>, logs each process's imports.
 """
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime
 import gc
 import json
@@ -57,21 +55,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODES = ("on", "off")
 T0 = time.time()
+sys.path.insert(0, HERE)
+import _env  # noqa: E402  (imports nothing heavy: torch must wait for comfy-aimdo's init; logs imports at exit)
 
 
 def log(*a):
     print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:5.0f}s]", *a, flush=True)
-
-
-def _log_imports():
-    path = os.environ.get("QUANTLORA_IMPORT_LOG")
-    if not path:
-        return
-    with open(path, "a") as f:
-        for name in sorted({m.split(".")[0] for m in list(sys.modules)}):
-            mod = sys.modules.get(name)
-            where = getattr(mod, "__file__", None) or ",".join(getattr(getattr(mod, "__spec__", None), "submodule_search_locations", None) or [])
-            f.write(f"{name}\t{where or ''}\n")
 
 
 # ---------------------------------------------------------------- process set-up (main.py's order)
@@ -100,10 +89,7 @@ def comfy_start(mode: str, cpu: bool) -> dict:
             comfy_aimdo.control.init(simple_vram_headroom=headroom, nvml_pressure=not args.disable_nvml_pressure)
         except TypeError:
             comfy_aimdo.control.init(simple_vram_headroom=headroom)
-    import _env
-
-    _env.setup(comfy_dir=comfy_dir, cpu=cpu)
-    _stub_av()
+    _env.setup(comfy_dir=comfy_dir, cpu=cpu)  # also PyAV's stand-in (the device image has none)
     import comfy.memory_management
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -120,43 +106,6 @@ def comfy_start(mode: str, cpu: bool) -> dict:
 
     info["comfyui"] = comfyui_version.__version__
     return info
-
-
-def _stub_av():
-    """PyAV is imported at module level by comfy_api's video types; the GPU image has none. Any
-    `av` / `av.*` module is an import-only stand-in whose names are placeholder classes (any
-    attribute of which is one too, for enum members read at import)."""
-    import importlib.abc
-    import importlib.machinery
-    import importlib.util
-    import types
-
-    if importlib.util.find_spec("av") is not None:
-        return
-    log("av is not installed: using an import-only stand-in")
-
-    class _AnyMeta(type):
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return _AnyMeta(name, (), {})
-
-    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == "av" or fullname.startswith("av."):
-                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            mod = types.ModuleType(spec.name)
-            mod.__path__ = []
-            mod.__getattr__ = lambda name: _AnyMeta(name, (), {}) if not name.startswith("__") else (_ for _ in ()).throw(AttributeError(name))
-            return mod
-
-        def exec_module(self, module):
-            pass
-
-    sys.meta_path.insert(0, _Finder())
 
 
 # ---------------------------------------------------------------- one mode, in its own process
@@ -697,7 +646,6 @@ def main():
     ap.add_argument("--grace", type=float, default=25.0, help="seconds past a process's deadline before it is killed")
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    atexit.register(_log_imports)
     if args.dynamic == "both":
         argv = []
         skip = False

@@ -1,7 +1,12 @@
 """The GPU scripts under bench/ run end to end on CPU at tiny size, so a device call (scarce: 30
 minutes a session) never finds them broken. Each runs in a subprocess, as on the device, and
 writes the rows bench/report.py reads; the soak's own checks (outputs equal fresh loads, no
-recompile, bounded memory) must pass here too."""
+recompile, bounded memory) must pass here too.
+
+Every dry run logs its processes' imports (QUANTLORA_IMPORT_LOG) and runs with the device's stand-ins
+forced (QUANTLORA_FORCE_STANDINS=1: PyAV is installed here, not on the device, and its real package
+once hid a stand-in that failed there), then check_device_imports fails it on anything imported that
+the device image lacks and a device call does not carry (issue 11)."""
 import json
 import os
 import subprocess
@@ -13,10 +18,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench(script, out, *args, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    """Runs bench/<script> on CPU as the device would import it (stand-ins forced), then checks what
+    its processes imported against the device image and the carry."""
+    imports = os.path.join(str(out), "imports.txt")
+    if os.path.exists(imports):
+        os.remove(imports)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", QUANTLORA_IMPORT_LOG=imports, QUANTLORA_FORCE_STANDINS="1")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--device", "cpu", "--out", str(out), *args],
                        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "import-only stand-ins for av (forced" in r.stderr, r.stderr[-2000:]
+    assert os.path.getsize(imports) > 0, "no import log: the script does not import bench/_env.py"
+    # No stand-ins named: a forced stand-in is logged without a file and passes; the real PyAV would not.
+    check_device_imports(imports, stand_ins=())
     return r.stdout
 
 
@@ -85,8 +99,9 @@ def _device_allowed() -> set[str]:
 def check_device_imports(log_path, stand_ins=("av",)):
     """Every third-party module the script's processes imported maps to a distribution the device
     has or a call carries (bench/device-image.txt, bench/carry-wheels.txt); issue 11: a device call
-    once found torchsde and PyAV missing. Modules the script replaces with stand-ins when absent are
-    named in stand_ins."""
+    once found torchsde and PyAV missing. Modules named in stand_ins are let through wherever they
+    were loaded from (bench/_env.py's STAND_INS, when the log comes from a run without them forced);
+    a stand-in itself is logged without a file and always passes."""
     import importlib.metadata as md
     import re
     import site
@@ -109,11 +124,9 @@ def check_device_imports(log_path, stand_ins=("av",)):
     assert not missing, f"imported, but neither in the device image nor carried: {missing}"
 
 
-def test_comfy_peers_dry_run(tmp_path, monkeypatch):
+def test_comfy_peers_dry_run(tmp_path):
     """Both processes (dynamic VRAM 'on' runs with it off on a CPU), every section, the merged rows
-    and the on-vs-off comparison; and nothing imported that the device lacks."""
-    imports = tmp_path / "imports.txt"
-    monkeypatch.setenv("QUANTLORA_IMPORT_LOG", str(imports))
+    and the on-vs-off comparison; and (bench()) nothing imported that the device lacks."""
     out = bench("comfy_peers.py", tmp_path, "--size", "tiny", "--fast-quant", "torchao-int8-weight-only",
                 "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2", "--switches", "2",
                 "--workdir", str(tmp_path / "work"), timeout=600)
@@ -133,7 +146,6 @@ def test_comfy_peers_dry_run(tmp_path, monkeypatch):
     assert "v0.33 dynamic off: comfyui fp8_e4m3fn_fast, each block compiled" in got
     compared = {v: r for v, r in got.items() if v.startswith("on vs off: ")}
     assert len(compared) >= 10 and all(r["equal"] for r in compared.values()), compared
-    check_device_imports(imports)
 
 
 def test_device_import_check_catches_a_missing_package(tmp_path):
@@ -145,3 +157,21 @@ def test_device_import_check_catches_a_missing_package(tmp_path):
     check_device_imports(log)  # av has a stand-in
     with pytest.raises(AssertionError, match="av"):
         check_device_imports(log, stand_ins=())
+
+
+def test_forced_stand_in_answers_any_av_module(tmp_path):
+    """The PyAV stand-in (bench/_env.py) answers every av.* module, however deep, where the real one
+    is installed too (forced): ComfyUI v0.33's video types import av.video.reformatter, which a fixed
+    list of submodules once missed on the device."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import _env; _env.setup(cpu=True)\n"
+            "import av, comfy_api.latest._input_impl.video_types, comfy_api.latest._ui\n"
+            "from av.video.reformatter import ColorRange\n"
+            "from av.not_a_module.deeper import Anything\n"
+            "assert av.__quantlora_stand_in__ and getattr(av, '__file__', None) is None\n"
+            "Anything(1, k=2); print(ColorRange.JPEG.__name__)\n")
+    imports = tmp_path / "imports.txt"
+    env = dict(os.environ, QUANTLORA_IMPORT_LOG=str(imports), QUANTLORA_FORCE_STANDINS="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "JPEG", (r.stdout + r.stderr)[-4000:]
+    assert "av\t\n" in imports.read_text()
+    check_device_imports(imports, stand_ins=())
