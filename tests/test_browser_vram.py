@@ -11,6 +11,7 @@ import time
 import pytest
 
 from graphs import loader, txt2img
+from test_server_vram import RUN_SIZE, RUN_STEPS
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
@@ -72,7 +73,8 @@ def test_widget_appears_and_matches_route(page):
 
 
 def test_updates_while_running_and_node_badge(page, server):
-    graph, ids = numbered(txt2img(loader(), seed=int(time.time()) % 100000 + 7, steps=8, prefix="vram-browser"))
+    graph, ids = numbered(txt2img(loader(), seed=int(time.time()) % 100000 + 7, steps=RUN_STEPS, size=RUN_SIZE,
+                                  prefix="vram-browser"))
     sample = ids["sample"]
     page.evaluate("""() => {
         const {api} = window.comfyAPI.api;

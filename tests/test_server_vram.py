@@ -22,6 +22,7 @@ pytestmark = pytest.mark.server
 TOP_KEYS = {"version", "time", "backend", "gpu", "message", "devices", "host", "peak_reset_at", "prompt"}
 DEV_KEYS = {"index", "name", "total", "free", "used", "allocated", "reserved", "peak_allocated", "peak_reserved"}
 HOST_KEYS = {"total", "available", "used", "percent", "process_rss"}
+RUN_STEPS, RUN_SIZE = 120, 128  # a sampling run of a few seconds with the demo Flux on CPU
 PEAK_KEYS = {"prompt_id", "node", "display_node", "gpu", "peak_allocated", "peak_reserved", "devices", "seconds",
              "host_rss"}
 
@@ -131,7 +132,8 @@ class WsRecorder:
 def test_events_during_a_run_and_per_node_peaks(server):
     seed = int(time.time()) % 100000  # a new seed: the sampler really runs (not served from cache)
     with WsRecorder(server) as ws:
-        pid = server.queue(txt2img(loader(), seed=seed, steps=8, prefix="vram-e2e"))
+        # long enough on CPU for periodic events (the tiny demo Flux takes milliseconds a step at 64 px)
+        pid = server.queue(txt2img(loader(), seed=seed, steps=RUN_STEPS, size=RUN_SIZE, prefix="vram-e2e"))
         entry = server.wait(pid, timeout=300)
         assert execution_error(entry) is None, execution_error(entry)
         deadline = time.time() + 10
