@@ -155,7 +155,10 @@ def run(args) -> list[dict]:
     except QuantLoRAError as e:
         msg = str(e)
     except Exception as e:  # noqa: BLE001
+        import traceback
+
         other = f"{type(e).__name__}: {e}"[:1000]
+        log("escaped:\n" + "".join(traceback.format_exception(e))[-6000:])
     torch.cuda.synchronize(dev)
     after = torch.cuda.memory_allocated(dev)
     check("sampling OOM is a QuantLoRAError", msg is not None and "out of GPU memory while sampling" in msg,

@@ -152,8 +152,37 @@ def set_attention(patcher, choice: str) -> None:
         patcher.model_options["transformer_options"].setdefault("optimized_attention_override", sdpa_override)
 
 
+def _full_load_wrapper(executor, model, *args, **kwargs):
+    """Quantized weights (bitsandbytes, torchao, quanto) are placed by the pack and ComfyUI cannot load
+    part of them: its low-VRAM path casts only its own layer types, and a bitsandbytes layer left
+    behind met its input on the other device (H200, v0.33: 'Expected a cuda device, but got: cpu'
+    instead of an out-of-memory message). So these models are loaded whole; where they do not fit,
+    torch's out-of-memory error reaches the pack's handler and its advice."""
+    if model.get_wrappers(pe.WrappersMP.PREPARE_SAMPLING, "quantlora.offload"):
+        return executor(model, *args, **kwargs)  # CPUOffloadSampler places the weights itself
+    if "force_full_load" in kwargs:  # v0.33+: the documented argument of prepare_sampling
+        kwargs["force_full_load"] = True
+        return executor(model, *args, **kwargs)
+    out = executor(model, *args, **kwargs)
+    from .comfy_door import loaded_partially
+
+    if loaded_partially(model):  # older ComfyUI: load the rest now
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([model], force_full_load=True)
+    return out
+
+
+def quantized(patcher) -> bool:
+    report = patcher.model_options.get("quantlora", {}).get("report")
+    return getattr(report, "quantization", "none") != "none"
+
+
 def install(patcher) -> None:
     """Idempotent: the wrappers are plain functions, shared by reference across clones."""
-    for kind, fn in ((pe.WrappersMP.DIFFUSION_MODEL, _diffusion_model_wrapper), (pe.WrappersMP.OUTER_SAMPLE, _outer_sample_wrapper)):
+    wrappers = [(pe.WrappersMP.DIFFUSION_MODEL, _diffusion_model_wrapper), (pe.WrappersMP.OUTER_SAMPLE, _outer_sample_wrapper)]
+    if quantized(patcher):
+        wrappers.append((pe.WrappersMP.PREPARE_SAMPLING, _full_load_wrapper))
+    for kind, fn in wrappers:
         if fn not in patcher.get_wrappers(kind, WRAPPER_KEY):
             patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)

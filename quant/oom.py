@@ -43,7 +43,16 @@ def detail(e: BaseException) -> str:
     raised inside the failed call holds its frames, and through f_back every caller's)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     traceback.clear_frames(e.__traceback__)  # frames still executing (the caller's) are skipped
-    return text[:240]
+    return _whole_sentences(text, 240)
+
+
+def _whole_sentences(text: str, limit: int) -> str:
+    """At most `limit` characters, cut after a sentence (CUDA's message runs on for 400+ characters;
+    a cut mid-word read as garbage)."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[: cut + 1] if cut > 0 else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def release() -> None:
