@@ -3,8 +3,9 @@
 # tests if absent, then two pytest passes with the venv's python:
 #   1. the whole suite on ComfyUI v0.33.0 (.harness/ComfyUI, the primary harness: what users run);
 #   2. the server layer on ComfyUI 0.3.75 (.harness/ComfyUI-0.3.75, the oldest supported version):
-#      the files in OLD_COMFY_TESTS below (loader, LoRA, offload and the pack's routes through a real
-#      server) less OLD_COMFY_DESELECT, run with QUANTLORA_COMFYUI pointing at that tree (about 3 min).
+#      the files in OLD_COMFY_TESTS below (the contract with ComfyUI's internals, the diffusers and
+#      UNETLoader oracles; loader, LoRA, offload and the pack's routes through a real server) less
+#      OLD_COMFY_DESELECT, run with QUANTLORA_COMFYUI pointing at that tree (about 6 min).
 # Extra arguments go to pass 1 (e.g. scripts/test.sh tests/test_server_errors.py -x); pass 2 then
 # runs only with QUANTLORA_OLD_COMFY_PASS=1. QUANTLORA_OLD_COMFY_PASS=0 skips it always.
 # Exit status: 0 when both passes pass; else pass 1's pytest status if it failed, else pass 2's.
@@ -17,6 +18,9 @@ HARNESS="${QUANTLORA_HARNESS:-$ROOT/.harness}"
 COMFY="${QUANTLORA_COMFYUI:-$HARNESS/ComfyUI}"   # pass 1's tree: v0.33.0 unless the caller picks another
 COMFY_OLD="$HARNESS/ComfyUI-0.3.75"
 OLD_COMFY_TESTS=(
+  tests/test_comfy_contract.py
+  tests/test_oracle_diffusers.py
+  tests/test_oracle_unetloader.py
   tests/test_server_loader.py
   tests/test_server_lora.py
   tests/test_server_offload.py
