@@ -196,8 +196,18 @@ class HotswapState:
                     self._scales[name] = self._scales[name].to(device)
 
 
+def file_identity(path: str) -> tuple:
+    """What tells one file from another under the same name: device, inode, size, mtime and ctime.
+    Size and mtime alone missed a different LoRA of the same size copied with its mtime kept (cp -p,
+    rsync -t, tar x); those give a new inode or ctime, which no user tool can set back."""
+    import os
+
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class LoRACache:
-    """Parsed LoRA files by (path, mtime, size): a changed file is parsed again, never served stale."""
+    """Parsed LoRA files by path and file identity: a replaced file is parsed again, never served stale."""
 
     def __init__(self, capacity: int = 8):
         self.capacity, self._items = capacity, {}
@@ -211,12 +221,12 @@ class LoRACache:
         import os
 
         try:
-            st = os.stat(path)
+            ident = file_identity(path)
         except OSError as e:  # removed or renamed between the node's run and sampling
             raise QuantLoRAError(f"LoRA {os.path.basename(path)!r}: cannot read {path} ({e.strerror or e}). It was "
                                  "removed or renamed after the LoRAHotswap node ran; put it back or pick it again "
                                  "and queue the prompt again.") from None
-        return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+        return (os.path.abspath(path), *ident)
 
     def get(self, path: str, dims):
         from .formats import load_lora

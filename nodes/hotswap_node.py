@@ -13,7 +13,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..errors import QuantLoRAError, check_choice
-from ..lora.hotswap import TARGET_SETS
+from ..lora.hotswap import TARGET_SETS, file_identity
 from . import comfy_door, runtime
 
 log = logging.getLogger("quantlora")
@@ -52,13 +52,13 @@ class LoRAHotswap(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model, lora_name, strength, max_rank, targets):
-        # A file replaced under the same name must re-run the node (and re-parse the LoRA).
-        path = folder_paths.get_full_path("loras", lora_name)
+    def fingerprint_inputs(cls, lora_name=None, **kwargs):
+        # A file replaced under the same name must re-run the node (and re-parse the LoRA). ComfyUI
+        # passes the widget values only (not the linked MODEL), so everything else is optional.
+        path = folder_paths.get_full_path("loras", lora_name) if isinstance(lora_name, str) else None
         if path and os.path.isfile(path):
-            st = os.stat(path)
-            return f"{st.st_mtime_ns}:{st.st_size}"
-        return lora_name
+            return ":".join(map(str, file_identity(path)))
+        return str(lora_name)
 
     @classmethod
     def execute(cls, model, lora_name, strength, max_rank, targets) -> io.NodeOutput:
@@ -80,7 +80,6 @@ class LoRAHotswap(io.ComfyNode):
         m = model.clone()
         runtime.install(m)
         cfg = runtime.options(m)
-        st = os.stat(path)
-        cfg["loras"] = tuple(cfg.get("loras", ())) + ((path, st.st_mtime_ns, st.st_size, float(strength)),)
+        cfg["loras"] = tuple(cfg.get("loras", ())) + ((path, file_identity(path), float(strength)),)
         state.check(runtime.parsed_set(dm, cfg["loras"]))  # rank / target errors show on this node, now
         return io.NodeOutput(m)

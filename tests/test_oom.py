@@ -168,7 +168,7 @@ def test_sampling_oom_unloads_keeps_no_adapter_and_next_sampling_is_exact(flux_f
     runtime.ensure_slots(patcher.model.diffusion_model, 8, "blocks")
     m = patcher.clone()
     st = os.stat(lora_file)
-    runtime.options(m)["loras"] = ((lora_file, st.st_mtime_ns, st.st_size, 0.8),)
+    runtime.options(m)["loras"] = ((lora_file, (st.st_mtime_ns, st.st_size), 0.8),)
     want = ksample(m)
     base = ksample(patcher)
     assert not torch.equal(want, base)

@@ -101,3 +101,28 @@ def test_lora_for_another_architecture(server, models):
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}, path)
     err = execution_error(server.run(graph(DEMO_FLUX, [("qlt-sdxl.safetensors", 1.0)], 41, "sdxl")))
     assert err and "qlt-sdxl.safetensors" in err["exception_message"] and "SD" in err["exception_message"]
+
+
+def test_replaced_lora_with_same_size_and_mtime_is_read_again(server, models):
+    """Issue 11: a different LoRA of the same size and mtime (cp -p, rsync -t, tar x) kept its old
+    weights, and ComfyUI logged 'fingerprint_inputs() missing 1 required positional argument' on
+    every queue (it passes only the widget values), so the re-read check never ran."""
+    root = os.path.join(server.base, "models")
+    flux = os.path.join(root, "diffusion_models", DEMO_FLUX)
+    target = os.path.join(root, "loras", "qlt-replaced.safetensors")
+    other = os.path.join(root, "loras", "qlt-replacement.safetensors")
+    write_demo_lora(target, flux, rank=8, seed=41)
+    write_demo_lora(other, flux, rank=8, seed=42)  # same shapes: same size
+    assert os.path.getsize(target) == os.path.getsize(other)
+    g = graph(DEMO_FLUX, [("qlt-replaced.safetensors", 1.0)], 31, "replaced")
+    before = run(server, g)
+    reference = run(server, graph(DEMO_FLUX, [("qlt-replacement.safetensors", 1.0)], 31, "replacement"))
+    st = os.stat(target)
+    tmp = target + ".new"
+    shutil.copy2(other, tmp)  # cp -p: the new content, the old file's mtime
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, target)
+    assert os.stat(target).st_mtime_ns == st.st_mtime_ns and os.path.getsize(target) == st.st_size
+    after = run(server, g)
+    assert not torch.equal(after, before) and torch.equal(after, reference)
+    assert "fingerprint_inputs" not in server.log_tail(10 ** 7)
