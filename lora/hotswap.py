@@ -84,7 +84,9 @@ def plan(slots: dict[str, LoRASlots], loras: list) -> dict[str, list[_Write]]:
         if missing:
             raise QuantLoRAError(
                 f"LoRA {lora.name}: {len(missing)} of its layers have no hot-swap slots (e.g. {', '.join(missing[:3])}). "
-                "Set the loader's lora_targets to 'all' (or 'blocks' if these are block layers)."
+                "The slots are made once, by whichever sets them first: with the loader's lora_max_rank above 0, set "
+                "the loader's lora_targets to 'all'; with lora_max_rank 0, set targets to 'all' on the first "
+                "LoRAHotswap node of the chain ('blocks' is enough if these are block layers)."
             )
         for t in lora.targets:
             s = slots[t.module]

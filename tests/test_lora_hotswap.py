@@ -188,7 +188,7 @@ def test_lora_on_layers_without_slots(flux_file, tmp_path):
     path, _ = lora_file(tmp_path, "kohya", seed=9)  # includes embedders
     dm = load(flux_file)
     state = slots_on(dm, targets="blocks")
-    with pytest.raises(QuantLoRAError, match="lora_targets to 'all'"):
+    with pytest.raises(QuantLoRAError, match="lora_max_rank above 0, set the loader's lora_targets to 'all'; with lora_max_rank 0, set targets to 'all' on the first LoRAHotswap"):
         activate(state, dm, path)
 
 
