@@ -110,9 +110,12 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
 def _outer_sample_wrapper(executor, *args, **kwargs):
     failed = None
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
     except torch.OutOfMemoryError as e:
         failed = oom.detail(e)
+    else:
+        _check_finite(out, executor.class_obj.model_patcher)
+        return out
     finally:
         dm = getattr(executor.class_obj.model_patcher.model, "diffusion_model", None)
         state = hotswap_state(dm) if dm is not None else None
@@ -121,6 +124,24 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
     # Out of the except block: the activations the failed sampling held are unreferenced now.
     noise = args[0] if args else kwargs.get("noise")
     raise sampling_oom(executor.class_obj.model_patcher, getattr(noise, "shape", None), failed)
+
+
+def _check_finite(out, patcher) -> None:
+    """A LoRA whose weights or alpha overflow the compute dtype gave an all-black image without a
+    word (issue 11): a non-finite result of a sampling with LoRAs active is reported, naming them."""
+    if not isinstance(out, torch.Tensor) or bool(torch.isfinite(out).all()):
+        return
+    dm = getattr(patcher.model, "diffusion_model", None)
+    state = hotswap_state(dm) if dm is not None else None
+    active = state.active_key if state is not None else ()
+    if not active:
+        return  # not the pack's LoRA: ComfyUI's own result, as it is
+    import os
+
+    named = ", ".join(f"{os.path.basename(e[0])!r} at strength {e[-1]:g}" for e in active)
+    raise QuantLoRAError(f"sampling with LoRA {named} gave non-finite values (inf/NaN: a black or broken image). "
+                         "The LoRA's weights or alpha are too large for the compute dtype: lower its strength, or "
+                         "check the file (it may be damaged or not meant for FLUX.1).")
 
 
 def sampling_oom(patcher, shape, why: str, offload_mode: str | None = None) -> QuantLoRAError:

@@ -292,3 +292,20 @@ def test_quantized_models_are_loaded_whole(flux_file):
 
     if "force_full_load" in inspect.signature(sh._prepare_sampling).parameters:
         assert "force_full_load=force_full_load" in inspect.getsource(sh.prepare_sampling)
+
+
+def test_overflowing_lora_is_reported_by_name(flux_file, tmp_path):
+    """Issue 11: finite but huge LoRA weights gave an all-black image without a word."""
+    from quantlora.nodes import runtime
+    from quantlora.tools.demo_models import write_demo_lora
+
+    huge = write_demo_lora(str(tmp_path / "huge-lora.safetensors"), flux_file, rank=4, seed=9, scale=1e36)
+    patcher, _ = load(flux_file)
+    runtime.install(patcher)
+    runtime.ensure_slots(patcher.model.diffusion_model, 8, "blocks")
+    m = patcher.clone()
+    runtime.options(m)["loras"] = ((huge, (0,), 0.7),)
+    msg = str(raised(ksample, m))
+    assert "'huge-lora.safetensors' at strength 0.7" in msg and "non-finite" in msg and "lower its strength" in msg, msg
+    assert not runtime.hotswap_state(patcher.model.diffusion_model).active
+    assert torch.isfinite(ksample(patcher)).all()  # the bare model, untouched
