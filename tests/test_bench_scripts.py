@@ -60,7 +60,7 @@ def test_bench_offload(tmp_path):
     assert len(modes) == 9 and all(got[v]["equal_to_no_offload"] for v in modes)
 
 
-@pytest.mark.parametrize("compile_mode", ["off", "regional"])
+@pytest.mark.parametrize("compile_mode", ["regional"])  # the eager soak is the same code without compile (CI time)
 def test_soak_dry_run(tmp_path, compile_mode):
     bench("soak.py", tmp_path, "--size", "tiny", "--quantization", "none", "--compile", compile_mode, "--prompts", "24",
           "--steps", "1", "--px", "128", "--workdir", str(tmp_path / "work"))

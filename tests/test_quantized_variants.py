@@ -70,7 +70,10 @@ def test_quantized_error_and_memory(tiny_file, baseline, quantization):
     assert report.weights_bytes < ref_report.weights_bytes * 0.6  # fp32 -> <=8-bit blocks at least
     # embedders and final layer stay in high precision
     assert model.img_in.weight.dtype == torch.float32 and model.final_layer.linear.weight.dtype == torch.float32
-    assert type(model.img_in).__name__ == "Linear"
+    for layer in (model.img_in, model.final_layer.linear):  # plain weights, not a quantized layer or tensor
+        assert type(layer.weight) is torch.nn.Parameter and type(layer.weight.data) is torch.Tensor
+    qkv = model.double_blocks[0].img_attn.qkv
+    assert not (type(qkv.weight.data) is torch.Tensor and qkv.weight.dtype == torch.float32)
 
 
 def test_unrunnable_backend_names_reason_and_choices(tiny_file):
