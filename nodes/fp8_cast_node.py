@@ -38,6 +38,7 @@ from ..quant.fp8_cast import (DEFAULT_SKIP_TEXT, STORAGE_DTYPES, CastSpec, apply
 from ..quant.sizes import module_bytes
 from . import comfy_door
 from .bridge import DTYPES
+from .search_aliases import search_aliases
 
 log = logging.getLogger("quantlora")
 COMPUTE_NAMES = ["auto", "bf16", "fp16", "fp32"]
@@ -115,8 +116,9 @@ class FP8LayerwiseCast(io.ComfyNode):
             description="Stores the transformer's weights as fp8 (half of bf16) and upcasts each layer to the compute "
                         "dtype just before use. Embedders, norms and the final layer stay in high precision by default. "
                         "Works on any MODEL; the input MODEL is not modified.",
+            **search_aliases("fp8", "float8", "layerwise cast", "low vram"),
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="Any diffusion MODEL; the cast applies to a copy, the input stays as it is."),
                 io.Combo.Input("storage_dtype", options=list(STORAGE_DTYPES), default="float8_e4m3fn",
                                tooltip="e4m3fn: more precision (the usual choice). e5m2: more range."),
                 io.Combo.Input("compute_dtype", options=COMPUTE_NAMES, default="auto",

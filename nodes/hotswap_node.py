@@ -15,6 +15,7 @@ from comfy_api.latest import io
 from ..errors import QuantLoRAError, check_choice
 from ..lora.hotswap import TARGET_SETS, file_identity
 from . import comfy_door, runtime
+from .search_aliases import search_aliases
 
 log = logging.getLogger("quantlora")
 
@@ -38,10 +39,15 @@ class LoRAHotswap(io.ComfyNode):
             category="QuantLoRA",
             description="Adds a Flux LoRA through preallocated slots: switching the file or the strength rewrites "
                         "the slots in place, with no reload, no requantization and no torch.compile recompile.",
+            **search_aliases("lora", "lora loader", "hotswap", "hot swap", "flux lora"),
             inputs=[
-                io.Model.Input("model"),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Model.Input("model", tooltip="A Flux MODEL (the Quantized Flux Loader's, or any Flux model)."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A Flux LoRA from models/loras (kohya, diffusers/PEFT or BFL format). "
+                                       "Changing it rewrites the slots in place: no reload, no recompile."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="How strongly the LoRA modifies the model; can be negative. Changing it "
+                                       "rewrites the slots in place: no reload, no recompile."),
                 io.Int.Input("max_rank", default=64, min=1, max=1024,
                              tooltip="Slot size, used only if the model has no slots yet (the loader's lora_max_rank sets it "
                                      "before compiling). Chained LoRAs share it: their ranks must add up to at most this."),

@@ -16,6 +16,7 @@ from ..quant.compile import compile_blocks
 from . import runtime
 from ..quant.sources import list_checkpoints, resolve_checkpoint
 from .bridge import COMPUTE_DTYPE_NAMES, load_flux_model_patcher
+from .search_aliases import search_aliases
 
 log = logging.getLogger("quantlora")
 MODEL_FOLDERS = ("diffusion_models", "unet")
@@ -39,6 +40,7 @@ class QuantizedFluxLoader(io.ComfyNode):
             display_name="Quantized Flux Loader",
             category="QuantLoRA",
             description="Loads a FLUX.1 transformer (BFL single file or diffusers folder) and quantizes it block by block.",
+            **search_aliases("flux loader", "nf4", "int8", "quantized loader", "bitsandbytes", "torchao"),
             inputs=[
                 io.Combo.Input("model_name", options=list_checkpoints(model_roots()),
                                tooltip="A FLUX.1 dev/schnell transformer from models/diffusion_models (or models/unet)."),
@@ -49,7 +51,10 @@ class QuantizedFluxLoader(io.ComfyNode):
                 io.Int.Input("lora_max_rank", default=0, min=0, max=1024, optional=True,
                              tooltip="Preallocate LoRA hot-swap slots of this rank (0 = none until a LoRAHotswap node "
                                      "adds them). Set it when compiling, so the compiled graphs include the slots."),
-                io.Combo.Input("lora_targets", options=list(TARGET_SETS), default="blocks", optional=True),
+                io.Combo.Input("lora_targets", options=list(TARGET_SETS), default="blocks", optional=True,
+                               tooltip="Layers that get hot-swap slots when lora_max_rank > 0. blocks: every linear layer of the "
+                                       "transformer blocks. all: blocks plus embedders and final layer. attention: "
+                                       "attention projections only (lightest slots)."),
                 io.Combo.Input("lora_slot_layout", options=SLOT_LAYOUTS, default="per-projection", optional=True,
                                tooltip="per-projection: any LoRA up to max_rank fits in any format. shared: one pool of "
                                        "max_rank per layer, lower step-time cost; diffusers-format q/k/v LoRAs count 3-4x "

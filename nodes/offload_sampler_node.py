@@ -67,6 +67,7 @@ from ..errors import QuantLoRAError, check_choice
 from ..quant import oom
 from ..quant import offload as off
 from . import comfy_door
+from .search_aliases import search_aliases
 
 log = logging.getLogger("quantlora")
 KEY = "quantlora.offload"
@@ -336,18 +337,30 @@ class CPUOffloadSampler(io.ComfyNode):
             category="QuantLoRA",
             description="The stock KSampler, with the transformer's weights kept in host memory and streamed to the GPU "
                         "while sampling. Same seed, same latent as KSampler. Reports the run's peak VRAM.",
+            **search_aliases("ksampler", "offload", "cpu offload", "low vram", "sampler"),
             inputs=[
                 io.Model.Input("model", tooltip="The model used for denoising the input latent."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The random seed used for creating the noise."),
-                io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Int.Input("steps", default=20, min=1, max=10000,
+                             tooltip="The number of steps used in the denoising process."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="The Classifier-Free Guidance scale balances creativity and adherence to the "
+                                       "prompt. Higher values match the prompt more closely; too high values hurt "
+                                       "quality."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The algorithm used when sampling, this can affect the quality, speed, and "
+                                       "style of the generated output."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="The scheduler controls how noise is gradually removed to form the image."),
+                io.Conditioning.Input("positive",
+                                   tooltip="The conditioning describing the attributes you want to include in the image."),
+                io.Conditioning.Input("negative",
+                                   tooltip="The conditioning describing the attributes you want to exclude from the image."),
+                io.Latent.Input("latent_image", tooltip="The latent image to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The amount of denoising applied; lower values keep the structure of the "
+                                       "input latent (image to image)."),
                 io.Combo.Input("offload_mode", options=OFFLOAD_MODES, default="auto",
                                tooltip="none: stock. model: whole transformer on the GPU only while sampling. "
                                        "block: groups of blocks streamed in ahead of use. leaf: one layer at a time "
