@@ -124,8 +124,9 @@ class FP8LayerwiseCast(io.ComfyNode):
                 io.Combo.Input("compute_dtype", options=COMPUTE_NAMES, default="auto",
                                tooltip="The dtype layers compute in. auto = the model's current dtype."),
                 io.String.Input("skip_pattern", default=DEFAULT_SKIP_TEXT, multiline=True,
-                                tooltip="Regular expressions (comma- or newline-separated) searched in each layer's name "
-                                        "under the diffusion model; matching layers stay in high precision."),
+                                tooltip="Layers kept in high precision: globs, one per line (or comma-separated); * is any "
+                                        "run of characters, ? one character. A glob matches a layer's dotted name under the "
+                                        "diffusion model or any run of its parts (final_layer, *norm*, double_blocks.0.*)."),
             ],
             outputs=[io.Model.Output()],
         )

@@ -18,7 +18,8 @@ Why not diffusers' `apply_layerwise_casting`: it works on ComfyUI's Flux modules
 but its hooks call `module.to(dtype)` around every layer, which constructs Parameters inside
 the forward: torch.compile breaks the graph at every cast layer (27 breaks and 21 graphs for one
 double + one single block, measured with torch 2.13), and every forward writes the weight back
-to fp8. Its skip-pattern semantics (re.search on the module's dotted name) are kept here.
+to fp8. Its skip patterns were regular expressions (re.search on the module's dotted name); here
+they are globs with a bounded matcher (quant/name_patterns.py): a user's regex could hold the server.
 
 Idempotent: the root module records the CastSpec it was cast with; applying the same spec again
 does nothing, a different spec raises (re-quantizing fp8 weights to another fp8 format would
@@ -27,7 +28,6 @@ lose precision silently). No ComfyUI import.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +35,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantLoRAError
+from . import name_patterns
 
 STORAGE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-# Matched with re.search against each module's dotted name under the root passed in (the
-# diffusion model: "img_in", "double_blocks.0.img_attn.qkv", ...).
-DEFAULT_SKIP = (r"(^|\.)(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)(\.|$)", r"norm")
-DEFAULT_SKIP_TEXT = ", ".join(DEFAULT_SKIP)
+# Globs (quant/name_patterns.py) matched against each module's dotted name under the root passed in
+# (the diffusion model: "img_in", "double_blocks.0.img_attn.qkv", ...) or any run of its parts.
+DEFAULT_SKIP = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer", "*norm*")
+DEFAULT_SKIP_TEXT = "\n".join(DEFAULT_SKIP)
+# The regex default saved in workflows made before the globs: read as the default it meant.
+LEGACY_DEFAULT_SKIP_TEXT = r"(^|\.)(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)(\.|$), norm"
+SKIP_EXAMPLE = "`*norm*` (every norm layer), `final_layer`, `double_blocks.0.*` (all of block 0)"
 _MARK = "_quantlora_fp8"
 _HOOK = "quantlora_fp8_upcast"
 _PLAIN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -62,17 +66,10 @@ class CastReport:
 
 
 def parse_skip(text: str | None) -> tuple[str, ...]:
-    """Comma- or newline-separated regular expressions (a literal comma inside one: \\x2c)."""
-    if text is None:
+    """Globs, one per line or separated by commas (quant/name_patterns.py); None: the default."""
+    if text is None or text.strip() == LEGACY_DEFAULT_SKIP_TEXT:
         return DEFAULT_SKIP
-    parts = tuple(p.strip() for p in re.split(r"[,\n]", text) if p.strip())
-    for p in parts:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise QuantLoRAError(f"skip_pattern: {p!r} is not a valid regular expression ({e}). "
-                                 f"Separate patterns with commas; the default is {DEFAULT_SKIP_TEXT!r}.") from None
-    return parts
+    return name_patterns.parse(text, "skip_pattern", SKIP_EXAMPLE)
 
 
 def _plain(t: torch.Tensor | None) -> bool:
@@ -94,12 +91,12 @@ def is_fp8(t: torch.Tensor) -> bool:
 
 def plan(root: nn.Module, skip=DEFAULT_SKIP) -> tuple[list[str], list[str]]:
     """(names of layers to store in fp8, names of castable layers the skip pattern keeps)."""
-    pats = [re.compile(p) for p in skip]
+    skip = tuple(skip)
     cast, kept = [], []
     for name, m in root.named_modules():
         if not castable(m):
             continue
-        (kept if any(p.search(name) for p in pats) else cast).append(name)
+        (kept if name_patterns.matches(skip, name) else cast).append(name)
     return cast, kept
 
 

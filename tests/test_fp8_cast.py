@@ -14,6 +14,8 @@ Bounds used below (stated, then measured in the assertions):
   "fp8 storage, compute dtype math".
 """
 import copy
+import re
+import time
 
 import pytest
 import torch
@@ -58,13 +60,66 @@ def test_to_fp8_saturates_and_rounds():
 
 
 def test_parse_skip():
-    from quantlora.quant.fp8_cast import DEFAULT_SKIP, DEFAULT_SKIP_TEXT, parse_skip
+    from quantlora.quant.fp8_cast import DEFAULT_SKIP, DEFAULT_SKIP_TEXT, LEGACY_DEFAULT_SKIP_TEXT, parse_skip
 
     assert parse_skip(DEFAULT_SKIP_TEXT) == DEFAULT_SKIP
-    assert parse_skip("a\nb, c") == ("a", "b", "c")
+    assert parse_skip(LEGACY_DEFAULT_SKIP_TEXT) == DEFAULT_SKIP  # workflows saved with the regex default
+    assert parse_skip("a\nb, c") == ("a", "b", "c")  # one per line, as the README says; commas too
     assert parse_skip("") == ()
-    with pytest.raises(QuantLoRAError, match="not a valid regular expression"):
-        parse_skip("blocks[")
+    assert parse_skip(None) == DEFAULT_SKIP
+    for bad, named in [("blocks[", "'['"), ("(a|b)", "'('"), ("x{1,3}", "'{'"), ("norm$", "'$'")]:
+        with pytest.raises(QuantLoRAError, match=r"skip_pattern: .*uses .*" + re.escape(named) + ".*globs") as e:
+            parse_skip(bad)
+        assert "Regular expressions are not accepted" in str(e.value)
+    with pytest.raises(QuantLoRAError, match="at most 200"):
+        parse_skip("a" * 201)
+    with pytest.raises(QuantLoRAError, match="65 patterns; at most 64"):
+        parse_skip(",".join(["a"] * 65))
+
+
+def test_glob_names_match_like_the_regex_default():
+    """The glob default keeps exactly the layers the old regex default kept, on ComfyUI's Flux names."""
+    from quantlora.quant import name_patterns
+    from quantlora.quant.fp8_cast import DEFAULT_SKIP
+
+    old = [re.compile(p) for p in (r"(^|\.)(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)(\.|$)", r"norm")]
+    names = ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "guidance_in.out_layer",
+             "final_layer.linear", "final_layer.adaLN_modulation.1", "double_blocks.0.img_mod.lin",
+             "double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.norm.query_norm", "double_blocks.0.img_mlp.0",
+             "single_blocks.3.linear1", "single_blocks.3.norm.key_norm", "single_blocks.3.modulation.lin",
+             "double_blocks.1.txt_norm1", "my_img_in_proj"]
+    for n in names:
+        assert name_patterns.matches(DEFAULT_SKIP, n) == any(p.search(n) for p in old), n
+    assert name_patterns.matches(("double_blocks.1.*",), "double_blocks.1.img_attn.qkv")
+    assert not name_patterns.matches(("double_blocks.1.*",), "double_blocks.10.img_attn.qkv")
+    assert name_patterns.matches(("*.qkv",), "double_blocks.0.img_attn.qkv")
+    assert name_patterns.matches(("single_blocks.?.linear?",), "single_blocks.3.linear2")
+    assert not name_patterns.matches((), "img_in")
+
+
+def test_glob_matching_is_bounded():
+    """Patterns that make a backtracking engine explode (issue 11: a nested-quantifier regex held the
+    server for minutes) take microseconds: the matcher retries only the last star."""
+    from quantlora.quant import name_patterns
+
+    for pat, text in [("*a" * 100 + "b", "a" * 200), ("*" * 199 + "z", "x" * 200 + "y"), ("a*" * 100 + "c", "a" * 199 + "b")]:
+        t0 = time.perf_counter()
+        assert not name_patterns.glob_match(pat, text)
+        assert time.perf_counter() - t0 < 0.5, pat[:20]
+    t0 = time.perf_counter()
+    worst = ",".join(["*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b"] * 64)
+    pats = name_patterns.parse(worst, "skip_pattern", "")
+    assert not name_patterns.matches(pats, ".".join(["a" * 30] * 6))
+    assert time.perf_counter() - t0 < 5
+    # the reference: fnmatch (a regex translation) on short strings agrees
+    import fnmatch
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(3000):
+        pat = "".join(rnd.choice("ab*?.") for _ in range(rnd.randint(0, 7)))
+        text = "".join(rnd.choice("ab.") for _ in range(rnd.randint(0, 8)))
+        assert name_patterns.glob_match(pat, text) == fnmatch.fnmatchcase(text, pat), (pat, text)
 
 
 @torch.no_grad()

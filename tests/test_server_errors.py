@@ -230,3 +230,28 @@ def test_valid_file_whose_header_length_looks_like_pickle_loads(server, models):
         f.write(data)
     entry = server.run(txt2img(loader(name), seed=next(_seeds), prefix="header-0x80"))
     assert execution_error(entry) is None, execution_error(entry)
+
+
+def test_runaway_skip_pattern_is_refused_and_the_server_keeps_serving(server):
+    """Issue 11: a nested-quantifier regex in FP8LayerwiseCast's skip_pattern held the whole server
+    for minutes. Regexes are refused now with a clear error, at once; globs that would make a
+    backtracking engine explode are matched in linear time. Either way the next prompt runs."""
+    import time
+
+    def cast_graph(pattern, prefix):
+        return txt2img({"loader": loader()["model"],
+                        "model": {"class_type": "FP8LayerwiseCast",
+                                  "inputs": {"model": ["loader", 0], "storage_dtype": "float8_e4m3fn",
+                                             "compute_dtype": "auto", "skip_pattern": pattern}}},
+                       seed=next(_seeds), prefix=prefix)
+
+    t0 = time.time()
+    entry = server.run(cast_graph(r"(double_blocks(\.\w+)*)*$x", "runaway-regex"))
+    err = execution_error(entry)
+    assert err is not None and err["node_type"] == "FP8LayerwiseCast", entry["status"]
+    assert "layer patterns are globs" in err["exception_message"] and "'('" in err["exception_message"], err
+    glob_bomb = "\n".join(["*a" * 60 + "*b"] * 64)  # the most patterns and characters the parser takes
+    entry = server.run(cast_graph(glob_bomb, "glob-bomb"))
+    assert execution_error(entry) is None, execution_error(entry)
+    assert time.time() - t0 < 120
+    assert_still_serving(server)
