@@ -1,0 +1,215 @@
+"""LoRA merge mode: a LoRA set merged into a model's own (quantized) weights, restored exactly.
+
+Activating a set: for every layer the previous set or the new one touches, the layer's storage
+tensors (quant/weight_codecs.py) are first overwritten from a pristine copy, then, where the new
+set touches the layer, dequantized, given s * up @ down per LoRA target (fp32), requantized by the
+weight's own library and copied back into the same tensors. The forward pass is then the bare
+model's: no extra kernels, nothing for torch.compile to recompile (same tensor objects, same
+shapes). Deactivating copies the pristine tensors back: bit for bit the weights as loaded.
+
+The pristine copy is taken lazily, the first time a layer is touched (it is then pristine: every
+layer we ever changed is restored before anything else happens to it), in pinned host memory by
+default (on a GPU the restore copies run on a side stream, a layer ahead of the merge arithmetic,
+so the transfer hides behind it), or on the weights' own device when asked (fastest swaps, costs
+VRAM).
+
+If anything else wrote to a merged layer since (ComfyUI's own weight patching, a reload), the
+recorded tensor versions no longer match and the next activation merges again from the pristine
+copy instead of trusting the old state.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import QuantLoRAError
+from ..quant import weight_codecs as codecs
+
+log = logging.getLogger("quantlora")
+PRISTINE_PLACES = ("host", "device")
+
+
+@dataclass
+class _Delta:
+    offset: int
+    up: torch.Tensor     # (rows, k)
+    down: torch.Tensor   # (k, in)
+    scale: float
+
+
+@dataclass
+class MergeReport:
+    layers: int = 0            # layers the active set is merged into
+    touched: int = 0           # layers rewritten by the last activation (old set's and new set's)
+    seconds: float = 0.0       # the last activation, wall clock (synchronized)
+    pristine_bytes: int = 0    # bytes held by the pristine copy
+    pristine_place: str = "host"
+    history: list = field(default_factory=list)
+
+
+def base_layer(root: nn.Module, name: str) -> nn.Module:
+    """The Linear behind `name` (a LoRASlots wrapper's base when the model also has slots)."""
+    try:
+        m = root.get_submodule(name)
+    except AttributeError:
+        raise QuantLoRAError(f"LoRA merge: the model has no layer {name}.") from None
+    return getattr(m, "base", m) if type(m).__name__ == "LoRASlots" else m
+
+
+def deltas_of(root: nn.Module, loras: list) -> dict[str, list[_Delta]]:
+    """Layer name -> the LoRA pieces to add to it; checks every target against its layer's shape."""
+    out: dict[str, list[_Delta]] = {}
+    for lora, strength in loras:
+        for t in lora.targets:
+            layer = base_layer(root, t.module)
+            o, i = codecs.shape(layer)
+            if t.offset < 0 or t.offset + t.rows > o or t.down.shape[1] != i:
+                raise QuantLoRAError(f"LoRA {lora.name}: its {t.module} piece ({t.rows}x{t.down.shape[1]} at row "
+                                     f"{t.offset}) does not fit the layer ({o}x{i}); the file is not for this model.")
+            out.setdefault(t.module, []).append(_Delta(t.offset, t.up, t.down, float(strength) * float(t.scale)))
+    return out
+
+
+class MergeState:
+    """The merged LoRA set of one model and the pristine copy of every layer it ever touched."""
+
+    def __init__(self, root: nn.Module, pristine: str = "host"):
+        if pristine not in PRISTINE_PLACES:
+            raise QuantLoRAError(f"pristine copy place {pristine!r}: one of {', '.join(PRISTINE_PLACES)}.")
+        self.root = root
+        self.place = pristine
+        self.key: tuple = ()
+        self._pristine: dict[str, list[torch.Tensor]] = {}
+        self._merged: dict[str, list[tuple[int, int]]] = {}  # name -> (id, version) of its storage after our write
+        self.swaps = 0
+        self.report = MergeReport(pristine_place=pristine)
+
+    @property
+    def active_key(self) -> tuple:
+        return self.key
+
+    def check(self, loras: list) -> None:
+        """Raise now (at node execution) for what a merge of `loras` cannot do."""
+        for name in deltas_of(self.root, loras):
+            codecs.codec_of(base_layer(self.root, name), name)
+
+    def verify(self) -> bool:
+        """Once per sampling (not per step: it walks every merged layer): if anything else wrote to a
+        merged layer, forget the claim, so the next activation merges again from the pristine copy."""
+        for name, seen in self._merged.items():
+            now = [(id(t), t._version) for t in codecs.storage(base_layer(self.root, name))]
+            if now != seen:
+                log.info("QuantLoRA: merged LoRA weights of %s were changed by something else; merging again", name)
+                self.key = ("changed elsewhere",)
+                return False
+        return True
+
+    def _capture(self, name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        copies = self._pristine.get(name)
+        if copies is None:
+            pin = self.place == "host" and tensors[0].is_cuda
+            if self.place == "host":
+                copies = [torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin) for t in tensors]
+                for c, t in zip(copies, tensors):
+                    c.copy_(t)
+            else:
+                copies = [t.clone() for t in tensors]
+            self._pristine[name] = copies
+            self.report.pristine_bytes += sum(c.numel() * c.element_size() for c in copies)
+        return copies
+
+    @torch.no_grad()
+    def activate(self, key: tuple, loras: list) -> bool:
+        """Make the weights hold base + `loras` ([(ParsedLoRA, strength)]); key names the set. True if
+        anything was written."""
+        if key == self.key:
+            return False
+        t0 = time.perf_counter()
+        deltas = deltas_of(self.root, loras) if key else {}
+        names = sorted(set(self._merged) | set(deltas), key=_natural)
+        layers = [(n, base_layer(self.root, n)) for n in names]
+        storages = [codecs.storage(layer) for _, layer in layers]
+        for (n, _), st in zip(layers, storages):
+            if n not in self._merged:  # pristine now (never changed, or restored last time)
+                self._capture(n, st)
+        self._merged = {}
+        self.key = ()  # a failure half way leaves no claim about what the weights hold
+        device = storages[0][0].device if storages else torch.device("cpu")
+        with _copy_stream(device) as (side, events):
+            for i, ((n, _), st) in enumerate(zip(layers, storages)):  # restores, queued ahead on the side stream
+                with _on(side):
+                    for t, p in zip(st, self._pristine[n]):
+                        t.copy_(p, non_blocking=True)
+                    if side is not None:
+                        events.append(torch.cuda.Event())
+                        events[-1].record(side)
+            for i, ((n, layer), st) in enumerate(zip(layers, storages)):
+                if side is not None:
+                    torch.cuda.current_stream(device).wait_event(events[i])
+                if n in deltas:
+                    full = codecs.dequantize(layer)
+                    for d in deltas[n]:
+                        up = d.up.to(full.device, torch.float32, non_blocking=True)
+                        down = d.down.to(full.device, torch.float32, non_blocking=True)
+                        full[d.offset:d.offset + up.shape[0]].addmm_(up, down, alpha=d.scale)
+                    for t, new in zip(st, codecs.requantize(layer, full)):
+                        t.copy_(new)
+        self._merged = {n: [(id(t), t._version) for t in codecs.storage(base_layer(self.root, n))] for n in deltas}
+        self.key = key if deltas else ()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.swaps += 1
+        r = self.report
+        r.layers, r.touched, r.seconds = len(deltas), len(layers), time.perf_counter() - t0
+        r.history = (r.history + [round(r.seconds, 4)])[-20:]
+        return True
+
+    def deactivate(self) -> bool:
+        return self.activate((), [])
+
+    def move_pristine(self, place: str) -> None:
+        """Moves the pristine copy (host <-> the weights' device), e.g. when a node asks for GPU swaps."""
+        if place == self.place:
+            return
+        for name, copies in self._pristine.items():
+            dev = codecs.storage(base_layer(self.root, name))[0].device
+            if place == "device":
+                self._pristine[name] = [c.to(dev) for c in copies]
+            else:
+                self._pristine[name] = [c.to("cpu").pin_memory() if dev.type == "cuda" else c.to("cpu") for c in copies]
+        self.place = self.report.pristine_place = place
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+@contextlib.contextmanager
+def _copy_stream(device: torch.device):
+    """A side stream for the restores on CUDA (waiting for what the compute stream has queued, so no
+    copy overwrites a weight a kernel still reads); none elsewhere."""
+    if device.type != "cuda":
+        yield None, []
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    yield side, []
+
+
+@contextlib.contextmanager
+def _on(stream):
+    if stream is None:
+        yield
+    else:
+        with torch.cuda.stream(stream):
+            yield
+
+
+def pristine_bytes_needed(root: nn.Module, loras: list) -> int:
+    """Bytes a pristine copy of the layers `loras` touch would take (for the auto mode's check)."""
+    return sum(codecs.nbytes(base_layer(root, n)) for n in deltas_of(root, loras))
