@@ -1,8 +1,8 @@
 """Layer 4: the VRAM widget in headless Chromium with the real ComfyUI frontend and server.
 
 Without CUDA (this CPU machine) the widget says "no GPU" and shows host RAM, its numbers are
-compared with the route's host figures instead of the devices', and the per-node badge reads
-"VRAM: no GPU" instead of a peak in MB/GB. On a CUDA/ROCm machine the same tests compare the
+compared with the route's host figures instead of the devices', and no node gets a badge (a badge
+says a node's peak VRAM; tests/test_browser_frontends.py checks both renderers draw one). On a CUDA/ROCm machine the same tests compare the
 device totals and expect "VRAM peak ..." badges.
 """
 import os
@@ -88,10 +88,8 @@ def test_updates_while_running_and_node_badge(page, server):
     }""")
     page.evaluate("async (g) => { await window.app.loadApiJson(g, 'vram-test.json'); await window.app.queuePrompt(0, 1); }",
                   graph)
-    page.wait_for_function(
-        """(id) => { const n = window.app.graph.getNodeById(id);
-            return window.__vram.end && n && (n.badges || []).some(b => b.quantloraVram); }""",
-        arg=sample, timeout=300_000)
+    page.wait_for_function("() => window.__vram.end", timeout=300_000)
+    time.sleep(0.5)  # the prompt's last node record follows execution_success
     log = page.evaluate("() => window.__vram")
     during = [x for x in log["renders"] if x["source"] == "event" and log["start"] <= x["t"] <= log["end"]]
     assert during, log
@@ -101,18 +99,17 @@ def test_updates_while_running_and_node_badge(page, server):
     assert any("running" in x["text"] for x in during)
 
     badges = page.evaluate("""() => window.app.graph.nodes.flatMap(n => (n.badges || [])
-        .filter(b => b.quantloraVram).map(b => ({id: String(n.id), text: b().text, gpu: b().gpu, peak: b().peak})))""")
+        .filter(b => b.quantloraVram && b().text).map(b => ({id: String(n.id), text: b().text, peak: b().peak})))""")
     by_id = {b["id"]: b for b in badges}
-    assert sample in by_id, badges
     r = route(page)
     nodes = r["prompt"]["nodes"]
-    assert set(by_id) == set(nodes)  # a badge on exactly the nodes that executed
-    for nid, b in by_id.items():
-        assert b["peak"] == nodes[nid]["peak_allocated"]
-        if r["gpu"]:
-            assert b["text"].startswith("VRAM peak ")
-        else:  # without CUDA the badge says so (peak 0)
-            assert b["text"] == "VRAM: no GPU" and b["peak"] == 0
+    if r["gpu"]:  # a badge on the nodes that executed and used VRAM
+        assert sample in by_id, badges
+        assert set(by_id) == {nid for nid, n in nodes.items() if n["peak_allocated"] > 0}
+        for nid, b in by_id.items():
+            assert b["peak"] == nodes[nid]["peak_allocated"] and b["text"].startswith("VRAM peak ")
+    else:  # without a GPU there is nothing to say: no badge (not "VRAM: no GPU" on every node)
+        assert nodes and not badges, badges
     assert not page.errors, page.errors
 
     # the README's picture: the graph fitted to the canvas, badges drawn, the widget at the bottom
@@ -135,7 +132,7 @@ def test_setting_hides_widget_and_badges(page):
     set_ = "async (v) => { await window.app.extensionManager.setting.set('QuantLoRA.VRAM.Enabled', v); }"
     page.evaluate(set_, False)
     page.wait_for_selector(WIDGET, state="hidden", timeout=5_000)
-    assert page.evaluate("() => window.app.graph.nodes.every(n => !(n.badges || []).some(b => b.quantloraVram))")
+    assert page.evaluate("() => window.app.graph.nodes.every(n => !(n.badges || []).some(b => b.quantloraVram && b().text))")
     before = widget(page)["updates"]
     time.sleep(1.5)
     assert widget(page)["updates"] == before  # the timer stopped with it

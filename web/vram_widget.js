@@ -1,7 +1,18 @@
 // QuantLoRA VRAM widget: a compact bar (used/total, torch allocated/reserved, the run's peak),
-// coloured by memory pressure, with a details tooltip, and a peak-VRAM badge on each node after
-// it executes. Uses only the frontend's public extension API: app.registerExtension,
-// api.addEventListener / api.fetchApi, extension settings. Server side: nodes/vram_routes.py.
+// coloured by memory pressure, with a details tooltip, and a peak-VRAM badge on each node that
+// executes on a GPU. Uses the frontend's public extension API: app.registerExtension,
+// api.addEventListener / api.fetchApi, extension settings, node.badges. Server side: nodes/vram_routes.py.
+//
+// Placement: the bottom-left corner of the graph canvas panel (the area the frontend leaves to the
+// canvas: it shrinks when the sidebar or the Logs panel opens, and the zoom controls, minimap and
+// toasts sit on the right), so it covers none of the frontend's own UI. Drag it to move it; the
+// place is remembered (localStorage), double-click resets the peak.
+//
+// Badges: node.badges holds a badge the LiteGraph canvas draws; the Vue node renderer ("Nodes 2.0")
+// reads the same list, but only re-reads it when the graph signals a node property change
+// (graph.trigger("node:property:changed"): "badges" in frontend 1.48, a same-value "title" in 1.32).
+// A badge stays until the node executes again (a re-run where everything is cached keeps them);
+// without a GPU there is nothing to say, so no badge.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -10,6 +21,8 @@ const SET_ENABLED = "QuantLoRA.VRAM.Enabled";
 const SET_REFRESH = "QuantLoRA.VRAM.RefreshSeconds";
 const ROUTE = "/quantlora/vram";
 const GUARD = Symbol.for("quantlora.vram.widget");
+const POS_KEY = "quantlora.vram.position";  // {dx, dy}: offset from the default place, in px
+const MARGIN = 10;
 
 const state = {
   enabled: true,
@@ -21,6 +34,9 @@ const state = {
   updates: 0,
   runPeak: null,       // {prompt_id, peak_allocated, peak_reserved, running, gpu}
   badged: new Set(),   // node ids carrying our badge
+  offset: { dx: 0, dy: 0 },
+  panel: null,         // the element the widget is placed against
+  observer: null,
 };
 
 const GiB = 1024 ** 3;
@@ -55,11 +71,11 @@ function mount() {
   el.id = "quantlora-vram";
   el.setAttribute("role", "status");
   Object.assign(el.style, {
-    position: "fixed", left: "50%", bottom: "12px", transform: "translateX(-50%)", zIndex: "1000",
+    position: "fixed", left: "70px", top: "calc(100% - 40px)", zIndex: "1000", touchAction: "none",
     display: "flex", alignItems: "center", gap: "8px", padding: "3px 10px 3px 6px",
     font: "12px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace", color: "#e8e8e8",
     background: "rgba(24,24,27,0.88)", border: "1px solid #444", borderRadius: "6px",
-    boxShadow: "0 1px 4px rgba(0,0,0,0.4)", cursor: "default", userSelect: "none", whiteSpace: "nowrap",
+    boxShadow: "0 1px 4px rgba(0,0,0,0.4)", cursor: "move", userSelect: "none", whiteSpace: "nowrap",
   });
   const meter = document.createElement("div");
   meter.className = "quantlora-vram-meter";
@@ -79,9 +95,76 @@ function mount() {
       if (r.ok) render(await r.json(), "reset");
     } catch (e) { /* offline: ignore */ }
   });
+  dragHandlers(el);
   document.body.appendChild(el);
   state.el = el;
+  try {
+    const o = JSON.parse(localStorage.getItem(POS_KEY) || "null");
+    if (o && Number.isFinite(o.dx) && Number.isFinite(o.dy)) state.offset = { dx: o.dx, dy: o.dy };
+  } catch (e) { /* no storage: default place */ }
+  window.addEventListener("resize", place);
+  place();
   return el;
+}
+
+// ---- placement ----
+function anchorRect() {
+  let p = state.panel;
+  if (!p || !p.isConnected) {
+    p = document.querySelector(".graph-canvas-panel");
+    if (p !== state.panel) {
+      state.observer?.disconnect();
+      state.panel = p;
+      if (p && typeof ResizeObserver === "function") {
+        state.observer = new ResizeObserver(() => place());
+        state.observer.observe(p);
+      }
+    }
+  }
+  const r = p?.getBoundingClientRect();
+  if (r && r.width > 0 && r.height > 0) return r;
+  // no canvas panel (another frontend layout): the window, past the side toolbar
+  return { left: 60, top: 0, right: window.innerWidth, bottom: window.innerHeight };
+}
+
+function place() {
+  const el = state.el;
+  if (!el || el.style.display === "none") return;
+  const r = anchorRect();
+  const w = el.offsetWidth, h = el.offsetHeight;
+  const clamp = (v, lo, hi) => Math.max(lo, Math.min(v, Math.max(lo, hi)));
+  const x = clamp(r.left + MARGIN + state.offset.dx, 0, window.innerWidth - w);
+  const y = clamp(r.bottom - MARGIN - h + state.offset.dy, 0, window.innerHeight - h);
+  el.style.left = `${Math.round(x)}px`;
+  el.style.top = `${Math.round(y)}px`;
+  el.dataset.offset = `${Math.round(state.offset.dx)},${Math.round(state.offset.dy)}`;
+}
+
+function dragHandlers(el) {
+  let drag = null;
+  el.addEventListener("pointerdown", (e) => {
+    if (e.button !== 0) return;
+    drag = { x: e.clientX, y: e.clientY, dx: state.offset.dx, dy: state.offset.dy, moved: false };
+    el.setPointerCapture?.(e.pointerId);
+  });
+  el.addEventListener("pointermove", (e) => {
+    if (!drag) return;
+    const mx = e.clientX - drag.x, my = e.clientY - drag.y;
+    if (!drag.moved && Math.abs(mx) + Math.abs(my) < 4) return;
+    drag.moved = true;
+    state.offset = { dx: drag.dx + mx, dy: drag.dy + my };
+    place();
+  });
+  const end = (e) => {
+    if (!drag) return;
+    if (drag.moved) {
+      try { localStorage.setItem(POS_KEY, JSON.stringify(state.offset)); } catch (err) { /* not kept */ }
+    }
+    drag = null;
+    el.releasePointerCapture?.(e.pointerId);
+  };
+  el.addEventListener("pointerup", end);
+  el.addEventListener("pointercancel", end);
 }
 
 function render(snap, source) {
@@ -121,6 +204,7 @@ function render(snap, source) {
   el.dataset.time = String(snap.time);
   el.dataset.devices = String(snap.devices.length);
   el.dataset.total = String(snap.gpu ? snap.devices.reduce((a, d) => a + d.total, 0) : (snap.host?.total ?? ""));
+  place();
 }
 
 function tooltip(snap) {
@@ -139,7 +223,7 @@ function tooltip(snap) {
     lines.push(`Run ${String(p.prompt_id).slice(0, 8)} (${p.running ? "running" : p.status || "done"}): ` +
       (p.gpu ? `peak allocated ${fmt(p.peak_allocated)}, reserved ${fmt(p.peak_reserved)}` : "no GPU"));
   }
-  lines.push("Double-click: reset the peak");
+  lines.push("Drag: move (the place is remembered) · Double-click: reset the peak");
   return lines.join("\n");
 }
 
@@ -168,39 +252,75 @@ async function tick() {
 }
 
 // ---- per-node badges ----
-function badgeFor(rec) {
-  const text = rec.gpu ? `VRAM peak ${fmt(rec.peak_allocated)}` : `VRAM: no GPU`;
-  const bg = rec.gpu ? "#1f3d6b" : "#444";
-  // Duck-typed like the canvas's LGraphBadge (text, fgColor, bgColor, height, getWidth, draw).
-  const b = {
-    text, fgColor: "#fff", bgColor: bg, fontSize: 11, padding: 5, height: 18, cornerRadius: 4,
-    peak: rec.peak_allocated, gpu: !!rec.gpu,
-    get visible() { return true; },
-    getWidth(ctx) {
-      const f = ctx.font;
-      ctx.font = `${this.fontSize}px sans-serif`;
-      const w = ctx.measureText(this.text).width + this.padding * 2;
-      ctx.font = f;
-      return w;
-    },
-    draw(ctx, x, y) {
-      const { font, fillStyle, textBaseline, textAlign } = ctx;
-      ctx.font = `${this.fontSize}px sans-serif`;
-      const w = this.getWidth(ctx);
-      ctx.fillStyle = this.bgColor;
-      ctx.beginPath();
-      ctx.roundRect ? ctx.roundRect(x, y, w, this.height, this.cornerRadius) : ctx.rect(x, y, w, this.height);
-      ctx.fill();
-      ctx.fillStyle = this.fgColor;
-      ctx.textBaseline = "middle";
-      ctx.textAlign = "left";
-      ctx.fillText(this.text, x + this.padding, y + this.height / 2 + 1);
-      Object.assign(ctx, { font, fillStyle, textBaseline, textAlign });
-    },
+// What LGraphBadge has: own fields are the ones the Vue renderer's NodeBadge takes as props (text,
+// fgColor, bgColor: the rest would land on its element as attributes); the canvas's draw/getWidth
+// and the pack's figures live on the prototype / as non-enumerable fields.
+class VramBadge {
+  constructor(text, bgColor, rec) {
+    this.text = text;
+    this.fgColor = "#fff";
+    this.bgColor = bgColor;
+    Object.defineProperties(this, {
+      peak: { value: rec.peak_allocated }, gpu: { value: !!rec.gpu }, record: { value: rec },
+    });
+  }
+  get visible() { return true; }
+  get fontSize() { return 11; }
+  get padding() { return 5; }
+  get height() { return 18; }
+  get cornerRadius() { return 4; }
+  getWidth(ctx) {
+    if (!this.text) return 0;
+    const f = ctx.font;
+    ctx.font = `${this.fontSize}px sans-serif`;
+    const w = ctx.measureText(this.text).width + this.padding * 2;
+    ctx.font = f;
+    return w;
+  }
+  draw(ctx, x, y) {
+    if (!this.text) return;
+    const { font, fillStyle, textBaseline, textAlign } = ctx;
+    ctx.font = `${this.fontSize}px sans-serif`;
+    const w = this.getWidth(ctx);
+    ctx.fillStyle = this.bgColor;
+    ctx.beginPath();
+    ctx.roundRect ? ctx.roundRect(x, y, w, this.height, this.cornerRadius) : ctx.rect(x, y, w, this.height);
+    ctx.fill();
+    ctx.fillStyle = this.fgColor;
+    ctx.textBaseline = "middle";
+    ctx.textAlign = "left";
+    ctx.fillText(this.text, x + this.padding, y + this.height / 2 + 1);
+    Object.assign(ctx, { font, fillStyle, textBaseline, textAlign });
+  }
+}
+
+const BADGE_BG = "#1f5fbf";
+const REV = "quantloraVramBadgeRevision";
+const EMPTY = new VramBadge("", "transparent", { peak_allocated: null, gpu: false });
+const records = new WeakMap();  // node -> the VramBadge it shows
+
+// A record worth a badge: a GPU figure. Without a GPU every node would say the same "no GPU".
+function worthBadge(rec) {
+  return !!rec && rec.gpu === true && Number.isFinite(rec.peak_allocated) && rec.peak_allocated > 0;
+}
+
+// Each node gets one badge slot when it is created: a function both renderers call to get the badge.
+// The Vue renderer calls it inside a computed property and reads the badge list it captured when the
+// node was mounted; reading a property of a reactive object the frontend hands to extensions
+// (app.extensionManager, a Pinia store) makes that computed depend on it, so bumping that property
+// re-evaluates the slots: new figures appear without re-creating the node.
+function slotFor(node) {
+  const fn = () => {
+    void app.extensionManager?.[REV];
+    return (state.enabled && records.get(node)) || EMPTY;
   };
-  const fn = () => b;
-  fn.quantloraVram = b;
+  fn.quantloraVram = true;
   return fn;
+}
+
+function ensureSlot(node) {
+  node.badges ??= [];
+  if (!node.badges.some((b) => b.quantloraVram)) node.badges.push(slotFor(node));
 }
 
 function findNode(id) {
@@ -209,29 +329,45 @@ function findNode(id) {
   return g.getNodeById(id) ?? (Number.isFinite(+id) ? g.getNodeById(+id) : null);
 }
 
+function changed(node) {
+  const em = app.extensionManager;
+  if (em) {
+    try { em[REV] = (em[REV] || 0) + 1; } catch (e) { /* not extensible: the canvas still redraws */ }
+  }
+  const g = node?.graph ?? app.graph;
+  if (node) {
+    try {
+      g?.trigger?.("node:property:changed", { type: "node:property:changed", nodeId: node.id, property: "badges",
+        oldValue: node.badges, newValue: node.badges });
+    } catch (e) { /* a frontend without the event */ }
+  }
+  app.graph?.setDirtyCanvas(true, true);
+}
+
 function setBadge(rec) {
-  if (!state.enabled) return;
+  if (!state.enabled || !worthBadge(rec)) return;
   const node = findNode(rec.display_node ?? rec.node);
   if (!node) return;
-  node.badges = (node.badges || []).filter((b) => !b.quantloraVram);
-  node.badges.push(badgeFor(rec));
+  ensureSlot(node);
+  records.set(node, new VramBadge(`VRAM peak ${fmt(rec.peak_allocated)}`, BADGE_BG, rec));
   state.badged.add(node.id);
-  app.graph.setDirtyCanvas(true, false);
+  changed(node);
 }
 
 function clearBadges() {
   for (const id of state.badged) {
     const node = findNode(id);
-    if (node?.badges) node.badges = node.badges.filter((b) => !b.quantloraVram);
+    if (node) records.delete(node);
   }
   state.badged.clear();
-  app.graph?.setDirtyCanvas(true, false);
+  changed(null);
 }
 
 function apply() {
   if (!state.el) return;
   state.el.style.display = state.enabled ? "flex" : "none";
   if (state.enabled) {
+    place();
     if (state.last) render(state.last, state.el.dataset.source || "route");
     schedule(0);
   } else {
@@ -260,6 +396,9 @@ if (!globalThis[GUARD]) {
         onChange: (v) => { state.refreshS = Math.max(1, Number(v) || 5); if (state.el) schedule(state.refreshS * 1000); },
       },
     ],
+    nodeCreated(node) {
+      ensureSlot(node);
+    },
     async setup() {
       const s = app.extensionManager?.setting;
       if (s) {
@@ -273,7 +412,6 @@ if (!globalThis[GUARD]) {
         state.runPeak = detail;
         if (state.last) render(state.last, "prompt");
       });
-      api.addEventListener("execution_start", () => { clearBadges(); });
       document.addEventListener("visibilitychange", () => (document.hidden ? stopTimer() : schedule(0)));
       apply();
     },
