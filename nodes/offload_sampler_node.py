@@ -66,6 +66,7 @@ from comfy_api.latest import io, ui
 from ..errors import QuantLoRAError, check_choice
 from ..quant import oom
 from ..quant import offload as off
+from ..quant import streaming
 from . import comfy_door
 from .search_aliases import search_aliases
 
@@ -82,10 +83,34 @@ _CLONES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # input patc
 @dataclass(frozen=True)
 class Plan:
     mode: str            # resolved: none | model | block | leaf
-    blocks_per_group: int
+    blocks_per_group: int  # block mode: streamed blocks copied ahead of use
     active: bool         # False: no CUDA device, sampling runs as plain KSampler
     auto: bool
     reason: str = ""
+    budget: int | None = None       # block mode: device bytes for the weights (None: stream every block)
+    residency: object = None        # block mode: streaming.Residency for that budget
+    nonblock: int = 0
+    model_bytes: int = 0
+    predicted_ratio: float | None = None  # step time / fully resident step time (transfer floor)
+    bandwidth: float | None = None  # pinned host-to-device bytes/s the prediction used
+    resident_s: float | None = None  # estimated fully resident step
+
+    def describe(self) -> str:
+        """What the plan keeps resident and what it predicts (the node's UI text and log)."""
+        r = self.residency
+        if r is None:
+            return self.reason
+        share = (self.nonblock + r.resident_bytes) / max(self.model_bytes, 1)
+        parts = [f"{r.n_resident}/{r.n_blocks} blocks resident ({share:.0%} of the weights), "
+                 f"{r.streamed_bytes / GIB:.2f} GiB streamed per step"]
+        if self.predicted_ratio is not None:
+            parts.append(f"predicted {self.predicted_ratio:.2f}x the resident step "
+                         f"(pinned {self.bandwidth / 1e9:.0f} GB/s, resident step ~{self.resident_s:.3f} s)")
+        else:
+            parts.append("predicted step ratio n/a")
+        if self.reason:
+            parts.append(self.reason)
+        return "; ".join(parts)
 
 
 def _diffusion_model(patcher):
@@ -96,7 +121,91 @@ def _diffusion_model(patcher):
     return dm
 
 
-def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: float, latent: dict | None = None) -> Plan:
+def _latent_shape(patcher, latent) -> list | None:
+    if latent is None:
+        return None
+    try:
+        return list(comfy.sample.fix_empty_latent_channels(patcher, latent["samples"]).shape)
+    except Exception:
+        return list(latent["samples"].shape)
+
+
+def sampling_reserve(patcher, latent: dict | None, cfg: float | None = None) -> int:
+    """Device bytes sampling needs beside the weights: ComfyUI's minimum inference memory plus
+    the activations at this latent's size and batch (cond + uncond unless cfg is 1): the larger
+    of ComfyUI's own estimate and the pack's Flux estimate (streaming.flux_activation_bytes)."""
+    reserve = int(mm.minimum_inference_memory())
+    shape = _latent_shape(patcher, latent)
+    if shape is None:
+        return reserve
+    shape = list(shape)
+    if cfg is None or cfg != 1.0:
+        shape[0] *= 2
+    est = 0
+    try:
+        est = int(patcher.model.memory_required(shape))
+    except Exception:  # an architecture without an estimate: the pack's Flux one, or the minimum
+        pass
+    dm = getattr(patcher.model, "diffusion_model", None)
+    hidden = getattr(dm, "hidden_size", None)
+    if isinstance(hidden, int) and len(shape) == 4:
+        img, txt = streaming.flux_tokens(shape)
+        est = max(est, streaming.flux_activation_bytes(img + txt, hidden, shape[0], 2))
+    return reserve + est
+
+
+def _device_bytes_at_rest(patcher) -> int:
+    """What the offload hooks on this model keep on the device between runs (freed if re-planned)."""
+    st = off.offload_state(_diffusion_model(patcher))
+    if st is None:
+        return 0
+    if st.strategy == "stream":
+        return st.nonblock + st.residency.resident_bytes
+    if st.strategy == "model":
+        return st.model_bytes
+    return 0
+
+
+def _card(dev, patcher) -> dict:
+    """Free device memory this run may use (what ComfyUI reports free, plus what the weights of
+    this very model hold there now: ComfyUI's loaded copies of it, and what our offload keeps
+    resident between runs), the pinned copy rate and the matmul rate (both measured once)."""
+    free = int(mm.get_free_memory(dev))
+    ours = False
+    for lm in list(getattr(mm, "current_loaded_models", [])):
+        m = getattr(lm, "model", None)
+        if m is None or getattr(m, "model", None) is not patcher.model:
+            continue
+        if m in _STATE:
+            ours = True
+            continue
+        try:
+            free += int(m.loaded_size())
+        except Exception:
+            pass
+    if ours or off.offload_state(_diffusion_model(patcher)) is not None:
+        free += _device_bytes_at_rest(patcher)
+    return dict(free_bytes=free, bandwidth=streaming.pinned_bandwidth(dev), flops=streaming.matmul_rate(dev))
+
+
+def _predict(dm, residency, latent_shape, card) -> tuple:
+    bw, flops = card.get("bandwidth"), card.get("flops")
+    hidden = getattr(dm, "hidden_size", None)
+    if residency is None or not bw or not flops or not isinstance(hidden, int) or not latent_shape:
+        return None, bw, None
+    img, txt = streaming.flux_tokens(latent_shape)
+    t = streaming.resident_step_seconds(streaming.linear_params(dm), img + txt, hidden, residency.n_blocks,
+                                        latent_shape[0], flops)
+    return streaming.predicted_ratio(residency.streamed_bytes, bw, t), bw, t
+
+
+BUDGET_STEP = 256 << 20  # budgets from free memory are rounded down to this (at most 1/64 of the weights): small changes keep the plan
+
+
+def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: float, latent: dict | None = None,
+                 cfg: float | None = None, card: dict | None = None) -> Plan:
+    """Resolve the node's inputs into a Plan. `card` (free_bytes, bandwidth, flops) is measured on
+    CUDA and can be injected (tests, the benchmark's emulated cards)."""
     dev = torch.device(patcher.load_device)
     cuda = dev.type == "cuda"
     active = cuda or FORCE_ON_CPU
@@ -104,30 +213,43 @@ def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: floa
         raise QuantLoRAError(f"offload_mode {mode!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
     if not active:
         return Plan(mode, blocks_per_group, False, mode == "auto", f"no CUDA device ({dev}): offload is a no-op")
-    if mode != "auto":
+    if mode in ("none", "model", "leaf"):
         return Plan(mode, blocks_per_group, True, False)
-    if comfy_door.is_dynamic(patcher):
+    if mode == "auto" and comfy_door.is_dynamic(patcher):
         # ComfyUI's dynamic VRAM already streams what does not fit: auto leaves placement to it.
         return Plan("none", 1, True, True, "ComfyUI's dynamic VRAM places the weights")
-    sizes = off.tree_sizes(_diffusion_model(patcher))
+    dm = _diffusion_model(patcher)
+    if card is None and cuda:
+        card = _card(dev, patcher)
+    card = card or {}
+    reserve = sampling_reserve(patcher, latent, cfg)
     if vram_budget_gb > 0:
-        budget = int(vram_budget_gb * GIB)
-    elif cuda:
-        budget = mm.get_total_memory(dev) - mm.extra_reserved_memory()
+        total = int(vram_budget_gb * GIB)
+        why = f"budget {total / GIB:.2f} GiB (vram_budget_gb) - {reserve / GIB:.2f} GiB for sampling"
+    elif card.get("free_bytes") is not None:
+        total = int(card["free_bytes"])
+        why = f"budget: {total / GIB:.2f} GiB free - {reserve / GIB:.2f} GiB for sampling"
     else:
-        return Plan("none", 1, True, True, "auto without a budget on the CPU")
-    reserve = mm.minimum_inference_memory()
-    if latent is not None:
-        shape = list(comfy.sample.fix_empty_latent_channels(patcher, latent["samples"]).shape)
-        shape[0] *= 2  # cond + uncond
-        try:
-            reserve += int(patcher.model.memory_required(shape))
-        except Exception:  # an architecture without an estimate: keep ComfyUI's minimum
-            pass
-    picked, bpg = off.pick_mode(budget, sizes.model, sizes.block_max, nonblock_bytes=sizes.nonblock,
-                                reserve_bytes=reserve, stream=cuda, n_blocks=sizes.n_blocks)
-    return Plan(picked, bpg, True, True, f"budget {budget / GIB:.2f} GiB, weights {sizes.model / GIB:.2f} GiB, "
-                                          f"largest block {sizes.block_max / GIB:.3f} GiB, reserve {reserve / GIB:.2f} GiB")
+        total = None
+        why = "no budget (no CUDA device): every block streamed"
+    weights = None if total is None else max(0, total - reserve)
+    model_bytes = off.tree_sizes(dm).model
+    if weights is not None and vram_budget_gb <= 0:
+        step = max(1, min(BUDGET_STEP, model_bytes // 64))
+        weights = weights // step * step
+    lookahead = max(1, int(blocks_per_group))
+    res, nonblock = off.plan_blocks(dm, weights, lookahead)
+    shape = _latent_shape(patcher, latent)
+    if mode == "auto":
+        if weights is None:
+            return Plan("none", 1, True, True, "auto without a budget on the CPU")
+        if model_bytes <= weights:
+            return Plan("none", 1, True, True, f"the weights ({model_bytes / GIB:.2f} GiB) fit: {why}",
+                        model_bytes=model_bytes)
+        if not off.block_lists(dm) or nonblock + res.working_set > weights:
+            return Plan("leaf", 1, True, True, f"not even the streamed blocks fit: {why}", model_bytes=model_bytes)
+    ratio, bw, t = _predict(dm, res, shape, card)
+    return Plan("block", lookahead, True, mode == "auto", why, weights, res, nonblock, model_bytes, ratio, bw, t)
 
 
 # ---------- ComfyUI model management (every write goes through comfy_door) ----------
@@ -154,12 +276,23 @@ def offload_state_of(patcher) -> off.OffloadState | None:
 
 def _install(patcher, plan: Plan) -> off.OffloadState:
     dm = _diffusion_model(patcher)
-    spec = off.make_spec(plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group)
+    spec = off.make_spec(plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group,
+                         budget=plan.budget)
     st = off.offload_state(dm)
     mine = _STATE.get(patcher)
-    if st is not None and st is mine and off.is_current(dm, spec) and comfy_door.weights_patched_for(patcher):
-        comfy_door.mark_resident(patcher, st.working_set)
-        return st
+    if st is not None and st is mine and comfy_door.weights_patched_for(patcher):
+        if off.is_current(dm, spec):
+            comfy_door.mark_resident(patcher, st.working_set)
+            return st
+        if st.strategy == "stream" and plan.mode == "block" and st.tensor_ids == off.tensor_ids(dm):
+            # only the budget changed: blocks move between the device and pinned memory in place
+            st = off.apply_offload(dm, "block", patcher.load_device, patcher.offload_device, plan.blocks_per_group,
+                                   budget=plan.budget)
+            if st.strategy == "stream":
+                _STATE[patcher] = st
+                comfy_door.mark_resident(patcher, st.working_set)
+                _log_state(st)
+                return st
     if st is not None and not patcher.patches and off.is_current(dm, spec):
         # Another clone of these weights (e.g. the same model with another LoRA set) left the same
         # offload on them and neither has ComfyUI weight patches: take the hooks (and pinned memory)
@@ -178,13 +311,23 @@ def _install(patcher, plan: Plan) -> off.OffloadState:
         with torch.no_grad():
             for key in list(patcher.patches):
                 patcher.patch_weight_to_device(key, device_to=None)  # ComfyUI's own patching, on the host copy
-        st = off.apply_offload(dm, plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group)
-        log.info("QuantLoRA offload: %s (%s), %.3f of %.2f GiB of weights resident while sampling",
-                 st.mode, st.strategy, st.working_set / GIB, st.model_bytes / GIB)
+        st = off.apply_offload(dm, plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group,
+                               budget=plan.budget)
+        _log_state(st)
     _STATE[patcher] = st
     setattr(dm, _OWNER, weakref.ref(patcher))
     comfy_door.mark_resident(patcher, st.working_set)
     return st
+
+
+def _log_state(st: off.OffloadState) -> None:
+    if st.strategy == "stream":
+        log.info("QuantLoRA offload: block (streamed), %d/%d blocks resident, %.2f GiB streamed per step, "
+                 "%.3f of %.2f GiB of weights on the device while sampling", st.n_resident, st.n_blocks,
+                 st.streamed_bytes / GIB, st.working_set / GIB, st.model_bytes / GIB)
+    else:
+        log.info("QuantLoRA offload: %s (%s), %.3f of %.2f GiB of weights resident while sampling",
+                 st.mode, st.strategy, st.working_set / GIB, st.model_bytes / GIB)
 
 
 def _sync_lora(patcher, model_options) -> None:
@@ -242,10 +385,12 @@ def _prepare_args(args, kwargs):
     return model, model_options
 
 
-def _offload_wrapper(plan: Plan):
+def _offload_wrapper(holder: dict):
+    """holder["plan"]: the plan of the run in progress (the clone and its wrapper are reused across
+    runs; the budget may change between them)."""
     def prepare_sampling(executor, *args, **kwargs):
         model, model_options = _prepare_args(args, kwargs)
-        _install(model, plan)
+        _install(model, holder["plan"])
         _sync_lora(model, model_options)
         _LOADING.add(model)
         try:
@@ -279,13 +424,15 @@ def offload_patcher(model, plan: Plan):
     cached = _CLONES.get(model)
     if cached is not None:
         if cached[0] == settings:
+            cached[2]["plan"] = plan
             return cached[1]
         unload(cached[1])  # through ComfyUI: its callback takes the old hooks off
     p = src.clone()
     comfy_door.own_patcher(p)  # lives exactly as long as `model` (held by _CLONES); no LoadedModel hand-over
-    p.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, _offload_wrapper(plan))
+    holder = {"plan": plan}
+    p.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, _offload_wrapper(holder))
     p.add_callback_with_key(pe.CallbacksMP.ON_DETACH, KEY, _on_detach)
-    _CLONES[model] = (settings, p)
+    _CLONES[model] = (settings, p, holder)
     return p
 
 
@@ -294,7 +441,7 @@ def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
     """(latent dict, report text)."""
     import nodes  # ComfyUI's nodes.py
 
-    plan = plan_offload(model, offload_mode, blocks_per_group, vram_budget_gb, latent_image)
+    plan = plan_offload(model, offload_mode, blocks_per_group, vram_budget_gb, latent_image, cfg=cfg)
     dev = torch.device(model.load_device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -314,15 +461,17 @@ def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
 
         raise sampling_oom(patcher, tuple(latent_image["samples"].shape), failed, plan.mode if plan.active else None)
     mode = f"{plan.mode}{' (auto)' if plan.auto else ''}" if plan.active else offload_mode
-    if plan.mode == "block":
+    if plan.mode == "block" and plan.active:
         st = _STATE.get(patcher)
-        mode += f", {plan.blocks_per_group} block(s)/group" + (", side stream" if st and st.spec.use_stream else "")
+        mode += f", prefetch {plan.blocks_per_group}" + (", side stream" if st and st.spec.use_stream else "")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         text = f"offload {mode}: peak VRAM {torch.cuda.max_memory_allocated(dev) / GIB:.2f} GiB"
     else:
         text = f"offload {mode}: peak VRAM n/a ({plan.reason or 'no CUDA device'})"
-    if plan.auto and plan.reason and dev.type == "cuda":
+    if plan.active and plan.mode == "block" and plan.residency is not None:
+        text += f" [{plan.describe()}]"
+    elif plan.auto and plan.reason and dev.type == "cuda":
         text += f" [{plan.reason}]"
     log.info("CPUOffloadSampler: %s", text)
     return latent, text
@@ -363,15 +512,20 @@ class CPUOffloadSampler(io.ComfyNode):
                                        "input latent (image to image)."),
                 io.Combo.Input("offload_mode", options=OFFLOAD_MODES, default="auto",
                                tooltip="none: stock. model: whole transformer on the GPU only while sampling. "
-                                       "block: groups of blocks streamed in ahead of use. leaf: one layer at a time "
-                                       "(lowest VRAM). auto: the least offloading that fits vram_budget_gb. "
-                                       "No-op without a CUDA device."),
+                                       "block: as many transformer blocks as the budget allows stay on the GPU, the "
+                                       "rest are streamed in ahead of use from pinned memory on a side stream (every "
+                                       "weight kind: bf16, fp8, NF4/int8, torchao, quanto). leaf: one layer at a "
+                                       "time (lowest VRAM). auto: none if the model fits, else block filling the "
+                                       "card, else leaf; the UI text says what it chose, how much is resident and "
+                                       "the predicted step ratio. No-op without a CUDA device."),
                 io.Int.Input("blocks_per_group", default=1, min=1, max=64,
-                             tooltip="block mode: blocks moved together. 1 overlaps transfer with compute on a "
-                                     "side stream; more than 1 transfers synchronously."),
+                             tooltip="block mode: how many streamed blocks are copied ahead of use (1: the next "
+                                     "one, enough when the streamed blocks are spread between resident ones). More "
+                                     "keeps more copies in flight: fewer stalls, less room for resident blocks."),
                 io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5,
-                               tooltip="auto mode: the VRAM the weights and activations may use (0 = the GPU's "
-                                       "total memory)."),
+                               tooltip="auto and block modes: the VRAM the weights and activations may use. 0 = "
+                                       "the GPU's free memory now (what this model already holds there included); "
+                                       "the activations for this latent's size and batch are set aside from it."),
             ],
             outputs=[io.Latent.Output()],
         )

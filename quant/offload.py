@@ -46,6 +46,7 @@ MODES = ("none", "model", "block", "leaf")
 _MARK = "_quantlora_offload"
 _MOVE_HOOK = "quantlora_offload_moves"
 _DIFFUSERS_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+_STREAM_HOOK = "quantlora_stream"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class OffloadSpec:
     blocks_per_group: int = 1
     use_stream: bool = False
     pin: bool = True
+    budget: int | None = None   # block mode: device bytes the weights may use (None: stream every block)
 
 
 @dataclass
@@ -66,6 +68,26 @@ class OffloadState:
     working_set: int       # weight bytes on the onload device while a forward runs
     model_bytes: int
     tensor_ids: frozenset  # the tensors the hooks were built on (streamed groups key pinned copies by them)
+    residency: object = None   # block mode: streaming.Residency (which blocks stream)
+    streamer: object = None    # block mode: streaming.BlockStreamer
+    nonblock: int = 0
+
+    @property
+    def n_blocks(self) -> int:
+        return self.residency.n_blocks if self.residency is not None else 0
+
+    @property
+    def n_resident(self) -> int:
+        return self.residency.n_resident if self.residency is not None else 0
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Weight bytes copied to the device per forward."""
+        if self.residency is not None:
+            return self.residency.streamed_bytes
+        if self.strategy == "model":
+            return 0
+        return self.model_bytes  # leaf: everything, every forward
 
 
 @dataclass
@@ -126,7 +148,7 @@ def needs_module_moves(root: nn.Module) -> bool:
     return any(not _diffusers_movable(t) for t in (*root.parameters(), *root.buffers()))
 
 
-def _tensor_ids(root: nn.Module) -> frozenset:
+def tensor_ids(root: nn.Module) -> frozenset:
     return frozenset(id(t) for t in (*root.parameters(), *root.buffers()))
 
 
@@ -200,55 +222,79 @@ def _apply_moves(root: nn.Module, mode: str, spec: OffloadSpec) -> None:
 
 
 def make_spec(mode: str, onload, offload="cpu", blocks_per_group: int = 1, use_stream: bool | None = None,
-              pin: bool = True) -> OffloadSpec:
+              pin: bool = True, budget: int | None = None) -> OffloadSpec:
     if mode not in MODES:
         raise QuantLoRAError(f"offload mode {mode!r}: choose one of {', '.join(MODES)}.")
     onload, offload = torch.device(onload), torch.device(offload)
     bpg = max(1, int(blocks_per_group))
     stream = onload.type == "cuda" if use_stream is None else (bool(use_stream) and onload.type == "cuda")
-    if mode == "block" and bpg > 1:
-        stream = False  # diffusers' stream prefetch handles groups of one block
-    return OffloadSpec(mode, onload, offload, bpg if mode == "block" else 1, stream, pin)
+    budget = None if budget is None or mode != "block" else max(0, int(budget))
+    return OffloadSpec(mode, onload, offload, bpg if mode == "block" else 1, stream, pin, budget)
 
 
 def is_current(root: nn.Module, spec: OffloadSpec) -> bool:
     """The tree is offloaded with `spec`, on the very tensors the hooks were built on."""
     st = offload_state(root)
-    return st is not None and st.spec == spec and st.tensor_ids == _tensor_ids(root)
+    return st is not None and st.spec == spec and st.tensor_ids == tensor_ids(root)
+
+
+def flat_blocks(root: nn.Module) -> list[nn.Module]:
+    """Every block of the top-level block lists, in forward order (Flux: double, then single)."""
+    return [b for _, lst in block_lists(root) for b in lst]
+
+
+def plan_blocks(root: nn.Module, budget: int | None, lookahead: int = 1):
+    """(Residency, non-block bytes) for `root` under a device budget for its weights."""
+    from .streaming import plan_residency
+
+    blocks = flat_blocks(root)
+    sizes = [module_bytes(b) for b in blocks]
+    nonblock = module_bytes(root) - sum(sizes)
+    room = None if budget is None else max(0, budget - nonblock)
+    return plan_residency(sizes, room, lookahead), nonblock
 
 
 def apply_offload(root: nn.Module, mode: str, onload, offload="cpu", blocks_per_group: int = 1,
-                  use_stream: bool | None = None, pin: bool = True) -> OffloadState | None:
+                  use_stream: bool | None = None, pin: bool = True, budget: int | None = None) -> OffloadState | None:
     """Put `root` under offload `mode`; returns its state (None for "none"). Same settings twice:
-    no-op. Other settings: the old offload is removed first."""
-    spec = make_spec(mode, onload, offload, blocks_per_group, use_stream, pin)
+    no-op. Block mode with only another budget: the residency changes in place (blocks move
+    between the device and pinned memory; nothing is rebuilt). Other settings: the old offload
+    is removed first.
+
+    block: the blocks that fit `budget` (device bytes for the weights, in-flight copies
+    included; None streams every block) stay on the device, the rest are streamed
+    (quant/streaming.py); blocks_per_group is how many streamed blocks are copied ahead."""
+    spec = make_spec(mode, onload, offload, blocks_per_group, use_stream, pin, budget)
     old = offload_state(root)
     if old is not None:
         if is_current(root, spec):
             return old
+        if (old.strategy == "stream" and mode == "block" and old.tensor_ids == tensor_ids(root)
+                and old.spec.__class__(**{**old.spec.__dict__, "budget": spec.budget}) == spec):
+            return _replan(root, old, spec)
         remove_offload(root)
     if mode == "none":
         return None
     sizes = tree_sizes(root)
     if mode == "model":
         root.to(onload)
-        state = OffloadState(spec, "model", "model", sizes.model, sizes.model, _tensor_ids(root))
+        state = OffloadState(spec, "model", "model", sizes.model, sizes.model, tensor_ids(root))
         setattr(root, _MARK, state)
         return state
     eff = mode if (mode == "leaf" or block_lists(root)) else "leaf"
     root.to(offload)
+    if eff == "block":
+        return _apply_stream(root, spec, sizes)
     if needs_module_moves(root):
         strategy = "moves"
         _apply_moves(root, eff, spec)
-        work = sizes.nonblock + spec.blocks_per_group * sizes.block_max if eff == "block" else sizes.leaf_max
+        work = sizes.leaf_max
     else:
         from diffusers.hooks import apply_group_offloading
 
         strategy = "diffusers"
         apply_group_offloading(
-            root, onload_device=onload, offload_device=offload,
-            offload_type="block_level" if eff == "block" else "leaf_level",
-            num_blocks_per_group=spec.blocks_per_group if eff == "block" else None,
+            root, onload_device=onload, offload_device=offload, offload_type="leaf_level",
             non_blocking=spec.use_stream, use_stream=spec.use_stream, low_cpu_mem_usage=not spec.pin,
             # record_stream: a finished group's GPU copy is freed once the compute stream is past it,
             # instead of a host sync after every group (which would stall kernel launches)
@@ -256,13 +302,41 @@ def apply_offload(root: nn.Module, mode: str, onload, offload="cpu", blocks_per_
             exclude_kwargs=["transformer_options"])  # ComfyUI's per-call dict: pass it through, never copy it
         if spec.use_stream:
             _stream_buffers_follow(root)
-        if eff == "block":
-            # streamed: the running block, the one being prefetched, and one whose memory waits for the
-            # compute stream (record_stream)
-            work = sizes.nonblock + (3 if spec.use_stream else spec.blocks_per_group) * sizes.block_max
-        else:
-            work = (3 if spec.use_stream else 1) * sizes.leaf_max
-    state = OffloadState(spec, eff, strategy, min(work, sizes.model), sizes.model, _tensor_ids(root))
+        work = (3 if spec.use_stream else 1) * sizes.leaf_max
+    state = OffloadState(spec, eff, strategy, min(work, sizes.model), sizes.model, tensor_ids(root))
+    setattr(root, _MARK, state)
+    return state
+
+
+def _top_parts(root: nn.Module) -> list[nn.Module]:
+    in_lists = {id(c) for _, c in block_lists(root)}
+    return [c for _, c in root.named_children() if id(c) not in in_lists]
+
+
+def _apply_stream(root: nn.Module, spec: OffloadSpec, sizes: TreeSizes) -> OffloadState:
+    from . import streaming
+
+    res, nonblock = plan_blocks(root, spec.budget, spec.blocks_per_group)
+    for part in _top_parts(root):
+        part.to(spec.onload)
+    root._apply(lambda t: t.to(spec.onload), recurse=False)
+    blocks = flat_blocks(root)
+    streamer = streaming.BlockStreamer(blocks, res.streamed, spec.onload, spec.blocks_per_group, spec.pin)
+    streaming.install_hooks(root, blocks, streamer)
+    work = min(nonblock + res.working_set, sizes.model)
+    state = OffloadState(spec, "block", "stream", work, sizes.model, tensor_ids(root), res, streamer, nonblock)
+    setattr(root, _MARK, state)
+    log.debug("QuantLoRA offload: %d of %d blocks resident, %.2f GiB streamed per forward",
+              res.n_resident, res.n_blocks, res.streamed_bytes / 2 ** 30)
+    return state
+
+
+def _replan(root: nn.Module, old: OffloadState, spec: OffloadSpec) -> OffloadState:
+    res, nonblock = plan_blocks(root, spec.budget, spec.blocks_per_group)
+    if res.streamed != old.residency.streamed:
+        old.streamer.set_streamed(res.streamed)
+    state = OffloadState(spec, "block", "stream", min(nonblock + res.working_set, old.model_bytes), old.model_bytes,
+                         tensor_ids(root), res, old.streamer, nonblock)
     setattr(root, _MARK, state)
     return state
 
@@ -324,10 +398,12 @@ def remove_offload(root: nn.Module) -> bool:
         from diffusers.hooks import HookRegistry
 
         reg = HookRegistry.check_if_exists_or_initialize(root)
-        for name in (*_DIFFUSERS_HOOKS, _MOVE_HOOK):
+        for name in (*_DIFFUSERS_HOOKS, _MOVE_HOOK, _STREAM_HOOK):
             reg.remove_hook(name, recurse=True)
         _strip_empty_registries(root)
-        if state.spec.use_stream:
+        if state.streamer is not None:
+            state.streamer.to_pageable()
+        elif state.spec.use_stream:
             _unpin(root)
     root.to(state.spec.offload)
     delattr(root, _MARK)

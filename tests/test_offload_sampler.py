@@ -32,7 +32,9 @@ def flux_file(comfy, tmp_path_factory):
     # two blocks of each kind on ComfyUI v0.33+ (hidden 128); 0.3.75 builds Flux only at hidden 3072,
     # where one of each keeps the CPU runs short (two block groups all the same)
     depth = 2 if dm.comfy_detects_width() else 1
-    CFG, path = write_tiny_flux(tmp_path_factory, "flux.safetensors", seed=7, depth=depth, depth_single_blocks=depth,
+    # six single blocks at hidden 128: enough blocks for a budget to keep some resident and stream the rest
+    CFG, path = write_tiny_flux(tmp_path_factory, "flux.safetensors", seed=7, depth=depth,
+                                depth_single_blocks=6 if depth == 2 else 1,
                                 **{k: v for k, v in dm.demo_flux_config().items() if k != "depth"
                                    and k != "depth_single_blocks"})
     return path
@@ -123,8 +125,11 @@ def probe(comfy, monkeypatch):
             return orig(*a, **k)
         monkeypatch.setattr(cls, name, f)
 
+    from quantlora.quant import streaming
+
     counting(GroupOffloadingHook, "pre_forward", "hooks")
     counting(off._MoveHook, "pre_forward", "hooks")
+    counting(streaming._StreamHook, "pre_forward", "hooks")
     counting(comfy.model_patcher.ModelPatcher, "load", "comfy_load")
     return calls
 
@@ -161,8 +166,8 @@ def test_offload_roundtrip_on_cpu(flux_file, monkeypatch, mode, strategy):
     from quantlora.quant import offload as off
 
     if strategy == "moves":
-        if mode == "model":
-            pytest.skip("model mode is a plain move")
+        if mode != "leaf":
+            pytest.skip("model mode is a plain move; block mode streams every weight kind itself")
         monkeypatch.setattr(off, "needs_module_moves", lambda root: True)
     dm = load(flux_file).model.diffusion_model.eval()
     inp = flux_inputs(CFG, seed=3)
@@ -170,10 +175,11 @@ def test_offload_roundtrip_on_cpu(flux_file, monkeypatch, mode, strategy):
     # groups of two blocks where the lists have two (one block each on 0.3.75: a group of two would be all)
     bpg = 2 if mode == "block" and CFG["depth"] > 1 else 1
     st = off.apply_offload(dm, mode, "cpu", "cpu", blocks_per_group=bpg)
-    assert st.strategy == ("model" if mode == "model" else strategy) and st.mode == mode
+    assert st.strategy == {"model": "model", "block": "stream"}.get(mode, strategy) and st.mode == mode
     assert 0 < st.working_set <= st.model_bytes
     if mode != "model":
-        assert st.working_set < st.model_bytes and hooked(dm) > 0
+        # block: the copies in flight (lookahead + 2 blocks) are as large as this tiny tree's four blocks
+        assert (st.working_set < st.model_bytes or mode == "block") and hooked(dm) > 0
     assert off.apply_offload(dm, mode, "cpu", "cpu", blocks_per_group=bpg) is st  # idempotent
     assert torch.equal(comfy_forward(dm, inp), ref)
     assert torch.equal(comfy_forward(dm, inp), ref)  # second pass: prefetch order known, groups at rest again
@@ -245,33 +251,41 @@ def test_quantized_variants_under_offload(flux_file, forced, probe, quantization
         out, _ = osample(model, mode, steps=2)
         assert probe["hooks"] > 0 and probe["comfy_load"] == 0, probe
         st = off.offload_state(model.model.diffusion_model)
-        assert st.strategy == ("diffusers" if quantization.startswith("torchao") else "moves")
+        assert st.strategy == ("stream" if mode == "block" else
+                               "diffusers" if quantization.startswith("torchao") else "moves")
         assert torch.equal(out, ref), f"{quantization} {mode}"
     assert torch.equal(ksample(model, steps=2), ref)
 
 
-def test_blocks_per_group_and_auto_budget(flux_file, forced):
-    import comfy.model_management as mm
+def test_prefetch_depth_and_auto_budget(flux_file, forced):
     from quantlora.quant import offload as off
 
     node = forced
     model = load(flux_file)
     ref = ksample(model)
     out, text = osample(model, "block", blocks_per_group=2)
-    assert torch.equal(out, ref) and "2 block(s)/group" in text
-    assert off.offload_state(model.model.diffusion_model).spec.blocks_per_group == 2
+    assert torch.equal(out, ref) and "prefetch 2" in text, text
+    st = off.offload_state(model.model.diffusion_model)
+    assert st.spec.blocks_per_group == 2 and st.strategy == "stream" and st.n_resident == 0  # no budget on the CPU
     sizes = off.tree_sizes(model.model.diffusion_model)
-    reserve = mm.minimum_inference_memory() + model.model.memory_required([2, 16, 16, 16])
-    # room for two and a half of the largest block (one and a fifth where each list has one block:
-    # two would hold the whole model there)
-    fit, extra = (2, 0.5) if CFG["depth"] > 1 else (1, 0.2)
-    gb = (reserve + sizes.nonblock + (fit + extra) * sizes.block_max) / 2 ** 30
-    plan = node.plan_offload(model, "auto", 1, gb, LATENT)
-    assert (plan.mode, plan.blocks_per_group) == ("block", fit)  # no stream on the CPU: as many blocks as fit
+    reserve = node.sampling_reserve(model, LATENT, 1.5)
+    # an explicit budget: the weights beside the reserve, a little less than all of them
+    gb = (reserve + sizes.model - 4096) / 2 ** 30
+    plan = node.plan_offload(model, "auto", 1, gb, LATENT, cfg=1.5)
+    assert plan.mode == "block" and plan.budget == int(gb * 2 ** 30) - reserve
+    assert plan.nonblock + plan.residency.working_set <= plan.budget
+    if CFG["depth"] > 1:
+        assert 0 < plan.residency.n_resident < plan.residency.n_blocks, plan.residency
     assert node.plan_offload(model, "auto", 1, 1e-6, LATENT).mode == "leaf"
     assert node.plan_offload(model, "auto", 1, 1000.0, LATENT).mode == "none"
     out, text = osample(model, "auto", budget=gb)
-    assert torch.equal(out, ref) and text.startswith("offload block (auto)")
+    assert torch.equal(out, ref) and text.startswith("offload block (auto)") and "resident" in text, text
+    st = off.offload_state(model.model.diffusion_model)
+    assert st.spec.budget == plan.budget
+    # a bigger budget re-plans the same hooks in place, same latent
+    out, text = osample(model, "auto", budget=(reserve + sizes.nonblock + 3 * sizes.block_max) / 2 ** 30)
+    st2 = off.offload_state(model.model.diffusion_model)
+    assert torch.equal(out, ref) and st2.streamer is st.streamer and st2.spec.budget != st.spec.budget
 
 
 def test_stock_lora_patches_under_offload(flux_file, lora_files, forced):

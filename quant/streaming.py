@@ -1,0 +1,571 @@
+"""Budget-filling block streaming: the blocks that fit the VRAM budget stay on the GPU, the rest
+live in pinned host memory and are copied in ahead of use on a side CUDA stream, for every weight
+kind (plain / fp8-cast tensors, bitsandbytes NF4/int8 with their quantization state, torchao and
+optimum-quanto tensor subclasses).
+
+How one streamed block moves (a `_Unit`):
+- At set-up every tensor the block's modules need is found (`_refs`): parameters and buffers
+  (swapped through `.data`, so the objects others hold, e.g. LoRA slot buffers, stay the same);
+  tensors hanging off bitsandbytes objects (Params4bit.quant_state.absmax/code/offset and the
+  nested state2, Int8Params.CB/SCB, Linear8bitLt.state.CB/SCB) (swapped with setattr); tensor
+  subclasses (torchao, quanto) are flattened through `__tensor_flatten__` into plain inner tensors
+  and rebuilt with `__tensor_unflatten__` around the device copies. Tensors sharing storage
+  (Int8Params.data and .CB) share one host copy and one device copy.
+- The host copies ("leaves") are packed into pinned arena chunks (CUDA only; no per-tensor
+  power-of-two rounding of torch's pinned allocator) and become the block's tensors at rest, so a
+  write while offloaded (a LoRA swap into slot buffers) lands where the next copy reads.
+- Onload: empty device tensors on the side stream, `copy_(non_blocking=True)` from the pinned
+  leaves, an event; the compute stream waits on that event and `record_stream`s the copies.
+  Offload: the references go back to the pinned leaves, the device copies are dropped (their
+  memory is reused once the compute stream is past them) and a "done" event is recorded. Before a
+  new prefetch allocates, the host waits for the oldest "done" so at most lookahead + 2 blocks'
+  copies exist (the running one, the prefetched ones, one awaiting release).
+- Without CUDA (device cpu) the very same code runs: no pinning, no stream, no events (each guarded
+  by `self.stream is not None`), and "device copies" are plain copies, so CPU tests go through
+  every line that moves a tensor.
+
+Prefetch order is the blocks' order in their lists (Flux: double then single blocks). Streamed
+blocks are spread evenly over that order (`plan_residency`), so each copy has the compute of the
+resident blocks before it to hide behind. A forward's first streamed block is prefetched when the
+forward starts (never across forwards: the host copies may be rewritten between forwards). A
+block reached out of the planned order is loaded on the spot.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger("quantlora")
+
+HOOK = "quantlora_stream"
+ALIGN = 512
+CHUNK = 1 << 30
+
+
+# ---------------------------------------------------------------- residency planning
+@dataclass(frozen=True)
+class Residency:
+    streamed: tuple        # indices (into the flat block order) of the blocks streamed each forward
+    resident_bytes: int    # block weights kept on the device
+    streamed_bytes: int    # block weights copied in per forward
+    inflight_bytes: int    # device room the streamed copies need at once
+    n_blocks: int
+
+    @property
+    def n_resident(self) -> int:
+        return self.n_blocks - len(self.streamed)
+
+    @property
+    def working_set(self) -> int:  # block part only; add the non-block parts
+        return self.resident_bytes + self.inflight_bytes
+
+
+def plan_residency(block_bytes: list[int], room: int | None, lookahead: int = 1) -> Residency:
+    """Which blocks to stream so that resident blocks + in-flight copies fit `room` bytes (the
+    budget left after the non-block parts and the activations). room None: stream every block.
+    The streamed blocks are spread evenly over the order (error diffusion on bytes), so copies
+    overlap the compute of the resident blocks between them."""
+    n = len(block_bytes)
+    total = sum(block_bytes)
+    slots = lookahead + 2
+
+    def build(streamed):
+        s = tuple(sorted(streamed))
+        sb = sum(block_bytes[i] for i in s)
+        infl = min(slots, len(s)) * max((block_bytes[i] for i in s), default=0)
+        return Residency(s, total - sb, sb, infl, n)
+
+    if room is None:
+        return build(range(n))
+    if total <= room:
+        return build(())
+    best = build(range(n))
+    # Streaming only the smaller blocks (Flux: the single blocks) keeps smaller copies in flight;
+    # try each size class as the largest streamed one and keep the plan that streams least.
+    for cap in sorted(set(block_bytes)):
+        eligible = [i for i in range(n) if block_bytes[i] <= cap]
+        lo, hi, fit = 0.0, 1.0, None
+        for _ in range(30):  # the smallest streamed fraction (of the eligible bytes) whose plan fits
+            phi = (lo + hi) / 2
+            acc, pick = 0.0, []
+            for i in eligible:
+                b = block_bytes[i]
+                acc += phi * b
+                if acc >= b / 2:
+                    pick.append(i)
+                    acc -= b
+            r = build(pick)
+            if r.working_set <= room:
+                fit, hi = r, phi
+            else:
+                lo = phi
+        if fit is None:
+            r = build(eligible)
+            fit = r if r.working_set <= room else None
+        if fit is not None and (best.working_set > room or fit.streamed_bytes < best.streamed_bytes):
+            best = fit
+    return best
+
+
+# ---------------------------------------------------------------- finding every tensor a module needs
+def _plain(t) -> bool:
+    return isinstance(t, torch.Tensor) and type(t.data) is torch.Tensor and (
+        type(t) in (torch.Tensor, nn.Parameter) or isinstance(t, nn.Parameter))
+
+
+def _is_bnb_obj(o) -> bool:
+    mod = getattr(type(o), "__module__", "") or ""
+    return mod.startswith("bitsandbytes") and not isinstance(o, (nn.Module, torch.Tensor))
+
+
+def _flatten(t):
+    """(plain leaves, rebuild(iterator of leaves) -> tensor) for a tensor subclass."""
+    if _plain(t) or getattr(type(t), "__tensor_flatten__", None) is None:
+        return [t.data if isinstance(t, nn.Parameter) else t], lambda it: next(it)
+    names, ctx = t.__tensor_flatten__()
+    parts = [_flatten(getattr(t, n)) for n in names]
+    cls, size, stride = type(t), t.size(), t.stride()
+
+    def rebuild(it):
+        inner = {n: r(it) for n, (_, r) in zip(names, parts)}
+        return cls.__tensor_unflatten__(inner, ctx, size, stride)
+
+    return [leaf for ls, _ in parts for leaf in ls], rebuild
+
+
+@dataclass
+class _Ref:
+    kind: str        # "data": target.data = x | "attr": setattr(target, name, x) | "wrap": module.<registry>[name] = rebuilt
+    target: object
+    name: str
+    idx: tuple       # indices into the unit's leaves
+    rebuild: object = None
+    param: bool = False
+    requires_grad: bool = False
+    host_obj: object = None   # "wrap": the tensor at rest (rebuilt around the host leaves)
+
+
+def _key(t: torch.Tensor):
+    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device)
+
+
+class _Leaves:
+    def __init__(self):
+        self.tensors: list[torch.Tensor] = []
+        self.index: dict = {}
+
+    def add(self, t: torch.Tensor) -> int:
+        k = _key(t)
+        if k not in self.index:
+            self.index[k] = len(self.tensors)
+            self.tensors.append(t)
+        return self.index[k]
+
+
+def _bnb_refs(obj, leaves: _Leaves, out: list, seen: set, depth: int = 0) -> None:
+    if depth > 3 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for name, v in list(vars(obj).items()):
+        if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and type(v) is torch.Tensor:
+            out.append(_Ref("attr", obj, name, (leaves.add(v),)))
+        elif _is_bnb_obj(v):
+            _bnb_refs(v, leaves, out, seen, depth + 1)
+
+
+def _refs(block: nn.Module, leaves: _Leaves) -> list[_Ref]:
+    out: list[_Ref] = []
+    seen: set = set()
+    done: set = set()
+    for m in block.modules():
+        for registry, is_param in ((m._parameters, True), (m._buffers, False)):
+            for name, t in list(registry.items()):
+                if t is None:
+                    continue
+                if _plain(t):
+                    if id(t) not in done:  # a tensor registered twice moves once
+                        done.add(id(t))
+                        out.append(_Ref("data", t, name, (leaves.add(t.data),)))
+                    if is_param:  # bitsandbytes: quant_state, CB, SCB on the parameter
+                        _bnb_refs_param(t, leaves, out, seen)
+                else:
+                    flat, rebuild = _flatten(t)
+                    out.append(_Ref("wrap", m, name, tuple(leaves.add(x) for x in flat), rebuild, is_param,
+                                    bool(getattr(t, "requires_grad", False)), t))
+        for name, v in list(vars(m).items()):  # Linear8bitLt.state (MatmulLtState: CB, SCB)
+            if _is_bnb_obj(v):
+                _bnb_refs(v, leaves, out, seen)
+    return out
+
+
+def _bnb_refs_param(p, leaves, out, seen):
+    if id(p) in seen:
+        return
+    seen.add(id(p))
+    for name, v in list(vars(p).items()):
+        if isinstance(v, torch.Tensor) and type(v) is torch.Tensor:
+            out.append(_Ref("attr", p, name, (leaves.add(v),)))
+        elif _is_bnb_obj(v):
+            _bnb_refs(v, leaves, out, seen)
+
+
+# ---------------------------------------------------------------- pinned host memory
+class _PinnedArena:
+    """Pinned host chunks that leaves are packed into (CUDA only)."""
+
+    def __init__(self, chunk: int = CHUNK):
+        self.chunk, self.bufs, self.cur, self.off = chunk, [], None, 0
+        self.bytes = 0
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        if not t.is_contiguous() or n == 0:
+            return t.pin_memory()
+        if n > self.chunk // 4:
+            buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            self.bufs.append(buf)
+            self.bytes += n
+            view = buf
+        else:
+            if self.cur is None or self.off + n > self.cur.numel():
+                self.cur, self.off = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True), 0
+                self.bufs.append(self.cur)
+                self.bytes += self.chunk
+            view = self.cur[self.off:self.off + n]
+            self.off += (n + ALIGN - 1) // ALIGN * ALIGN
+        out = view.view(t.dtype).view(t.shape)
+        out.copy_(t)
+        return out
+
+
+# ---------------------------------------------------------------- one streamed block
+class _Unit:
+    def __init__(self, index: int, module: nn.Module):
+        self.index, self.module = index, module
+        leaves = _Leaves()
+        self.refs = _refs(module, leaves)
+        self.host = leaves.tensors
+        self.dev: list[torch.Tensor] | None = None
+        self.ready = None     # CUDA event: the copies are done
+        self.installed = False
+        self.bytes = sum(t.numel() * t.element_size() for t in self.host)
+
+    def rehome(self, make) -> None:
+        """Replace every host leaf with make(leaf) (pinning, or back to pageable memory) and point
+        the module at the new leaves."""
+        self.host = [make(t) for t in self.host]
+        for r in self.refs:
+            if r.kind == "wrap":
+                r.host_obj = None
+        self._install(self.host, host=True)
+
+    def _install(self, leaves, host: bool) -> None:
+        for r in self.refs:
+            if r.kind == "data":
+                r.target.data = leaves[r.idx[0]]
+            elif r.kind == "attr":
+                setattr(r.target, r.name, leaves[r.idx[0]])
+            else:
+                obj = r.host_obj if host and r.host_obj is not None else r.rebuild(iter([leaves[i] for i in r.idx]))
+                if r.param:
+                    if not isinstance(obj, nn.Parameter):
+                        obj = nn.Parameter(obj, requires_grad=r.requires_grad)
+                    r.target._parameters[r.name] = obj
+                else:
+                    r.target._buffers[r.name] = obj
+                if host:
+                    r.host_obj = obj
+
+
+class BlockStreamer:
+    """Streams `units` (blocks in forward order, some resident) for one root module."""
+    # With the CPU as the onload device the "device copy" of a host leaf is the leaf itself unless
+    # this is set (tests set it, with one CPU thread: multi-threaded CPU matmuls can round
+    # differently on freshly allocated copies of the same weights).
+    copy_on_cpu = False
+
+    def __init__(self, blocks: list[nn.Module], streamed: tuple, onload, lookahead: int = 1, pin: bool = True):
+        self.onload = torch.device(onload)
+        self.lookahead = max(1, int(lookahead))
+        cuda = self.onload.type == "cuda" and torch.cuda.is_available()
+        self.stream = torch.cuda.Stream(device=self.onload) if cuda else None
+        self.arena = _PinnedArena() if (cuda and pin) else None
+        self.blocks = blocks
+        self.units: dict[int, _Unit] = {}
+        self.order: list[int] = []
+        self._done: collections.deque = collections.deque()
+        self.stats = {"prefetched": 0, "on_the_spot": 0, "waits": 0}
+        self.set_streamed(streamed)
+
+    # ----- residency
+    def set_streamed(self, streamed: tuple) -> None:
+        """Make exactly `streamed` (block indices) streamed; the others resident on the device."""
+        self.sync()
+        want = set(streamed)
+        for i in [i for i in self.units if i not in want]:  # streamed -> resident
+            u = self.units.pop(i)
+            u.rehome(lambda t: t.to(self.onload))
+        for i in sorted(want - set(self.units)):  # resident -> streamed
+            b = self.blocks[i]
+            b.to("cpu")
+            u = _Unit(i, b)
+            u.rehome(self._pin)
+            self.units[i] = u
+        for i, b in enumerate(self.blocks):
+            if i not in want:
+                b.to(self.onload)
+        self.order = sorted(self.units)
+
+    def _pin(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if self.arena is not None:
+            return self.arena.place(t)
+        return t
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.arena.bytes if self.arena is not None else 0
+
+    # ----- moving
+    def _prefetch(self, u: _Unit) -> None:
+        if u.dev is not None:
+            return
+        live = sum(1 for x in self.units.values() if x.dev is not None)
+        while self._done and live + len(self._done) >= self.lookahead + 2:
+            ev = self._done.popleft()
+            if ev is not None:
+                ev.synchronize()
+                self.stats["waits"] += 1
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with ctx:
+            dev = []
+            same = self.onload.type == "cpu" and not self.copy_on_cpu
+            for h in u.host:
+                if same and h.device.type == "cpu":
+                    dev.append(h)
+                    continue
+                d = torch.empty_like(h, device=self.onload)
+                d.copy_(h, non_blocking=self.stream is not None)
+                dev.append(d)
+            u.dev = dev
+            if self.stream is not None:
+                u.ready = torch.cuda.Event()
+                u.ready.record(self.stream)
+
+    def _install(self, u: _Unit) -> None:
+        if u.dev is None:
+            self.stats["on_the_spot"] += 1
+            self._prefetch(u)
+        else:
+            self.stats["prefetched"] += 1
+        if self.stream is not None:
+            cur = torch.cuda.current_stream(self.onload)
+            if u.ready is not None:
+                cur.wait_event(u.ready)
+            for d in u.dev:
+                d.record_stream(cur)
+        u._install(u.dev, host=False)
+        u.installed = True
+
+    def _release(self, u: _Unit) -> None:
+        if u.installed:
+            u._install(u.host, host=True)
+            u.installed = False
+        u.dev, u.ready = None, None
+        if self.stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.onload))
+            self._done.append(ev)
+        else:
+            self._done.append(None)
+            while len(self._done) > self.lookahead + 2:
+                self._done.popleft()
+
+    def _next_streamed(self, after: int, k: int) -> list[_Unit]:
+        return [self.units[i] for i in self.order if i > after][:k]
+
+    # ----- hook entry points
+    def begin(self) -> None:
+        """A forward starts: nothing of a previous (maybe failed) forward stays on the device; the
+        side stream starts after whatever the compute stream did so far (e.g. LoRA writes into the
+        host copies); the first streamed blocks are prefetched."""
+        for u in self.units.values():
+            if u.installed or u.dev is not None:
+                self._release(u)
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.onload))
+        for u in self._next_streamed(-1, self.lookahead):
+            self._prefetch(u)
+
+    def enter(self, index: int) -> None:
+        u = self.units.get(index)
+        if u is None:
+            return
+        self._install(u)
+        for nxt in self._next_streamed(index, self.lookahead):
+            self._prefetch(nxt)
+
+    def leave(self, index: int) -> None:
+        u = self.units.get(index)
+        if u is not None:
+            self._release(u)
+
+    def end(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+            torch.cuda.current_stream(self.onload).synchronize()
+        self._done.clear()
+
+    def to_pageable(self) -> None:
+        """Every streamed block back into ordinary host memory; the pinned arena is given up."""
+        self.sync()
+        for u in self.units.values():
+            if u.installed or u.dev is not None:
+                self._release(u)
+            u.rehome(lambda t: torch.empty(t.shape, dtype=t.dtype).copy_(t) if _pinned(t) else t)
+        self._done.clear()
+        if self.arena is not None:
+            self.arena.bufs.clear()
+            self.arena.cur = None
+            empty = getattr(torch._C, "_host_emptyCache", None)
+            if empty is not None:
+                empty()
+
+
+def _pinned(t: torch.Tensor) -> bool:
+    try:
+        return t.device.type == "cpu" and t.is_pinned()
+    except RuntimeError:
+        return False
+
+
+class _StreamHook:
+    """diffusers ModelHook protocol, one per block (and one on the root: begin/end of a forward)."""
+    _is_stateful = False
+
+    def __init__(self, streamer: BlockStreamer, index: int | None):
+        self.streamer, self.index = streamer, index
+        self.fn_ref = None
+
+    def initialize_hook(self, module):
+        return module
+
+    def deinitalize_hook(self, module):  # (sic) diffusers' spelling
+        return module
+
+    @torch.compiler.disable()
+    def pre_forward(self, module, *args, **kwargs):
+        if self.index is None:
+            self.streamer.begin()
+        else:
+            self.streamer.enter(self.index)
+        return args, kwargs
+
+    @torch.compiler.disable()
+    def post_forward(self, module, output):
+        if self.index is None:
+            self.streamer.end()
+        else:
+            self.streamer.leave(self.index)
+        return output
+
+
+def install_hooks(root: nn.Module, blocks: list[nn.Module], streamer: BlockStreamer) -> None:
+    from diffusers.hooks import HookRegistry
+
+    HookRegistry.check_if_exists_or_initialize(root).register_hook(_StreamHook(streamer, None), HOOK)
+    for i, b in enumerate(blocks):
+        HookRegistry.check_if_exists_or_initialize(b).register_hook(_StreamHook(streamer, i), HOOK)
+
+
+# ---------------------------------------------------------------- what sampling needs, what it will cost
+def flux_tokens(latent_shape, patch: int = 2, txt_tokens: int = 512) -> tuple[int, int]:
+    """(image tokens, text tokens) of a Flux forward on a latent of shape (B, C, H, W)."""
+    h, w = int(latent_shape[-2]), int(latent_shape[-1])
+    return math.ceil(h / patch) * math.ceil(w / patch), txt_tokens
+
+
+def flux_activation_bytes(tokens: int, hidden: int, batch: int, act_bytes: int = 2) -> int:
+    """Peak activation memory of one Flux forward beyond its weights: the largest block's
+    temporaries (a single block: linear1 output 7h, GELU 4h, the attention's q/k/v with rope in
+    fp32, the concat 5h, residual and output) come to about 32 values of `act_bytes` per token
+    and hidden unit, plus the embeddings and positional tables (another ~8)."""
+    return int(batch * tokens * hidden * act_bytes * 40)
+
+
+def linear_params(module: nn.Module) -> int:
+    n = 0
+    for m in module.modules():
+        i, o = getattr(m, "in_features", None), getattr(m, "out_features", None)
+        if isinstance(i, int) and isinstance(o, int):
+            n += i * o
+    return n
+
+
+def resident_step_seconds(n_linear_params: int, tokens: int, hidden: int, n_blocks: int, batch: int,
+                          flops_per_s: float) -> float:
+    """A forward's time with everything resident, from its FLOPs (linears over every token, plus
+    attention) at a measured matmul rate."""
+    flops = batch * (2 * n_linear_params * tokens + 4 * tokens * tokens * hidden * n_blocks)
+    return flops / max(flops_per_s, 1.0)
+
+
+def predicted_ratio(streamed_bytes: int, bandwidth: float, resident_s: float) -> float:
+    """The transfer floor: a step cannot take less than its copies or its compute."""
+    if resident_s <= 0:
+        return float("nan")
+    return max(1.0, streamed_bytes / max(bandwidth, 1.0) / resident_s)
+
+
+_MEASURED: dict = {}
+
+
+def pinned_bandwidth(device, nbytes: int = 256 << 20, repeats: int = 4) -> float | None:
+    """Pinned host-to-device copy rate (bytes/s), measured once per device. None without CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    key = ("bw", str(dev))
+    if key not in _MEASURED:
+        h = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        d = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        d.copy_(h, non_blocking=True)
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            d.copy_(h, non_blocking=True)
+        torch.cuda.synchronize(dev)
+        _MEASURED[key] = nbytes * repeats / (time.perf_counter() - t0)
+        del h, d
+    return _MEASURED[key]
+
+
+def matmul_rate(device, dtype=torch.bfloat16, n: int = 4096, repeats: int = 5) -> float | None:
+    """Dense matmul FLOP/s on the device, measured once. None without CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    key = ("mm", str(dev), dtype)
+    if key not in _MEASURED:
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        a @ b
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        torch.cuda.synchronize(dev)
+        _MEASURED[key] = 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+        del a, b
+    return _MEASURED[key]
