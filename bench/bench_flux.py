@@ -373,6 +373,103 @@ class Bench:
                  rel_err_after_swaps=round(self.rel(out_lora2, err_ref), 4))
         self.free(p, dm, state)
 
+    def section_merge(self):
+        """LoRA merge mode (lora/merge.py): swap latency from pinned host and from a GPU copy, step with a
+        merged LoRA (ratio to bf16 eager, overhead vs the bare model), recompiles over 10 swaps on the
+        compiled fast path, the bare base bit-exact after the swaps, and the LoRA's fidelity: the effect
+        error |(y_q,lora - y_q,base) - (y_bf16,lora - y_bf16,base)| / |y_bf16,lora - y_bf16,base| and the
+        error against bf16 + LoRA, where bf16 + LoRA is the LoRA as a separate bf16 term (slots)."""
+        import torch._dynamo
+        from quantlora.lora.formats import FluxDims, load_lora
+        from quantlora.lora.hotswap import HotswapState, attach_slots
+        from quantlora.lora.merge import MergeState
+        from quantlora.quant.sizes import module_bytes
+
+        c = self.cfg
+        dims = FluxDims(hidden=c["hidden_size"], mlp_hidden=4 * c["hidden_size"], depth=c["depth"], depth_single=c["depth_single_blocks"])
+        ranks = (16, 64, 128)
+        files = {r: self.write_lora(r, seed=r) for r in ranks}
+        parsed = {r: load_lora(files[r], dims) for r in ranks}  # parsing is not the swap: the page cache holds the file
+        dtype = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
+
+        def swap(state, r, strength=1.0):
+            self.sync()
+            t0 = time.perf_counter()
+            state.activate((files[r], strength), [(parsed[r], strength)])
+            self.sync()
+            return time.perf_counter() - t0
+
+        def effect_err(out_q_lora, out_q_base):
+            d_ref = self.ref_lora.float() - self.ref.float()
+            return ((out_q_lora.float() - out_q_base.float()) - d_ref).norm().item() / d_ref.norm().item()
+
+        # bf16: reference outputs (base; base + the r64 LoRA as a separate bf16 term), then merge
+        self.load_ref()
+        p, rep, load_s = self.load_ours("none")
+        dm = p.model.diffusion_model
+        slots = HotswapState(attach_slots(dm, 64, "blocks", dtype, c["hidden_size"], 4 * c["hidden_size"]))
+        slots.activate(("r64",), [(parsed[64], 1.0)])
+        self.ref_lora = self.forward(dm)
+        self.free(p, dm, slots)
+        p, rep, load_s = self.load_ours("none")
+        dm = p.model.diffusion_model
+        self._merge_rows("bf16", dm, module_bytes(dm), load_s, swap, effect_err, MergeState, compiled=False)
+        self.free(p, dm)
+        for q in self.args.merge_quant:
+            try:
+                p, rep, load_s = self.load_ours(q)
+                dm = p.model.diffusion_model
+                compiled = q in self.args.compile_quant
+                if compiled:
+                    self.compile_blocks(dm)
+                self._merge_rows(q, dm, rep.weights_bytes, load_s, swap, effect_err, MergeState, compiled=compiled)
+                self.free(p, dm)
+            except Exception as e:
+                log(f"FAILED merge {q}: {type(e).__name__}: {e}")
+                self.rows.append(dict(variant=f"{q} lora merge", error=f"{type(e).__name__}: {str(e)[:300]}"))
+                self.free()
+
+    def _merge_rows(self, q, dm, weights_bytes, load_s, swap, effect_err, MergeState, compiled):
+        import torch._dynamo
+
+        tag = f"{q} {'compile (regional)' if compiled else 'eager'}"
+        first, step_none, out_none = self.time_steps(dm, 3)
+        state = MergeState(dm, pristine="host")
+        first_merge = swap(state, 64)
+        _, step_lora, out_lora = self.time_steps(dm, 3)
+        torch._dynamo.config.error_on_recompile = compiled
+        recompiles, swaps = 0, {16: [], 64: [], 128: []}
+        for r, s in [(16, 1.0), (128, 0.7), (64, 1.0), (16, 0.3), (64, 0.5), (128, 1.0), (64, 1.0), (16, 1.0), (128, 0.5), (64, 1.0)]:
+            swaps[r].append(swap(state, r, s))
+            try:
+                self.forward(dm)
+            except Exception as e:
+                recompiles += 1
+                log(f"recompile after merge swap to r{r}: {type(e).__name__}: {str(e)[:200]}")
+                torch._dynamo.config.error_on_recompile = False
+                self.forward(dm)
+                torch._dynamo.config.error_on_recompile = compiled
+        torch._dynamo.config.error_on_recompile = False
+        _, _, out_lora2 = self.time_steps(dm, 1)
+        host_pristine = state.report.pristine_bytes
+        # the pristine copy on the GPU (when it fits): the fastest swaps
+        dev_swaps = []
+        if self.dev.type == "cuda" and torch.cuda.mem_get_info()[0] > host_pristine * 1.2:
+            state.move_pristine("device")
+            dev_swaps = [swap(state, r, 1.0) for r in (16, 64, 128, 64)]
+            state.move_pristine("host")
+        state.deactivate()
+        _, _, out_bare = self.time_steps(dm, 1)
+        bare_exact = bool(torch.equal(out_bare, out_none))
+        med = {r: round(statistics.median(v), 3) for r, v in swaps.items()}
+        self.add(f"{tag} + lora r64 merge", step_lora, weights_bytes, load_s, out_lora, ref=self.ref_lora,
+                 swap_s=med[64], swap_r16_s=med[16], swap_r128_s=med[128], first_merge_s=round(first_merge, 2),
+                 swap_gpu_copy_s=round(statistics.median(dev_swaps), 3) if dev_swaps else None,
+                 step_overhead=round(step_lora / step_none - 1, 4), recompiles=recompiles, swaps=10,
+                 lora_effect_err=round(effect_err(out_lora, out_none), 4),
+                 rel_err_after_swaps=round(self.rel(out_lora2, self.ref_lora), 4), bare_bit_exact=bare_exact,
+                 pristine_host_gib=round(host_pristine / GIB, 2), compile_s=round(first, 1) if compiled else None)
+
     def section_attn(self):
         """SDPA kernels at Flux's shape, then bf16 eager and the fp8 compiled path with each choice."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -524,12 +621,14 @@ def main():
     ap.add_argument("--slot-layout", default="per-projection")
     ap.add_argument("--lora-fast-only", action="store_true", help="only the compiled fast path (no bf16 LoRA reference)")
     ap.add_argument("--extra-quant", default="", help="more eager variants in the attn section")
+    ap.add_argument("--merge-quant", default="torchao-fp8-dynamic", help="quantizations the merge section measures (besides bf16)")
     args = ap.parse_args()
     args.sections = args.sections.split(",")
     args.quant = [q for q in args.quant.split(",") if q]
     args.compile_quant = [q for q in args.compile_quant.split(",") if q]
     args.comfyui = [q for q in args.comfyui.split(",") if q]
     args.extra_quant = [q for q in args.extra_quant.split(",") if q]
+    args.merge_quant = [q for q in args.merge_quant.split(",") if q]
     _env.setup(cpu=args.device == "cpu")
     b = Bench(args)
     if args.device == "cuda":

@@ -263,10 +263,12 @@ def test_pristine_on_the_device_and_back():
         MergeState(root, pristine="disk")
 
 
-@pytest.mark.parametrize("backend", ["none", "fp8-cast"])
+@pytest.mark.parametrize("backend", ["none", "fp8-cast", "torchao-int8-weight-only", "torchao-fp8-weight-only"])
 def test_compiled_swaps_never_recompile(backend):
     """The merge writes into the tensors a compiled graph captured: swaps and strength changes run
-    the same graph (error_on_recompile) and give the eager result."""
+    the same graph (error_on_recompile), follow the eager layer (bit for bit where inductor keeps
+    eager's arithmetic: plain and fp8-cast weights; within rounding for torchao, whose compiled
+    dequantize-matmul rounds differently), and the bare base gives the first compiled output again."""
     import torch._dynamo
 
     from quantlora.lora.merge import MergeState
@@ -277,10 +279,20 @@ def test_compiled_swaps_never_recompile(backend):
     state, ref = MergeState(root), MergeState(eager)
     x = torch.randn(4, IN).to(torch.bfloat16)
     torch._dynamo.reset()
+    exact = backend in ("none", "fp8-cast")
     with torch.no_grad():
-        compiled(x)
+        bare = compiled(x)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for key, loras in [(("a",), [(lora(1), 1.0)]), (("b",), [(lora(2), 0.7)]), (("a", 0.3), [(lora(1), 0.3)]), ((), [])]:
                 state.activate(key, loras)
                 ref.activate(key, loras)
-                assert torch.equal(compiled(x), eager.single_blocks[0].linear1(x)), key
+                got, want = compiled(x), eager.single_blocks[0].linear1(x)
+                if exact:
+                    assert torch.equal(got, want), key
+                else:
+                    assert rel(got, want) < 0.01 and rel(got, bare) > 2 * rel(got, want) if key else True, (key, rel(got, want))
+        assert torch.equal(compiled(x), bare)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
