@@ -212,3 +212,25 @@ def test_widget_moves_and_remembers(page):
     saved = page.evaluate("() => JSON.parse(localStorage.getItem('quantlora.vram.position'))")
     assert saved == {"dx": 150, "dy": -200}
     page.evaluate("() => localStorage.removeItem('quantlora.vram.position')")
+
+
+def test_templates_titles_thumbnails_zoom(page):
+    """The Templates dialog shows each example with its title, description and own thumbnail; opened,
+    it is at a zoom where node text is drawn."""
+    meta = json.load(open(os.path.join(ROOT, "web", "templates.json")))
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    dialog = page.locator(DIALOG)
+    dialog.get_by_text(PACK_DIR_NAME, exact=True).first.click(timeout=30_000)
+    for info in meta.values():
+        dialog.get_by_text(info["title"], exact=True).first.wait_for(timeout=10_000)
+        assert dialog.get_by_text(info["description"], exact=True).first.is_visible()
+    imgs = page.evaluate("""(titles) => [...document.querySelectorAll('img')].filter(i => titles.includes(i.alt))
+        .map(i => [i.alt, i.naturalWidth])""", [m["title"] for m in meta.values()])
+    assert sorted(a for a, _ in imgs) == sorted(m["title"] for m in meta.values()) and all(w > 0 for _, w in imgs), imgs
+    page.keyboard.press("Escape")
+    page.locator("[role=dialog] button[aria-label='Close dialog']:visible, .p-dialog button:has(i.pi-times):visible") \
+        .first.click(timeout=5_000) if page.locator(DIALOG).count() else None
+    for name in meta:
+        load_example(page, name)
+        assert page.evaluate("() => window.app.canvas.ds.scale") >= 0.75, name

@@ -17,6 +17,7 @@ from harness.server import PACK_DIR_NAME
 from test_example_workflows import NAMES, SIZE, STEPS, read
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
+TITLES = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web", "templates.json")))
 
 from harness.browser import DIALOG, comfy_page
 
@@ -75,7 +76,8 @@ def open_from_templates(page, name: str):
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     dialog = page.locator(DIALOG)
     dialog.get_by_text(PACK_DIR_NAME, exact=True).first.click(timeout=30_000)
-    dialog.get_by_text(name, exact=True).first.click(timeout=10_000)
+    # the card shows the title from web/templates.json (web/templates.js), not the file name
+    dialog.get_by_text(TITLES[name]["title"], exact=True).first.click(timeout=10_000)
     page.wait_for_function("() => window.__t.missing !== null", timeout=30_000)
     page.wait_for_function("(sel) => !document.querySelector(sel)", arg=DIALOG, timeout=10_000)
 

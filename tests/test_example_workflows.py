@@ -231,3 +231,22 @@ def test_api_twin_runs_on_demo_set(name, server, demo_loras, tmp_path):
         (after,) = check_saved(server, api, swapped, tag + "-swap").values()
         (before,) = images.values()
         assert after.tobytes() != before.tobytes()
+
+
+def test_templates_have_titles_and_distinct_thumbnails():
+    """Each example has a title and a one-line description (web/templates.json, shown on its card by
+    web/templates.js) and a thumbnail of its own; each opens at a zoom where node text is drawn."""
+    from PIL import Image, ImageChops
+
+    meta = json.load(open(os.path.join(os.path.dirname(EXAMPLES), "web", "templates.json")))
+    assert set(meta) == set(NAMES)
+    for name, info in meta.items():
+        assert info["title"].strip() and info["title"] != name
+        assert info["description"].strip() and "\n" not in info["description"]
+        assert read(name)["extra"]["ds"]["scale"] >= 0.75, name
+    thumbs = {n: Image.open(os.path.join(EXAMPLES, f"{n}.jpg")).convert("RGB").resize((64, 48)) for n in NAMES}
+    for a in NAMES:
+        for b in NAMES:
+            if a < b:
+                diff = ImageChops.difference(thumbs[a], thumbs[b]).getdata()
+                assert sum(map(sum, diff)) / (64 * 48 * 3) > 4, f"{a} and {b} have near-identical thumbnails"

@@ -3,7 +3,7 @@
 // executes on a GPU. Uses the frontend's public extension API: app.registerExtension,
 // api.addEventListener / api.fetchApi, extension settings, node.badges. Server side: nodes/vram_routes.py.
 //
-// Placement: the bottom-left corner of the graph canvas panel (the area the frontend leaves to the
+// Placement: the bottom-left of the graph canvas panel, right of the canvas info text (the area the frontend leaves to the
 // canvas: it shrinks when the sidebar or the Logs panel opens, and the zoom controls, minimap and
 // toasts sit on the right), so it covers none of the frontend's own UI. Drag it to move it; the
 // place is remembered (localStorage), double-click resets the peak.
@@ -133,7 +133,7 @@ function place() {
   const r = anchorRect();
   const w = el.offsetWidth, h = el.offsetHeight;
   const clamp = (v, lo, hi) => Math.max(lo, Math.min(v, Math.max(lo, hi)));
-  const x = clamp(r.left + MARGIN + state.offset.dx, 0, window.innerWidth - w);
+  const x = clamp(r.left + 120 + state.offset.dx, 0, window.innerWidth - w);
   const y = clamp(r.bottom - MARGIN - h + state.offset.dy, 0, window.innerHeight - h);
   el.style.left = `${Math.round(x)}px`;
   el.style.top = `${Math.round(y)}px`;
