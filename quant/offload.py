@@ -3,26 +3,30 @@
 Modes (what stays on the onload device while a forward runs):
 - none:  everything (nothing is done here).
 - model: the whole tree, moved in before sampling and out after (plain .to()).
-- block: the tree's top-level parts (embedders, final layer) plus one group of transformer
-         blocks (the children of each top-level ModuleList). On CUDA with one block per group
-         the next block is copied on a side stream while the current one computes, from pinned
-         host memory; larger groups transfer synchronously (diffusers prefetches one block per
-         group only).
+- block: the tree's top-level parts (embedders, final layer), every transformer block that fits
+         the budget (`budget`: device bytes for the weights, in-flight copies included), and the
+         streamed blocks' copies in flight. Streamed blocks live in pinned host memory and are
+         copied in ahead of use on a side CUDA stream (quant/streaming.py), whatever the weight
+         kind: plain / fp8-cast tensors, bitsandbytes NF4/int8 with their quantization state,
+         torchao and optimum-quanto tensor subclasses. blocks_per_group = how many streamed blocks
+         are copied ahead. Another budget on the same tree re-plans the residency in place.
 - leaf:  one layer at a time (on CUDA also prefetched on a side stream): the lowest VRAM.
 
-Two strategies do the moving:
-- diffusers' `apply_group_offloading` (block_level / leaf_level, use_stream only on CUDA,
-  pinned host copies unless pin=False) for trees whose tensors are plain (bf16, fp16, fp32,
-  fp8-cast) or torchao tensor subclasses, which diffusers moves correctly.
+Leaf mode has two strategies:
+- diffusers' `apply_group_offloading` (leaf_level, use_stream only on CUDA, pinned host copies
+  unless pin=False) for trees whose tensors are plain (bf16, fp16, fp32, fp8-cast) or torchao
+  tensor subclasses, which diffusers moves correctly.
 - Our own hooks (registered through diffusers' HookRegistry) that call `module.to(device)` per
-  group for trees holding bitsandbytes or optimum-quanto weights: those keep quantization state
+  module for trees holding bitsandbytes or optimum-quanto weights: those keep quantization state
   outside the tensor's storage (bnb's quant_state / Linear8bitLt.state.CB, quanto's inner
   tensors), which diffusers' `param.data = ...` swaps leave behind on the wrong device; the
   modules' own .to() moves it. Synchronous, no pinned memory.
 
-With streams, the blocks' buffers (LoRA slot buffers) are made to follow their pinned host copies
-the way parameters do (diffusers 0.42 restores only parameters at offload, so a LoRA written
-into a slot after the hooks were built would never reach the GPU; seen on an H200).
+With diffusers' streams, the leaves' buffers (LoRA slot buffers) are made to follow their pinned
+host copies the way parameters do (diffusers 0.42 restores only parameters at offload, so a LoRA
+written into a slot after the hooks were built would never reach the GPU; seen on an H200). The
+block streamer keeps every streamed tensor's pinned copy as the tensor itself at rest, so writes
+between forwards land where the next copy reads.
 
 `remove_offload` takes every hook off, moves the tree to the offload device, re-homes pinned
 tensors into pageable memory (and empties torch's pinned-block cache), so the tree is an

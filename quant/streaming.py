@@ -149,7 +149,7 @@ class _Ref:
     rebuild: object = None
     param: bool = False
     requires_grad: bool = False
-    host_obj: object = None   # "wrap": the tensor at rest (rebuilt around the host leaves)
+    host_obj: object = None   # "wrap": the tensor at rest (the original host tensor)
 
 
 def _key(t: torch.Tensor):
@@ -180,7 +180,7 @@ def _bnb_refs(obj, leaves: _Leaves, out: list, seen: set, depth: int = 0) -> Non
             _bnb_refs(v, leaves, out, seen, depth + 1)
 
 
-def _refs(block: nn.Module, leaves: _Leaves) -> list[_Ref]:
+def _refs(block: nn.Module, leaves: _Leaves, onload: torch.device) -> list[_Ref]:
     out: list[_Ref] = []
     seen: set = set()
     done: set = set()
@@ -196,9 +196,16 @@ def _refs(block: nn.Module, leaves: _Leaves) -> list[_Ref]:
                     if is_param:  # bitsandbytes: quant_state, CB, SCB on the parameter
                         _bnb_refs_param(t, leaves, out, seen)
                 else:
-                    flat, rebuild = _flatten(t)
+                    # A tensor subclass may change form on the device (quanto fp8 -> Marlin layout,
+                    # int4 -> TinyGemm on CUDA): the leaves are the inner tensors of its device form,
+                    # made once here by the same .to() a resident block gets, so a streamed block
+                    # computes with exactly what a resident one holds. At rest the module keeps the
+                    # original host tensor.
+                    form = t.to(onload) if onload.type != "cpu" else t
+                    flat, rebuild = _flatten(form)
                     out.append(_Ref("wrap", m, name, tuple(leaves.add(x) for x in flat), rebuild, is_param,
                                     bool(getattr(t, "requires_grad", False)), t))
+                    del form
         for name, v in list(vars(m).items()):  # Linear8bitLt.state (MatmulLtState: CB, SCB)
             if _is_bnb_obj(v):
                 _bnb_refs(v, leaves, out, seen)
@@ -247,10 +254,10 @@ class _PinnedArena:
 
 # ---------------------------------------------------------------- one streamed block
 class _Unit:
-    def __init__(self, index: int, module: nn.Module):
+    def __init__(self, index: int, module: nn.Module, onload=torch.device("cpu")):
         self.index, self.module = index, module
         leaves = _Leaves()
-        self.refs = _refs(module, leaves)
+        self.refs = _refs(module, leaves, torch.device(onload))
         self.host = leaves.tensors
         self.dev: list[torch.Tensor] | None = None
         self.ready = None     # CUDA event: the copies are done
@@ -261,9 +268,6 @@ class _Unit:
         """Replace every host leaf with make(leaf) (pinning, or back to pageable memory) and point
         the module at the new leaves."""
         self.host = [make(t) for t in self.host]
-        for r in self.refs:
-            if r.kind == "wrap":
-                r.host_obj = None
         self._install(self.host, host=True)
 
     def _install(self, leaves, host: bool) -> None:
@@ -273,15 +277,13 @@ class _Unit:
             elif r.kind == "attr":
                 setattr(r.target, r.name, leaves[r.idx[0]])
             else:
-                obj = r.host_obj if host and r.host_obj is not None else r.rebuild(iter([leaves[i] for i in r.idx]))
+                obj = r.host_obj if host else r.rebuild(iter([leaves[i] for i in r.idx]))
                 if r.param:
                     if not isinstance(obj, nn.Parameter):
                         obj = nn.Parameter(obj, requires_grad=r.requires_grad)
                     r.target._parameters[r.name] = obj
                 else:
                     r.target._buffers[r.name] = obj
-                if host:
-                    r.host_obj = obj
 
 
 class BlockStreamer:
@@ -315,7 +317,7 @@ class BlockStreamer:
         for i in sorted(want - set(self.units)):  # resident -> streamed
             b = self.blocks[i]
             b.to("cpu")
-            u = _Unit(i, b)
+            u = _Unit(i, b, self.onload)
             u.rehome(self._pin)
             self.units[i] = u
         for i, b in enumerate(self.blocks):
@@ -433,7 +435,7 @@ class BlockStreamer:
         for u in self.units.values():
             if u.installed or u.dev is not None:
                 self._release(u)
-            u.rehome(lambda t: torch.empty(t.shape, dtype=t.dtype).copy_(t) if _pinned(t) else t)
+            u.rehome(_pageable)
         self._done.clear()
         if self.arena is not None:
             self.arena.bufs.clear()
@@ -441,6 +443,14 @@ class BlockStreamer:
             empty = getattr(torch._C, "_host_emptyCache", None)
             if empty is not None:
                 empty()
+
+
+def _pageable(t: torch.Tensor) -> torch.Tensor:
+    if not _pinned(t):
+        return t
+    if t.is_contiguous():
+        return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype).copy_(t)
 
 
 def _pinned(t: torch.Tensor) -> bool:

@@ -318,10 +318,14 @@ def test_fp8_cast_lora_slots_hotswap_under_offload(flux_file, lora_files, forced
     from quantlora.nodes.runtime import hotswap_state
     from quantlora.quant import offload as off
 
+    import inspect
+
     base, _ = cast_model(load(flux_file), "float8_e4m3fn", "auto")
     dm = base.model.diffusion_model
-    m_a = LoRAHotswap.execute(base, lora_files[0], 0.8, 16, "blocks").args[0]
-    m_b = LoRAHotswap.execute(base, lora_files[1], 1.0, 16, "blocks").args[0]
+    # the slots (where LoRAHotswap has a mode input, its default may merge instead)
+    kw = {"mode": "slots"} if "mode" in inspect.signature(LoRAHotswap.execute).parameters else {}
+    m_a = LoRAHotswap.execute(base, lora_files[0], 0.8, 16, "blocks", **kw).args[0]
+    m_b = LoRAHotswap.execute(base, lora_files[1], 1.0, 16, "blocks", **kw).args[0]
     slots = hotswap_state(dm).slots
     assert {s.down.dtype for s in slots.values()} == {torch.float32}  # the compute dtype, never fp8
     assert all(s.base.weight.dtype == torch.float8_e4m3fn for s in slots.values())
