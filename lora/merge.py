@@ -85,7 +85,7 @@ class MergeState:
         self.place = pristine
         self.key: tuple = ()
         self._pristine: dict[str, list[torch.Tensor]] = {}
-        self._merged: dict[str, list[tuple[int, int]]] = {}  # name -> (id, version) of its storage after our write
+        self._merged: dict[str, list[tuple]] = {}  # name -> _stamps of its storage after our write
         self.swaps = 0
         self.report = MergeReport(pristine_place=pristine)
 
@@ -102,7 +102,7 @@ class MergeState:
         """Once per sampling (not per step: it walks every merged layer): if anything else wrote to a
         merged layer, forget the claim, so the next activation merges again from the pristine copy."""
         for name, seen in self._merged.items():
-            now = [(id(t), t._version) for t in codecs.storage(base_layer(self.root, name))]
+            now = _stamps(codecs.storage(base_layer(self.root, name)))
             if now != seen:
                 log.info("QuantLoRA: merged LoRA weights of %s were changed by something else; merging again", name)
                 self.key = ("changed elsewhere",)
@@ -123,7 +123,7 @@ class MergeState:
             self.report.pristine_bytes += sum(c.numel() * c.element_size() for c in copies)
         return copies
 
-    @torch.no_grad()
+    @torch.inference_mode()  # ComfyUI's weights are inference tensors: writable only in this mode
     def activate(self, key: tuple, loras: list) -> bool:
         """Make the weights hold base + `loras` ([(ParsedLoRA, strength)]); key names the set. True if
         anything was written."""
@@ -159,7 +159,7 @@ class MergeState:
                         full[d.offset:d.offset + up.shape[0]].addmm_(up, down, alpha=d.scale)
                     for t, new in zip(st, codecs.requantize(layer, full)):
                         t.copy_(new)
-        self._merged = {n: [(id(t), t._version) for t in codecs.storage(base_layer(self.root, n))] for n in deltas}
+        self._merged = {n: _stamps(codecs.storage(base_layer(self.root, n))) for n in deltas}
         self.key = key if deltas else ()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -183,6 +183,19 @@ class MergeState:
             else:
                 self._pristine[name] = [c.to("cpu").pin_memory() if dev.type == "cuda" else c.to("cpu") for c in copies]
         self.place = self.report.pristine_place = place
+
+
+def _stamps(tensors) -> list[tuple]:
+    """Identity, address and version of each tensor. Tensors made under torch.inference_mode (ComfyUI
+    runs nodes in it) have no version counter: for those only a replaced tensor is noticed."""
+    out = []
+    for t in tensors:
+        try:
+            v = t._version
+        except RuntimeError:
+            v = -1
+        out.append((id(t), t.data_ptr(), v))
+    return out
 
 
 def _natural(name: str):
@@ -213,3 +226,45 @@ def _on(stream):
 def pristine_bytes_needed(root: nn.Module, loras: list) -> int:
     """Bytes a pristine copy of the layers `loras` touch would take (for the auto mode's check)."""
     return sum(codecs.nbytes(base_layer(root, n)) for n in deltas_of(root, loras))
+
+
+# Measured LoRA-effect error after a merge (tests/test_lora_merge.py, delta ~5% of the weight):
+# ~1.1-1.3 for 4-bit weights (NF4, quanto int4): the effect drowns in requantization noise.
+FOUR_BIT_EFFECT_ERR = "1.1-1.3"
+
+
+def choose(requested: str, root: nn.Module, loras: list, has_slots: bool, foreign_patches: int,
+           host_free: int | None) -> tuple[str, str]:
+    """('merge' | 'slots', why) for one LoRAHotswap node. `requested`: auto, merge, merge-gpu, slots.
+    Explicit merge refuses only what it cannot do right; auto also keeps slots where merging would
+    lose the LoRA (4-bit weights), where the model already has slots (the loader made them, so their
+    cost is paid) and where the pristine copy would not fit in free host memory."""
+    if requested == "slots":
+        return "slots", "asked for"
+    explicit = requested != "auto"
+    if foreign_patches:
+        why = (f"this MODEL carries {foreign_patches} ComfyUI weight patches (e.g. LoraLoader): merging would "
+               "write over them")
+        if explicit:
+            raise QuantLoRAError(f"LoRA merge: {why}. Use mode 'slots', or put ComfyUI's LoRA loader after this node.")
+        return "slots", why
+    try:
+        bits = min((codecs.codec_of(base_layer(root, n), n).bits for n in deltas_of(root, loras)), default=16)
+    except QuantLoRAError as e:
+        if explicit:
+            raise
+        return "slots", str(e)
+    if not explicit:
+        if has_slots:
+            return "slots", "the model already has LoRA slots (the loader's lora_max_rank), so their cost is paid"
+        if bits <= 4:
+            return "slots", (f"4-bit weights: requantizing base + LoRA would lose the LoRA's effect in rounding "
+                             f"noise (measured effect error {FOUR_BIT_EFFECT_ERR})")
+        need = pristine_bytes_needed(root, loras)
+        if host_free is not None and need > 0.8 * host_free:
+            return "slots", (f"the pristine copy ({need / 2**30:.2f} GiB) would not fit in free host memory "
+                             f"({host_free / 2**30:.2f} GiB)")
+    why = "asked for" if explicit else "weights of 8 bits or more: merged, the step costs what the bare model's does"
+    if bits <= 4:
+        why += f"; 4-bit weights lose much of the LoRA's effect when merged (effect error {FOUR_BIT_EFFECT_ERR})"
+    return "merge", why

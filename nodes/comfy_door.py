@@ -453,6 +453,12 @@ def weights_patched_for(patcher) -> bool:
     return getattr(patcher.model, "current_weight_patches_uuid", None) == patcher.patches_uuid
 
 
+def weight_patch_count(patcher) -> int:
+    """Layers with ComfyUI weight patches (LoraLoader and friends) on this MODEL (`patches` is a
+    field the contract test checks on every supported version)."""
+    return len(getattr(patcher, "patches", None) or {})
+
+
 def loaded_partially(patcher) -> bool:
     """ComfyUI loaded only part of the weights (lowvram)."""
     return bool(getattr(patcher.model, "model_lowvram", False))

@@ -10,9 +10,10 @@ import math
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..errors import QuantLoRAError, check_choice
+from ..lora import merge
 from ..lora.hotswap import TARGET_SETS, file_identity
 from . import comfy_door, runtime
 from .search_aliases import search_aliases
@@ -37,8 +38,11 @@ class LoRAHotswap(io.ComfyNode):
             node_id="LoRAHotswap",
             display_name="LoRA Hot-swap (Flux)",
             category="QuantLoRA",
-            description="Adds a Flux LoRA through preallocated slots: switching the file or the strength rewrites "
-                        "the slots in place, with no reload, no requantization and no torch.compile recompile.",
+            description="Adds a Flux LoRA, switched in place with no reload and no torch.compile recompile. Merge mode "
+                        "adds it into the model's own (quantized) weights when sampling starts (a step then costs "
+                        "what the bare model's does) and restores them bit for bit from a pristine copy; slots mode "
+                        "keeps it as a separate term in preallocated slots (exact LoRA, a small cost per step). "
+                        "auto merges 8-bit and wider weights and keeps slots for 4-bit ones.",
             **search_aliases("lora", "lora loader", "hotswap", "hot swap", "flux lora"),
             inputs=[
                 io.Model.Input("model", tooltip="A Flux MODEL (the Quantized Flux Loader's, or any Flux model)."),
@@ -52,7 +56,14 @@ class LoRAHotswap(io.ComfyNode):
                              tooltip="Slot size, used only if the model has no slots yet (the loader's lora_max_rank sets it "
                                      "before compiling). Chained LoRAs share it: their ranks must add up to at most this."),
                 io.Combo.Input("targets", options=list(TARGET_SETS), default="blocks",
-                               tooltip="Layers that get slots, if the model has none yet."),
+                               tooltip="Layers that get slots, if the model has none yet (slots mode only; merge "
+                                       "mode takes every layer the LoRA has)."),
+                io.Combo.Input("mode", options=list(runtime.MODES), default="auto", optional=True,
+                               tooltip="merge: add the LoRA into the weights (no step cost; the first merge keeps a "
+                                       "pristine copy of the touched layers in pinned host RAM). merge-gpu: that copy "
+                                       "on the GPU instead (fastest swaps, costs VRAM). slots: a separate term (exact, "
+                                       "~20% per step on the fp8 path). auto: merge unless the weights are 4-bit, the "
+                                       "model already has slots, or the copy does not fit in RAM."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -67,12 +78,13 @@ class LoRAHotswap(io.ComfyNode):
         return str(lora_name)
 
     @classmethod
-    def execute(cls, model, lora_name, strength, max_rank, targets) -> io.NodeOutput:
+    def execute(cls, model, lora_name, strength, max_rank, targets, mode="auto") -> io.NodeOutput:
         runtime.flux_module(model)  # a non-Flux MODEL fails here, before anything is loaded
+        check_choice("mode", mode, runtime.MODES)
         # Dynamic VRAM (v0.33+): comfy-aimdo replaces a module's buffers with device copies while it
-        # places a model, so in-place slot writes would miss; the slots live on ComfyUI's plain
+        # places a model, so in-place writes would miss; slots and merges live on ComfyUI's plain
         # (non-dynamic) delegate of this MODEL instead. The pack's loader gives plain MODELs.
-        model = comfy_door.non_dynamic(model, "LoRAHotswap", "LoRA slots are buffers QuantLoRA writes in place")
+        model = comfy_door.non_dynamic(model, "LoRAHotswap", "QuantLoRA writes LoRA slots and merged weights in place")
         dm = runtime.flux_module(model)
         if not math.isfinite(strength):
             raise QuantLoRAError(f"LoRA {lora_name!r}: strength {strength} is not a finite number; give a value from -10 to 10.")
@@ -82,10 +94,31 @@ class LoRAHotswap(io.ComfyNode):
         if lora.unmatched:
             log.warning("QuantLoRA: LoRA %s: %d of its keys match no Flux layer and are ignored (e.g. %s)",
                         lora_name, len(lora.unmatched), lora.unmatched[:3])
-        state = runtime.ensure_slots(dm, max_rank, targets)
+        chosen, why = merge.choose(mode, dm, [(lora, strength)], runtime.hotswap_state(dm) is not None,
+                                   comfy_door.weight_patch_count(model), _host_free())
         m = model.clone()
         runtime.install(m)
         cfg = runtime.options(m)
-        cfg["loras"] = tuple(cfg.get("loras", ())) + ((path, file_identity(path), float(strength)),)
-        state.check(runtime.parsed_set(dm, cfg["loras"]))  # rank / target errors show on this node, now
-        return io.NodeOutput(m)
+        if chosen == "merge":
+            runtime.ensure_merge(dm, "device" if mode == "merge-gpu" else "host")
+            cost = (f"merged into {len(merge.deltas_of(dm, [(lora, strength)]))} layers when sampling starts; the bare "
+                    "weights are restored from a pristine copy when another set is asked for")
+        else:
+            state = runtime.ensure_slots(dm, max_rank, targets)
+            cost = f"slots of rank {state.max_rank} on {len(state.slots)} layers"
+        cfg["loras"] = tuple(cfg.get("loras", ())) + (runtime.entry(path, file_identity(path), chosen, strength),)
+        slot_set = tuple(e for e in cfg["loras"] if runtime.entry_mode(e) == "slots")
+        if slot_set:
+            runtime.ensure_slots(dm, max_rank, targets).check(runtime.parsed_set(dm, slot_set))  # rank / target errors, now
+        text = f"{lora_name} at {strength:g}: {chosen} ({why}); {cost}."
+        log.info("QuantLoRA: LoRAHotswap %s", text)
+        return io.NodeOutput(m, ui=ui.PreviewText(text))
+
+
+def _host_free() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None

@@ -16,14 +16,27 @@ import comfy.patcher_extension as pe
 from ..errors import QuantLoRAError
 from ..lora.formats import FluxDims
 from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
+from ..lora.merge import MergeState
 from ..quant import oom
 from ..quant.attention import resolve, sdpa_context, sdpa_override
 
 OPTS_KEY = "quantlora"
 STATE_ATTR = "_quantlora_hotswap"
+MERGE_ATTR = "_quantlora_merge"
 WRAPPER_KEY = "quantlora"
 LORAS = LoRACache()
 _STATES: "weakref.WeakSet[HotswapState]" = weakref.WeakSet()  # live models with slots, for stats()
+_MERGES: "weakref.WeakSet[MergeState]" = weakref.WeakSet()     # live models in merge mode, for stats()
+MODES = ("auto", "merge", "merge-gpu", "slots")
+
+
+def entry(path: str, identity: tuple, mode: str, strength: float) -> tuple:
+    """One LoRA of a MODEL's set, in transformer_options: strength last, mode ("merge"/"slots") before it."""
+    return (path, identity, mode, float(strength))
+
+
+def entry_mode(e: tuple) -> str:
+    return e[2] if len(e) >= 4 else "slots"
 
 
 def flux_module(patcher):
@@ -65,12 +78,87 @@ def ensure_slots(dm, max_rank: int, targets: str, layout: str = "per-projection"
     return state
 
 
+def merge_state(dm) -> MergeState | None:
+    return getattr(dm, MERGE_ATTR, None)
+
+
+def ensure_merge(dm, place: str = "host") -> MergeState:
+    """The model's merge state (made once). Hooks on the shared transformer keep a merged LoRA from
+    reaching anything that is not a pack MODEL carrying that LoRA: a forward from another clone of
+    the same weights (ComfyUI's KSampler on the loader's bare MODEL, a graph branch without LoRA)
+    and state_dict() (model saving and merging nodes) get the weights restored first."""
+    state = merge_state(dm)
+    if state is None:
+        state = MergeState(dm, pristine=place)
+        setattr(dm, MERGE_ATTR, state)
+        _MERGES.add(state)
+        dm.register_forward_pre_hook(_restore_for_foreign_forward, with_kwargs=True)
+        dm.register_state_dict_pre_hook(_restore_before_state_dict)
+    elif place == "device" and state.place != "device":
+        state.move_pristine("device")
+    return state
+
+
+def _restore_for_foreign_forward(dm, args, kwargs):
+    state = merge_state(dm)
+    if state is not None and state.active_key:
+        topts = kwargs.get("transformer_options") or {}
+        if OPTS_KEY not in topts:  # not a pack MODEL: the bare base (the pack's wrapper handles its own)
+            state.deactivate()
+
+
+def _restore_before_state_dict(dm, *args, **kwargs):
+    state = merge_state(dm)
+    if state is not None and state.active_key:
+        state.deactivate()
+
+
+def activate_loras(dm, loras: tuple) -> None:
+    """Make the shared transformer hold this MODEL's LoRA set: slot entries into the slots, merge
+    entries into the weights. Cheap when nothing changed (two tuple comparisons)."""
+    slot_set = tuple(e for e in loras if entry_mode(e) == "slots")
+    merge_set = tuple(e for e in loras if entry_mode(e) == "merge")
+    state = hotswap_state(dm)
+    if state is not None and slot_set != state.active_key:
+        state.activate(slot_set, parsed_set(dm, slot_set))
+    merged = merge_state(dm)
+    if merged is not None and merge_set != merged.active_key:
+        before = merged.report.pristine_bytes
+        merged.activate(merge_set, parsed_set(dm, merge_set))
+        _log_merge(merged, merge_set, before)
+    elif merge_set and merged is None:
+        raise QuantLoRAError("LoRA merge mode: this model has no merge state (the LoRAHotswap node did not run on it); "
+                             "queue the prompt again.")
+
+
+def _log_merge(state: MergeState, merge_set: tuple, pristine_before: int) -> None:
+    import logging
+    import os
+
+    r = state.report
+    names = ", ".join(f"{os.path.basename(e[0])}@{e[-1]:g}" for e in merge_set) or "none (bare base restored)"
+    grew = r.pristine_bytes - pristine_before
+    logging.getLogger("quantlora").info(
+        "QuantLoRA: LoRA merge: %s into %d layers (%d rewritten) in %.3f s; pristine copy %.2f GiB on %s%s",
+        names, r.layers, r.touched, r.seconds, r.pristine_bytes / 2**30, r.pristine_place,
+        f" (+{grew / 2**30:.2f} GiB taken now)" if grew else "")
+
+
+def active_loras(dm) -> tuple:
+    """The LoRA entries the shared transformer holds now (slots and merged)."""
+    state, merged = hotswap_state(dm), merge_state(dm)
+    return (state.active_key if state is not None else ()) + (merged.active_key if merged is not None else ())
+
+
 def stats() -> dict:
     """Bounded numbers about the pack's long-lived state (GET /quantlora/stats)."""
-    states = list(_STATES)
+    states, merges = list(_STATES), list(_MERGES)
     return {"lora_cache": {"entries": len(LORAS), "capacity": LORAS.capacity, "parses": LORAS.parses},
             "hotswap": {"models": len(states), "active": sum(1 for s in states if s.active),
-                        "swaps": sum(s.swaps for s in states)}}
+                        "swaps": sum(s.swaps for s in states)},
+            "merge": {"models": len(merges), "active": sum(1 for m in merges if m.active_key),
+                      "swaps": sum(m.swaps for m in merges),
+                      "pristine_bytes": sum(m.report.pristine_bytes for m in merges)}}
 
 
 def _slot_dtype(dm):
@@ -100,15 +188,18 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
     state = hotswap_state(dm)
     if state is not None:
         state.ensure_device(x.device)
-        loras = tuple(cfg.get("loras", ()))
-        if loras != state.active_key:
-            state.activate(loras, parsed_set(dm, loras))
+    if state is not None or merge_state(dm) is not None:
+        activate_loras(dm, tuple(cfg.get("loras", ())))
     with sdpa_context(cfg.get("attention", "default"), x.device):
         return executor(*args, **kwargs)
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
     failed = None
+    dm = getattr(executor.class_obj.model_patcher.model, "diffusion_model", None)
+    merged = merge_state(dm) if dm is not None else None
+    if merged is not None:
+        merged.verify()  # once per sampling: someone else's write to a merged layer means merge again
     try:
         out = executor(*args, **kwargs)
     except torch.OutOfMemoryError as e:
@@ -117,7 +208,9 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
         _check_finite(out, executor.class_obj.model_patcher)
         return out
     finally:
-        dm = getattr(executor.class_obj.model_patcher.model, "diffusion_model", None)
+        # Slots switch off at the end of each sampling (zeroing scales is free). A merged set stays
+        # merged (restoring costs a swap): the next sampling of another set, a foreign forward or a
+        # state_dict() restores it (ensure_merge's hooks).
         state = hotswap_state(dm) if dm is not None else None
         if state is not None:
             state.deactivate()
@@ -132,8 +225,7 @@ def _check_finite(out, patcher) -> None:
     if not isinstance(out, torch.Tensor) or bool(torch.isfinite(out).all()):
         return
     dm = getattr(patcher.model, "diffusion_model", None)
-    state = hotswap_state(dm) if dm is not None else None
-    active = state.active_key if state is not None else ()
+    active = active_loras(dm) if dm is not None else ()
     if not active:
         return  # not the pack's LoRA: ComfyUI's own result, as it is
     import os

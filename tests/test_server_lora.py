@@ -23,20 +23,25 @@ def models(server):
     write_demo_lora(os.path.join(root, "loras", "qlt-b.safetensors"), flux, rank=4, seed=2, fmt="kohya")
     write_demo_lora(os.path.join(root, "loras", "qlt-big.safetensors"), flux, rank=128, seed=3)
     copies = []
-    for i in range(12):  # one file per reference: each reference is a fresh load that never swapped
+    for i in range(18):  # one file per reference: each reference is a fresh load that never swapped
         name = f"qlt-fresh-{i}.safetensors"
         shutil.copy(flux, os.path.join(root, "diffusion_models", name))
         copies.append(name)
     return copies
 
 
-def graph(model_name, loras, seed, prefix, max_rank=16):
+def graph(model_name, loras, seed, prefix, max_rank=16, mode=None):
+    """mode None: the loader makes rank-max_rank slots and the LoRA nodes run as in older workflows
+    (no mode input: auto, which keeps the loader's slots). Otherwise no loader slots and that mode;
+    a LoRA given as (name, strength, mode) has its own."""
     g = loader(model_name)
-    g["model"]["inputs"]["lora_max_rank"] = max_rank
+    g["model"]["inputs"]["lora_max_rank"] = max_rank if mode is None else 0
     last = "model"
-    for i, (name, strength) in enumerate(loras):
+    for i, (name, strength, *own) in enumerate(loras):
         g[f"lora{i}"] = {"class_type": "LoRAHotswap", "inputs": {"model": [last, 0], "lora_name": name, "strength": strength,
                                                                  "max_rank": max_rank, "targets": "blocks"}}
+        if own or mode is not None:
+            g[f"lora{i}"]["inputs"]["mode"] = own[0] if own else mode
         last = f"lora{i}"
     g = txt2img({k: v for k, v in g.items()}, seed=seed, decode=False)
     g["sample"]["inputs"]["model"] = [last, 0]
@@ -68,9 +73,10 @@ def test_alternating_loras_equal_fresh_loads(server, models):
     assert (with_lora - without).abs().max() > 1e-3  # the LoRA changes the image
 
 
-def test_two_branches_get_their_own_lora(server, models):
-    a = graph(DEMO_FLUX, [("qlt-a.safetensors", 1.0)], 21, "branch-a")
-    b = graph(DEMO_FLUX, [("qlt-b.safetensors", 0.5)], 22, "branch-b")
+@pytest.mark.parametrize("mode", [None, "merge"])
+def test_two_branches_get_their_own_lora(server, models, mode):
+    a = graph(DEMO_FLUX, [("qlt-a.safetensors", 1.0)], 21, "branch-a", mode=mode)
+    b = graph(DEMO_FLUX, [("qlt-b.safetensors", 0.5)], 22, "branch-b", mode=mode)
     both = dict(a)
     for k, v in b.items():  # second branch: same loader node, its own LoRA, sampler and save
         if k not in ("model", "clip", "pos", "guided", "neg", "latent"):
@@ -80,49 +86,49 @@ def test_two_branches_get_their_own_lora(server, models):
     both["b_save"]["inputs"]["samples"] = ["b_sample", 0]
     entry = server.run(both)
     got_a, got_b = latents(server, entry, "save"), latents(server, entry, "b_save")
-    want_a = run(server, graph(models[-2], [("qlt-a.safetensors", 1.0)], 21, "branch-ref-a"))
-    want_b = run(server, graph(models[-1], [("qlt-b.safetensors", 0.5)], 22, "branch-ref-b"))
+    k = 2 if mode is None else 4
+    want_a = run(server, graph(models[-k], [("qlt-a.safetensors", 1.0)], 21, "branch-ref-a", mode=mode))
+    want_b = run(server, graph(models[-k + 1], [("qlt-b.safetensors", 0.5)], 22, "branch-ref-b", mode=mode))
     assert torch.equal(got_a, want_a) and torch.equal(got_b, want_b)
 
 
-def test_rank_above_slots_is_a_clear_error_and_server_goes_on(server, models):
-    entry = server.run(graph(DEMO_FLUX, [("qlt-big.safetensors", 1.0)], 31, "big"))
-    err = execution_error(entry)
-    assert err and "max_rank" in err["exception_message"] and "Set max_rank to 128" in err["exception_message"]
-    assert err["node_type"] == "LoRAHotswap"
-    run(server, graph(DEMO_FLUX, [("qlt-a.safetensors", 1.0)], 32, "after-big"))
+def test_merge_mode_swaps_equal_fresh_loads(server, models):
+    """Merge mode: each prompt's LoRA set is merged into the loaded weights from the pristine copy, so
+    alternating sets, strengths, a stack of two, a mixed chain (one merged, one in slots) and no LoRA
+    give exactly what a fresh load with that set gives; the node reports the mode it chose."""
+    fresh = iter(models[8:14])
+    steps = [([("qlt-a.safetensors", 1.0)], 51), ([("qlt-b.safetensors", 0.5)], 52),
+             ([("qlt-a.safetensors", 1.0), ("qlt-b.safetensors", -0.7)], 53), ([], 54),
+             ([("qlt-a.safetensors", 0.3), ("qlt-b.safetensors", 1.0, "slots")], 55), ([], 56)]
+    for i, (loras, seed) in enumerate(steps):
+        entry = server.run(graph(DEMO_FLUX, loras, seed, f"merge-{i}", mode="auto"))
+        got = latents(server, entry)
+        want = run(server, graph(next(fresh), loras, seed, f"merge-ref-{i}", mode="auto"))
+        assert torch.equal(got, want), (i, loras, (got - want).abs().max())
+        if loras:
+            text = " ".join(entry["outputs"]["lora0"]["text"])
+            assert ": merge (" in text and "layers when sampling starts" in text, text
 
 
-def test_lora_for_another_architecture(server, models):
-    from safetensors.torch import save_file
+def test_merged_lora_never_reaches_a_model_without_it(server, models):
+    """ComfyUI's own UNETLoader MODEL with a merged LoRA, then the same (cached) UNETLoader MODEL
+    sampled without it, in the next prompt and in one graph: the bare weights each time. That MODEL
+    carries none of the pack's wrappers; the pack's hook on the shared transformer restores the
+    weights for a forward from a clone without the LoRA."""
+    def unet_graph(name, loras, seed, prefix):
+        g = graph(name, loras, seed, prefix, mode="merge")
+        g["model"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+        return g
 
-    path = os.path.join(server.base, "models", "loras", "qlt-sdxl.safetensors")
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}, path)
-    err = execution_error(server.run(graph(DEMO_FLUX, [("qlt-sdxl.safetensors", 1.0)], 41, "sdxl")))
-    assert err and "qlt-sdxl.safetensors" in err["exception_message"] and "SD" in err["exception_message"]
-
-
-def test_replaced_lora_with_same_size_and_mtime_is_read_again(server, models):
-    """Issue 11: a different LoRA of the same size and mtime (cp -p, rsync -t, tar x) kept its old
-    weights, and ComfyUI logged 'fingerprint_inputs() missing 1 required positional argument' on
-    every queue (it passes only the widget values), so the re-read check never ran."""
-    root = os.path.join(server.base, "models")
-    flux = os.path.join(root, "diffusion_models", DEMO_FLUX)
-    target = os.path.join(root, "loras", "qlt-replaced.safetensors")
-    other = os.path.join(root, "loras", "qlt-replacement.safetensors")
-    write_demo_lora(target, flux, rank=8, seed=41)
-    write_demo_lora(other, flux, rank=8, seed=42)  # same shapes: same size
-    assert os.path.getsize(target) == os.path.getsize(other)
-    g = graph(DEMO_FLUX, [("qlt-replaced.safetensors", 1.0)], 31, "replaced")
-    before = run(server, g)
-    reference = run(server, graph(DEMO_FLUX, [("qlt-replacement.safetensors", 1.0)], 31, "replacement"))
-    st = os.stat(target)
-    tmp = target + ".new"
-    shutil.copy2(other, tmp)  # cp -p: the new content, the old file's mtime
-    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-    os.replace(tmp, target)
-    assert os.stat(target).st_mtime_ns == st.st_mtime_ns and os.path.getsize(target) == st.st_size
-    after = run(server, g)
-    assert not torch.equal(after, before) and torch.equal(after, reference)
-    assert "fingerprint_inputs" not in server.log_tail(10 ** 7)
+    lora = [("qlt-a.safetensors", 1.0)]
+    merged = run(server, unet_graph(DEMO_FLUX, lora, 61, "unet-merged"))
+    bare = run(server, unet_graph(DEMO_FLUX, [], 61, "unet-bare"))
+    assert torch.equal(bare, run(server, unet_graph(models[14], [], 61, "unet-bare-ref")))
+    assert torch.equal(merged, run(server, unet_graph(models[15], lora, 61, "unet-merged-ref")))
+    assert not torch.equal(merged, bare)
+    g = unet_graph(DEMO_FLUX, lora, 62, "unet-both")  # one graph: a merged branch and a bare one
+    g["bare_sample"] = dict(g["sample"], inputs=dict(g["sample"]["inputs"], model=["model", 0]))
+    g["bare_save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["bare_sample", 0], "filename_prefix": "bare"}}
+    entry = server.run(g)
+    assert torch.equal(latents(server, entry, "bare_save"), run(server, unet_graph(models[14], [], 62, "unet-bare-ref2")))
+    assert torch.equal(latents(server, entry, "save"), run(server, unet_graph(models[15], lora, 62, "unet-merged-ref2")))
