@@ -17,9 +17,26 @@ Rows (one JSON file, results-offload.json, in --out):
   text, ModelPatcher.load calls during the offloaded run (0: ComfyUI did not load the weights
   itself) and what ComfyUI lists as loaded.
 
-    python bench/bench_offload.py --out $OUT                        # all sections, < 8 min on an H100
+Emulated cards (section "cards", issue 13): before the model is placed, a ballast allocation
+leaves N GiB free (the way ComfyUI's peers were measured); CPUOffloadSampler's own planner
+(nodes/offload_sampler_node.plan_offload, mode block, budget from free memory) picks what stays
+resident; rows "offload block <kind> card <N>" with card_gib, budget_gib (weights), reserve_gib
+(sampling), resident_blocks/n_blocks, resident_share, streamed_gib_per_step, step_s,
+step_ratio_vs_no_offload, floor_ratio (max(1, streamed / measured pinned bandwidth / resident
+step)), predicted_ratio (the node's own prediction), peak_vram_gib (torch's peak minus the
+ballast) and within_card, equal_to_no_offload / max_abs_diff, auto_mode (what auto picks there).
+Kinds and cards: bf16 12/16/24, fp8 cast 8/12/16, NF4 6/8, torchao fp8 8/12/16 ("pinned H2D
+bandwidth" row first: the floor's bandwidth, measured in the same run). "comfy partial" rows:
+ComfyUI's own partial loading (this process: dynamic VRAM off; comfy_peers.py has it on) sampling
+through comfy.sample at the same cards, ratio to its fully loaded step. Below full size the cards
+are scaled to the model (the same share of its weights). A time guard (--time-limit, 215 s at
+full size) skips what would not fit and says so in a row; every part records its error and goes on.
+
+    bash bench/device_run.sh bench_offload.py --size full --out $OUT/offload   # cards, lora, node, comfy: < 4 min
+    python bench/bench_offload.py --size full --sections cast,offload,lora,node,cards  # everything (longer)
     python bench/bench_offload.py --sections offload --variants nf4  # a part
     python bench/bench_offload.py --size tiny --device cpu           # a CPU check of the script (offload moves nothing)
+    python bench/bench_offload.py --size smoke --device cpu --sections cards --kinds bf16  # the cards logic on CPU
 """
 from __future__ import annotations
 
@@ -46,7 +63,10 @@ class OffloadBench(Bench):
         super().__init__(args)
         self.cuda = self.dev.type == "cuda"
         self.compute = "bf16" if self.cuda else "fp32"
-        self.no_off = {}  # variant -> (step_s, peak_bytes)
+        self.no_off = {}  # variant -> (step_s, peak_bytes, output)
+        self.t_start = time.perf_counter()
+        self.card_plans = {}  # (kind, card) -> (weights budget, step_s)
+        self.bw, self.flops = None, None
 
     # ---------- measuring ----------
     def reset_peak(self):
@@ -189,7 +209,8 @@ class OffloadBench(Bench):
         self.reset_peak()
 
     def lora_row(self, p):
-        """fp8 cast + LoRA slots r64 + block offload; swap while offloaded."""
+        """fp8 cast + LoRA slots r64 + block offload (the fp8 cast card 12 budget when measured:
+        part resident, part streamed); swap while offloaded."""
         from quantlora.lora.formats import load_lora
         from quantlora.nodes import runtime
         from quantlora.quant import offload as off
@@ -210,7 +231,11 @@ class OffloadBench(Bench):
         self.unload()
         dm.to("cpu")
         self.reset_peak()
-        st = off.apply_offload(dm, "block", self.dev, "cpu")
+        card = next((k for k in self.card_plans if k[0] == "fp8 cast" and k[1] == 12), None) or \
+            next((k for k in self.card_plans if k[0] == "fp8 cast"), None)
+        budget, step_nolora = self.card_plans[card] if card else (None, None)
+        state.buffers_placed_by_offload = True  # as CPUOffloadSampler sets it
+        st = off.apply_offload(dm, "block", self.dev, "cpu", budget=budget)
         state.activate(("r64",), [(loras[64], 1.0)])
         _, step, out64 = self.timed(dm, self.args.offload_repeats)
         self.sync()
@@ -220,7 +245,11 @@ class OffloadBench(Bench):
         swap = time.perf_counter() - t0
         out32 = self.fwd(dm)
         peak = self.peak_bytes()
-        self.row(variant="fp8 cast offload block + lora slots r64", step_s=step, step_ratio_vs_no_offload=step / base_step,
+        self.row(variant="fp8 cast offload block + lora slots r64" + (f" card {card[1]:g}" if card else ""),
+                 step_s=step, step_ratio_vs_no_offload=step / base_step,
+                 step_ratio_vs_no_lora_same_card=(step / step_nolora) if step_nolora else None,
+                 budget_gib=self.gib(budget), resident_blocks=st.n_resident, n_blocks=st.n_blocks,
+                 streamed_gib_per_step=self.gib(st.streamed_bytes),
                  peak_vram_gib=self.gib(peak), peak_ratio_vs_no_offload=(peak / base_peak) if peak else None,
                  equal_to_no_offload=bool(torch.equal(out64, refs[64])),
                  swapped_r32_equal_to_no_offload=bool(torch.equal(out32, refs[32])),
@@ -229,6 +258,197 @@ class OffloadBench(Bench):
         off.remove_offload(dm)
         state.deactivate()
         self.reset_peak()
+
+    # ---------- emulated cards (issue 13) ----------
+    # full-size weights per kind (BENCHMARKS.md): smaller sizes scale the cards to the same share
+    FULL_WEIGHTS_GIB = {"bf16": 22.2, "fp8 cast": 11.9, "torchao fp8": 11.9, "nf4": 6.7}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def time_ok(self, need: float, what: str) -> bool:
+        left = self.args.time_limit - self.elapsed()
+        if left < need:
+            log(f"SKIPPED {what}: time guard ({left:.0f} s left, needs ~{need:.0f} s)")
+            self.row(variant=what, skipped=f"time guard: {left:.0f} s left of --time-limit, needs ~{need:.0f} s")
+            return False
+        return True
+
+    def error_row(self, what: str, e: BaseException):
+        import traceback
+
+        traceback.print_exc()
+        log(f"FAILED {what}: {type(e).__name__}: {e}")
+        self.row(variant=what, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+    def latent_dict(self):
+        return {"samples": torch.zeros(1, 16, self.latent, self.latent)}
+
+    def bandwidth_row(self):
+        """The floor's bandwidth (pinned host-to-device, 1 GiB copies) and the matmul rate the
+        node's prediction uses, measured here, once (quant/streaming caches them for the node)."""
+        from quantlora.quant import streaming
+
+        if self.cuda:
+            self.bw = streaming.pinned_bandwidth(self.dev, nbytes=1 << 30, repeats=5)
+            self.flops = streaming.matmul_rate(self.dev)
+            self.row(variant="pinned H2D bandwidth", gb_s=self.bw / 1e9, matmul_tflops=self.flops / 1e12)
+        else:  # injected numbers: the logic runs, nothing is measured
+            self.bw, self.flops = 10e9, 1e12
+            self.row(variant="pinned H2D bandwidth", gb_s=self.bw / 1e9, matmul_tflops=self.flops / 1e12,
+                     note="cpu dry run: injected numbers")
+
+    def card_free_bytes(self, kind: str, n_gib: float, weights: int, reserve: int) -> int:
+        if self.args.size == "full":
+            return int(n_gib * GIB)
+        share = (n_gib * GIB - reserve) / (self.FULL_WEIGHTS_GIB[kind] * GIB)
+        return int(reserve + max(0.0, share) * weights)
+
+    def make_ballast(self, free_target: int, at_rest: int):
+        """A device allocation leaving free_target bytes free for the model (what it holds there
+        now, at_rest, counts as free: the planner reclaims it). (tensor, bytes)."""
+        if not self.cuda:
+            return None, 0
+        import comfy.model_management as mm
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        n = int(mm.get_free_memory(self.dev) + at_rest - free_target)
+        if n <= 0:
+            return None, 0
+        return torch.empty(n, dtype=torch.uint8, device=self.dev), n
+
+    def card_rows(self, kind: str, p, cards):
+        """Block offload at each emulated card, budget and residency chosen by the node's planner."""
+        import comfy.model_management as mm
+        from quantlora.nodes import offload_sampler_node as node
+        from quantlora.quant import offload as off
+        from quantlora.quant.sizes import module_bytes
+
+        dm = p.model.diffusion_model
+        base_step, base_peak, base_out = self.no_off[kind]
+        weights = module_bytes(dm)
+        lat = self.latent_dict()
+        reserve = node.sampling_reserve(p, lat, cfg=1.0)
+        act_est = reserve - int(mm.minimum_inference_memory())
+        act_measured = (base_peak - weights) if base_peak is not None else None
+        self.unload()
+        dm.to("cpu")
+        per_card = 4 + (self.args.offload_repeats + 2) * base_step * 3.5
+        try:
+            for n in cards:
+                name = f"offload block {kind} card {n:g}"
+                if not self.time_ok(per_card + (10 if n == cards[0] else 0), name):
+                    continue
+                ballast = None
+                try:
+                    free_target = self.card_free_bytes(kind, n, weights, reserve)
+                    st0 = off.offload_state(dm)
+                    at_rest = st0.nonblock + st0.residency.resident_bytes if st0 is not None and st0.residency else 0
+                    ballast, nb = self.make_ballast(free_target, at_rest)
+                    card = None if self.cuda else dict(free_bytes=free_target, bandwidth=self.bw, flops=self.flops)
+                    plan = node.plan_offload(p, "block", 1, 0.0, lat, cfg=1.0, card=card)
+                    auto = node.plan_offload(p, "auto", 1, 0.0, lat, cfg=1.0, card=card)
+                    self.reset_peak()
+                    t0 = time.perf_counter()
+                    st = off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=plan.budget)
+                    self.sync()
+                    setup = time.perf_counter() - t0
+                    first, step, out = self.timed(dm, self.args.offload_repeats)
+                    peak = self.peak_bytes()
+                    peak_card = None if peak is None else peak - nb
+                    floor = max(1.0, st.streamed_bytes / self.bw / base_step)
+                    self.card_plans[(kind, n)] = (plan.budget, step)
+                    self.row(variant=name, card_gib=round(free_target / GIB, 3), budget_gib=self.gib(plan.budget),
+                             reserve_gib=self.gib(reserve), resident_blocks=st.n_resident, n_blocks=st.n_blocks,
+                             resident_share=(st.nonblock + st.residency.resident_bytes) / st.model_bytes,
+                             streamed_gib_per_step=self.gib(st.streamed_bytes), step_s=step,
+                             step_ratio_vs_no_offload=step / base_step, floor_ratio=floor,
+                             vs_floor=(step / base_step) / floor, predicted_ratio=plan.predicted_ratio,
+                             peak_vram_gib=self.gib(peak_card), within_card=None if peak_card is None else peak_card <= free_target,
+                             peak_reserved_gib=self.gib(torch.cuda.max_memory_reserved() - nb) if self.cuda else None,
+                             equal_to_no_offload=bool(torch.equal(out, base_out)),
+                             max_abs_diff=(out.float() - base_out.float()).abs().max().item(),
+                             auto_mode=auto.mode, activation_est_gib=self.gib(act_est),
+                             activation_measured_gib=self.gib(act_measured), setup_s=setup, first_s=first,
+                             prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
+                             host_waits=st.streamer.stats["waits"], pinned_gib=self.gib(st.streamer.pinned_bytes),
+                             plan=plan.describe())
+                except Exception as e:  # one card failing (an OOM) must not lose the others
+                    self.error_row(name, e)
+                finally:
+                    del ballast
+                    self.reset_peak()
+        finally:
+            try:
+                off.remove_offload(dm)
+            except Exception as e:
+                self.error_row(f"remove offload {kind}", e)
+            self.reset_peak()
+
+    def comfy_rows(self, weight_dtype: str, kind: str, cards):
+        """ComfyUI's own partial loading (v0.33's ModelPatcher, dynamic VRAM off in this process)
+        at the same emulated cards: UNETLoader, comfy.sample with euler, steady step from the
+        sampler callbacks, ratio to the same model fully loaded."""
+        import comfy.model_management as mm
+        import folder_paths
+        import nodes
+
+        folder_paths.add_model_folder_path("diffusion_models", self.args.workdir)
+        name0 = f"comfy partial {weight_dtype}"
+        if not self.time_ok(25 + 8 * len(cards), name0):
+            return
+        self.unload()
+        t0 = time.perf_counter()
+        p = nodes.UNETLoader().load_unet(os.path.basename(self.path), weight_dtype)[0]
+        load_s = time.perf_counter() - t0
+        try:
+            base = self.comfy_step(p)
+            self.row(variant=f"{name0} fully loaded", step_s=base, load_s=load_s,
+                     peak_vram_gib=self.gib(self.peak_bytes()), patcher=type(p).__name__)
+            for n in cards:
+                name = f"{name0} card {n:g}"
+                if not self.time_ok(10, name):
+                    continue
+                ballast = None
+                try:
+                    mm.unload_all_models()
+                    weights = p.model_size()
+                    ballast, nb = self.make_ballast(self.card_free_bytes(kind, n, weights, 3 * GIB), 0)
+                    self.reset_peak()
+                    step = self.comfy_step(p)
+                    peak = self.peak_bytes()
+                    loaded = [lm.model.loaded_size() for lm in mm.current_loaded_models if lm.model is p]
+                    self.row(variant=name, step_s=step, step_ratio_vs_fully_loaded=step / base if base else None,
+                             peak_vram_gib=self.gib(None if peak is None else peak - nb),
+                             comfy_loaded_gib=[self.gib(x) for x in loaded], model_gib=self.gib(weights))
+                except Exception as e:
+                    self.error_row(name, e)
+                finally:
+                    del ballast
+                    mm.unload_all_models()
+                    self.reset_peak()
+        finally:
+            del p
+            self.unload()
+
+    def comfy_step(self, p, steps: int = 4) -> float:
+        import comfy.sample
+
+        g = torch.Generator().manual_seed(5)
+        pos = [[torch.randn(1, self.txt, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+        lat = torch.zeros(1, 16, self.latent, self.latent)
+        noise = comfy.sample.prepare_noise(lat, 42)
+        stamps = []
+
+        def cb(step, x0, x, total):
+            self.sync()
+            stamps.append(time.perf_counter())
+
+        comfy.sample.sample(p, noise, steps, 1.0, "euler", "simple", pos, pos, lat, callback=cb, disable_pbar=True, seed=42)
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        return statistics.median(gaps) if gaps else float("nan")
 
     def node_rows(self, p):
         """Through ComfyUI: LoRAHotswap -> CPUOffloadSampler (none, block, auto with a budget)."""
@@ -239,8 +459,11 @@ class OffloadBench(Bench):
         from quantlora.nodes.hotswap_node import LoRAHotswap
 
         folder_paths.add_model_folder_path("loras", self.args.workdir)
+        import inspect
+
         name = os.path.basename(self.write_lora(64, seed=64))
-        m = LoRAHotswap.execute(p, name, 1.0, 64, "blocks").args[0]
+        kw = {"mode": "slots"} if "mode" in inspect.signature(LoRAHotswap.execute).parameters else {}
+        m = LoRAHotswap.execute(p, name, 1.0, 64, "blocks", **kw).args[0]
         g = torch.Generator().manual_seed(3)
         pos = [[torch.randn(1, self.txt, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
         latent = {"samples": torch.zeros(1, 16, self.latent, self.latent)}
@@ -275,78 +498,143 @@ class OffloadBench(Bench):
             self.unload()
 
 
+CARDS = {"bf16": (12, 16, 24), "fp8 cast": (8, 12, 16), "nf4": (6, 8), "torchao fp8": (8, 12, 16)}
+COMFY_CARDS = {"default": ("bf16", (12, 16, 24)), "fp8_e4m3fn": ("fp8 cast", (8, 12, 16))}
+
+
+def parse_cards(text: str) -> dict:
+    """"bf16=12/16/24;nf4=6/8" -> {"bf16": (12, 16, 24), "nf4": (6, 8)}; empty: CARDS."""
+    if not text:
+        return dict(CARDS)
+    out = {}
+    for part in text.split(";"):
+        if part.strip():
+            k, v = part.split("=")
+            out[k.strip()] = tuple(float(x) for x in v.split("/") if x)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="full", choices=SIZES)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--sections", default="cast,offload,lora,node")
-    ap.add_argument("--variants", default="bf16,fp8,nf4")
+    ap.add_argument("--sections", default=None,
+                    help="full size: cards,lora,node,comfy (< 4 min); other sizes also cast,offload (the per-mode rows)")
+    ap.add_argument("--variants", default="bf16,fp8,nf4", help="offload section: the per-mode rows' weight kinds")
+    ap.add_argument("--kinds", default="bf16,fp8 cast,nf4,torchao fp8", help="cards section: weight kinds, in this order")
+    ap.add_argument("--cards", default="", help='cards per kind, e.g. "bf16=12/16/24;nf4=6/8" (default: issue 13\'s)')
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--blocks-per-group", type=int, default=1)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--workdir", default="/tmp/quantlora-bench")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--offload-repeats", type=int, default=2)
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds (default: 215 at full size, else none)")
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
+    if args.sections is None:
+        args.sections = "cards,lora,node,comfy" if args.size == "full" else "cast,offload,lora,node,cards"
     args.sections = args.sections.split(",")
     args.variants = args.variants.split(",")
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    args.cards = parse_cards(args.cards)
     args.modes = [m for m in args.modes.split(",") if m]
+    if args.time_limit is None:
+        args.time_limit = 215.0 if args.size == "full" else 1e9
     args.attention = "default"  # read by bench_flux.Bench where it has that option
     _env.setup(cpu=args.device == "cpu")  # also PyAV's stand-in (the device image has none)
+    from quantlora.nodes import offload_sampler_node as node
     from quantlora.nodes.fp8_cast_node import cast_model
 
-    t_start = time.perf_counter()
     b = OffloadBench(args)
+    if not b.cuda:
+        node.FORCE_ON_CPU = True  # the planner and the hooks run on the CPU (nothing moves)
     if b.cuda:
         log(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     b.write_checkpoint()
-    fp8_needed = "fp8" in args.variants or {"lora", "node"} & set(args.sections) or "cast" in args.sections
-
-    p, load_s = b.load("none")
-    log(f"bf16 loaded in {load_s:.0f} s")
-    b.eager_row("bf16", p)
-    if "offload" in args.sections and "bf16" in args.variants:
-        b.offload_rows("bf16", p)
-    if fp8_needed:
-        t0 = time.perf_counter()
-        p8, msg = cast_model(p, "float8_e4m3fn", "auto")
-        log(f"FP8LayerwiseCast in {time.perf_counter() - t0:.0f} s: {msg}")
-        del p
-        b.unload()
-        b.to_gpu(p8)
-        b.eager_row("fp8 cast", p8)
-        if "cast" in args.sections and not args.no_compile:
-            b.compile_row("fp8 cast", p8)
-        if "offload" in args.sections and "fp8" in args.variants:
-            b.offload_rows("fp8 cast", p8)
-        for section, fn in (("lora", b.lora_row), ("node", b.node_rows)):
-            if section in args.sections:
-                try:
-                    fn(p8)
-                except Exception as e:  # keep the other rows
-                    import traceback
-
-                    traceback.print_exc()
-                    b.rows.append(dict(variant=section, error=f"{type(e).__name__}: {str(e)[:300]}"))
-                    b.unload()
-        del p8
-    else:
-        del p
-    b.unload()
-    if "offload" in args.sections and "nf4" in args.variants:
+    log(f"checkpoint ready at {b.elapsed():.0f} s")
+    sections = set(args.sections)
+    cards = "cards" in sections
+    if cards:
         try:
-            p4, load_s = b.load("bnb-nf4")
-            log(f"nf4 loaded in {load_s:.0f} s")
-            b.eager_row("nf4", p4)
-            b.offload_rows("nf4", p4)
-            del p4
+            b.bandwidth_row()
         except Exception as e:
-            log(f"FAILED nf4: {type(e).__name__}: {e}")
-            b.rows.append(dict(variant="nf4", error=f"{type(e).__name__}: {str(e)[:300]}"))
+            b.error_row("pinned H2D bandwidth", e)
+            b.bw, b.flops = 10e9, 1e12
+    kinds = [k for k in args.kinds if k in args.cards] if cards else []
+    fp8_needed = ("fp8" in args.variants and "offload" in sections) or {"lora", "node", "cast"} & sections \
+        or "fp8 cast" in kinds
+
+    def guarded(what, fn, *a):
+        try:
+            return fn(*a)
+        except Exception as e:  # keep the other rows
+            b.error_row(what, e)
+            b.unload()
+            return None
+
+    p = p8 = None
+    try:
+        p, load_s = b.load("none")
+        log(f"bf16 loaded in {load_s:.0f} s")
+        b.eager_row("bf16", p)
+        if "offload" in sections and "bf16" in args.variants:
+            guarded("bf16 offload", b.offload_rows, "bf16", p)
+        if "bf16" in kinds:
+            guarded("bf16 cards", b.card_rows, "bf16", p, args.cards["bf16"])
+        if fp8_needed:
+            t0 = time.perf_counter()
+            p8, msg = cast_model(p, "float8_e4m3fn", "auto")
+            log(f"FP8LayerwiseCast in {time.perf_counter() - t0:.0f} s: {msg}")
+    except Exception as e:
+        b.error_row("bf16", e)
+    p = None
+    b.unload()
+    if p8 is not None:
+        try:
+            b.to_gpu(p8)
+            b.eager_row("fp8 cast", p8)
+            if "cast" in sections and not args.no_compile:
+                guarded("fp8 cast compile", b.compile_row, "fp8 cast", p8)
+            if "offload" in sections and "fp8" in args.variants:
+                guarded("fp8 cast offload", b.offload_rows, "fp8 cast", p8)
+            if "fp8 cast" in kinds:
+                guarded("fp8 cast cards", b.card_rows, "fp8 cast", p8, args.cards["fp8 cast"])
+            if "lora" in sections and b.time_ok(20, "lora"):
+                guarded("lora", b.lora_row, p8)
+        except Exception as e:
+            b.error_row("fp8 cast", e)
+        p8_keep = p8 if ("node" in sections) else None
+        p8 = None
         b.unload()
+    else:
+        p8_keep = None
+    for kind, quant in (("nf4", "bnb-nf4"), ("torchao fp8", "torchao-fp8-dynamic" if b.cuda else "torchao-int8-weight-only")):
+        want_cards = kind in kinds
+        want_modes = kind == "nf4" and "offload" in sections and "nf4" in args.variants
+        if not (want_cards or want_modes) or not b.time_ok(40, f"{kind} load"):
+            continue
+        try:
+            pq, load_s = b.load(quant)
+            log(f"{kind} ({quant}) loaded in {load_s:.0f} s")
+            b.eager_row(kind, pq)
+            if want_modes:
+                guarded(f"{kind} offload", b.offload_rows, kind, pq)
+            if want_cards:
+                guarded(f"{kind} cards", b.card_rows, kind, pq, args.cards[kind])
+            pq = None
+        except Exception as e:
+            b.error_row(kind, e)
+        b.unload()
+    if "comfy" in sections:
+        for dtype, (kind, cs) in COMFY_CARDS.items():
+            guarded(f"comfy partial {dtype}", b.comfy_rows, dtype, kind, cs)
+    if "node" in sections and p8_keep is not None and b.time_ok(20, "node"):
+        guarded("node", b.node_rows, p8_keep)
+    p8_keep = None
+    b.unload()
     b.flush()
-    log(f"done in {time.perf_counter() - t_start:.0f} s")
+    log(f"done in {b.elapsed():.0f} s")
 
 
 if __name__ == "__main__":
