@@ -231,18 +231,22 @@ class _PinnedArena:
         self.chunk, self.bufs, self.cur, self.off = chunk, [], None, 0
         self.bytes = 0
 
+    @staticmethod
+    def alloc(n: int) -> torch.Tensor:  # tests replace this (no pinned memory without CUDA)
+        return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+
     def place(self, t: torch.Tensor) -> torch.Tensor:
         n = t.numel() * t.element_size()
         if not t.is_contiguous() or n == 0:
             return t.pin_memory()
         if n > self.chunk // 4:
-            buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            buf = self.alloc(n)
             self.bufs.append(buf)
             self.bytes += n
             view = buf
         else:
             if self.cur is None or self.off + n > self.cur.numel():
-                self.cur, self.off = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True), 0
+                self.cur, self.off = self.alloc(self.chunk), 0
                 self.bufs.append(self.cur)
                 self.bytes += self.chunk
             view = self.cur[self.off:self.off + n]

@@ -190,3 +190,72 @@ def test_auto_plan_fills_an_injected_card(flux_file, comfy, monkeypatch):
     # an explicit budget wins over the card's free memory
     fixed = node.plan_offload(model, "auto", 1, (reserve + total * 0.85) / G, latent, card=dict(card, free_bytes=10 * G))
     assert fixed.mode == "block"
+
+
+# ---------------- the CUDA branches, with stand-ins for streams and events ----------------
+class _FakeEvent:
+    def __init__(self, *a, **k):
+        self.recorded = 0
+
+    def record(self, stream=None):
+        self.recorded += 1
+
+    def synchronize(self):
+        pass
+
+
+class _FakeStream:
+    def __init__(self, *a, **k):
+        self.waited = 0
+
+    def wait_event(self, ev):
+        assert isinstance(ev, _FakeEvent) and ev.recorded
+        self.waited += 1
+
+    def wait_stream(self, other):
+        assert isinstance(other, _FakeStream)
+
+    def synchronize(self):
+        pass
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("quantization", ["none", "bnb-nf4"])
+def test_cuda_branches_with_stand_ins(flux_file, monkeypatch, quantization):
+    """Every line guarded by `stream is not None` (side stream, events, record_stream, the host
+    throttle, the pinned arena) runs here with stand-ins, so a GPU run cannot meet a typo there."""
+    import contextlib
+
+    from quantlora.quant import offload as off
+    from quantlora.quant import streaming as s
+
+    compute = _FakeStream()
+    recorded = []
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda st: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, st: recorded.append(st), raising=False)
+    monkeypatch.setattr(s._PinnedArena, "alloc", staticmethod(lambda n: torch.empty(n, dtype=torch.uint8)))
+    monkeypatch.setattr(s.BlockStreamer, "copy_on_cpu", True)
+    real_init = s.BlockStreamer.__init__
+
+    def init(self, blocks, streamed, onload, lookahead=1, pin=True):
+        real_init(self, [], (), onload, lookahead, pin)  # set up empty, then as on CUDA
+        self.stream, self.arena, self.blocks = _FakeStream(), s._PinnedArena(chunk=1 << 20), blocks
+        self.set_streamed(streamed)
+
+    monkeypatch.setattr(s.BlockStreamer, "__init__", init)
+    dm = load(flux_file, quantization).model.diffusion_model.eval()
+    inp = flux_inputs(CFG, seed=5)
+    ref = comfy_forward(dm, inp)
+    st = off.apply_offload(dm, "block", "cpu", "cpu", budget=None)
+    streamer = st.streamer
+    assert streamer.arena.bytes > 0 and streamer.pinned_bytes == streamer.arena.bytes
+    out = comfy_forward(dm, inp)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+    n = len(off.flat_blocks(dm))
+    assert compute.waited == n and recorded and all(r is compute for r in recorded)
+    assert len(streamer._done) <= streamer.lookahead + 2  # the throttle popped the old "done" events
+    assert streamer.stats["waits"] > 0
+    off.remove_offload(dm)
+    assert torch.allclose(comfy_forward(dm, inp), ref, rtol=1e-4, atol=1e-5)
