@@ -120,7 +120,7 @@ def test_hotswap_strength_not_a_number(flux_file, lora_setup, strength):
     assert lora_setup[1] in msg and "strength" in msg and "-10 to 10" in msg, msg
 
 
-@pytest.mark.parametrize("name,value", [("lora_name", 3), ("targets", "mlp")])
+@pytest.mark.parametrize("name,value", [("lora_name", 3), ("targets", "mlp"), ("mode", "merged")])
 def test_hotswap_bad_values(flux_file, lora_setup, name, value):
     from quantlora.nodes.hotswap_node import LoRAHotswap
 

@@ -296,3 +296,34 @@ def test_compiled_swaps_never_recompile(backend):
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_auto_choice():
+    """auto merges 8-bit and wider weights; keeps slots for 4-bit ones (their rounding noise is larger
+    than the LoRA's effect: test_lora_effect_after_merge), where the model already has slots, where
+    ComfyUI's own weight patches are on the MODEL and where the pristine copy would not fit in RAM.
+    Explicit merge refuses what it cannot do right, naming it."""
+    from quantlora.lora.merge import choose
+
+    a = [(lora(1), 1.0)]
+    assert choose("auto", tree(), a, False, 0, None)[0] == "merge"
+    assert choose("auto", quantize(tree(), "torchao-int8-weight-only"), a, False, 0, None)[0] == "merge"
+    mode, why = choose("auto", quantize(tree(), "bnb-nf4"), a, False, 0, None)
+    assert mode == "slots" and "4-bit" in why
+    mode, why = choose("merge", quantize(tree(), "bnb-nf4"), a, False, 0, None)
+    assert mode == "merge" and "lose much of the LoRA's effect" in why
+    assert choose("auto", tree(), a, True, 0, None) == ("slots", choose("auto", tree(), a, True, 0, None)[1])
+    assert "already has LoRA slots" in choose("auto", tree(), a, True, 0, None)[1]
+    assert choose("merge", tree(), a, True, 0, None)[0] == "merge"  # merges into the slots' base layers
+    mode, why = choose("auto", tree(), a, False, 3, None)
+    assert mode == "slots" and "ComfyUI weight patches" in why
+    with pytest.raises(QuantLoRAError, match="3 ComfyUI weight patches.*mode 'slots'"):
+        choose("merge", tree(), a, False, 3, None)
+    mode, why = choose("auto", tree(), a, False, 0, 1000)
+    assert mode == "slots" and "would not fit in free host memory" in why
+    assert choose("slots", tree(), a, False, 0, None)[0] == "slots"
+    odd = tree()
+    odd.double_blocks[0].proj = nn.Conv1d(IN, IN, 1)
+    assert choose("auto", odd, a, False, 0, None)[0] == "slots"
+    with pytest.raises(QuantLoRAError, match="double_blocks.0.proj"):
+        choose("merge", odd, a, False, 0, None)
