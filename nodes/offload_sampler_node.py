@@ -2,11 +2,18 @@
 with the transformer's weights offloaded to host memory while it samples.
 
 Modes: none (stock behaviour), model (whole transformer on the GPU only while sampling, then
-unloaded), block (groups of transformer blocks copied in ahead of use on a side CUDA stream from
-pinned host memory), leaf (each layer: lowest VRAM), auto (picked from vram_budget_gb, or from
-the GPU's total memory when the budget is 0). Without a CUDA device every mode is a no-op and the
-node samples exactly like KSampler. The moving itself is quant/offload.py (diffusers' group
-offloading, or module moves for bitsandbytes/quanto weights).
+unloaded), block (as many transformer blocks as the budget allows stay on the GPU; the rest are
+copied in ahead of use on a side CUDA stream from pinned host memory, every weight kind:
+quant/streaming.py), leaf (each layer: lowest VRAM), auto (none if the weights fit, else block
+if its resident parts and in-flight copies fit, else leaf). The budget is vram_budget_gb, or when
+0 the GPU's free memory (plus what loaded models ComfyUI would unload for this one hold, plus what
+our offload of this model keeps resident), less what sampling needs at this latent's size and
+batch (sampling_reserve: ComfyUI's minimum inference memory plus the larger of ComfyUI's and the
+pack's Flux activation estimates). The node's text and log say what was chosen, the resident
+share, the bytes streamed per step and the predicted step ratio (streamed bytes over the pinned
+bandwidth measured once, against a resident step estimated from the model's FLOPs at a measured
+matmul rate). Without a CUDA device every mode is a no-op and the node samples exactly like
+KSampler. The moving itself is quant/offload.py.
 
 How ComfyUI's model management is kept truthful (and kept from loading the model itself):
 - The node samples a private clone of the input ModelPatcher carrying two extension points from
@@ -167,23 +174,20 @@ def _device_bytes_at_rest(patcher) -> int:
 
 
 def _card(dev, patcher) -> dict:
-    """Free device memory this run may use (what ComfyUI reports free, plus what the weights of
-    this very model hold there now: ComfyUI's loaded copies of it, and what our offload keeps
-    resident between runs), the pinned copy rate and the matmul rate (both measured once)."""
+    """Free device memory this run may use: what ComfyUI reports free, plus what loaded models
+    hold there (ComfyUI unloads them to make room when it loads this one, as it does for a full
+    load: text encoders, another copy of these weights), plus what our offload of this model
+    keeps resident between runs; the pinned copy rate and the matmul rate (measured once)."""
     free = int(mm.get_free_memory(dev))
-    ours = False
     for lm in list(getattr(mm, "current_loaded_models", [])):
         m = getattr(lm, "model", None)
-        if m is None or getattr(m, "model", None) is not patcher.model:
-            continue
-        if m in _STATE:
-            ours = True
+        if m is None or m in _STATE or torch.device(getattr(m, "load_device", "cpu")) != dev:
             continue
         try:
             free += int(m.loaded_size())
         except Exception:
             pass
-    if ours or off.offload_state(_diffusion_model(patcher)) is not None:
+    if off.offload_state(_diffusion_model(patcher)) is not None:
         free += _device_bytes_at_rest(patcher)
     return dict(free_bytes=free, bandwidth=streaming.pinned_bandwidth(dev), flops=streaming.matmul_rate(dev))
 
