@@ -520,9 +520,9 @@ def flux_activation_bytes(tokens: int, hidden: int, batch: int, act_bytes: int =
 
 def linear_params(module: nn.Module) -> int:
     n = 0
-    for m in module.modules():
+    for m in module.modules():  # the modules owning the weight (a LoRA wrapper's base, not the wrapper too)
         i, o = getattr(m, "in_features", None), getattr(m, "out_features", None)
-        if isinstance(i, int) and isinstance(o, int):
+        if isinstance(i, int) and isinstance(o, int) and m._parameters.get("weight") is not None:
             n += i * o
     return n
 

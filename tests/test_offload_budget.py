@@ -259,3 +259,15 @@ def test_cuda_branches_with_stand_ins(flux_file, monkeypatch, quantization):
     assert streamer.stats["waits"] > 0
     off.remove_offload(dm)
     assert torch.allclose(comfy_forward(dm, inp), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_params_counts_each_weight_once(flux_file):
+    from quantlora.lora.hotswap import attach_slots
+    from quantlora.quant.streaming import linear_params
+
+    dm = load(flux_file).model.diffusion_model
+    n = linear_params(dm)
+    assert n > 0
+    h = CFG["hidden_size"]
+    attach_slots(dm, 4, "blocks", torch.float32, h, int(h * CFG["mlp_ratio"]))
+    assert linear_params(dm) == n  # the slot wrappers add no FLOPs of their own here
