@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import QuantLoRAError
 from ..quant import weight_codecs as codecs
+from ..quant.pinned import HostArena
 
 log = logging.getLogger("quantlora")
 PRISTINE_PLACES = ("host", "device")
@@ -88,6 +89,7 @@ class MergeState:
         self._merged: dict[str, list[tuple]] = {}  # name -> _stamps of its storage after our write
         self.swaps = 0
         self.report = MergeReport(pristine_place=pristine)
+        self._arena = HostArena()
 
     @property
     def active_key(self) -> tuple:
@@ -109,19 +111,21 @@ class MergeState:
                 return False
         return True
 
-    def _capture(self, name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        copies = self._pristine.get(name)
-        if copies is None:
-            pin = self.place == "host" and tensors[0].is_cuda
-            if self.place == "host":
-                copies = [torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin) for t in tensors]
-                for c, t in zip(copies, tensors):
-                    c.copy_(t)
-            else:
-                copies = [t.clone() for t in tensors]
-            self._pristine[name] = copies
-            self.report.pristine_bytes += sum(c.numel() * c.element_size() for c in copies)
-        return copies
+    def _capture(self, todo: dict[str, list[torch.Tensor]]) -> None:
+        """Pristine copies of layers touched for the first time, in one batch: on the host, one
+        page-locked buffer of exactly their size (quant/pinned.py); on the device, clones."""
+        if not todo:
+            return
+        if self.place == "host":
+            flat = [t for ts in todo.values() for t in ts]
+            copies = self._arena.copies(flat, lock=flat[0].is_cuda)
+            it = iter(copies)
+            for name, ts in todo.items():
+                self._pristine[name] = [next(it) for _ in ts]
+        else:
+            for name, ts in todo.items():
+                self._pristine[name] = [t.clone() for t in ts]
+        self.report.pristine_bytes += sum(t.numel() * t.element_size() for ts in todo.values() for t in ts)
 
     @torch.inference_mode()  # ComfyUI's weights are inference tensors: writable only in this mode
     def activate(self, key: tuple, loras: list) -> bool:
@@ -134,9 +138,8 @@ class MergeState:
         names = sorted(set(self._merged) | set(deltas), key=_natural)
         layers = [(n, base_layer(self.root, n)) for n in names]
         storages = [codecs.storage(layer) for _, layer in layers]
-        for (n, _), st in zip(layers, storages):
-            if n not in self._merged:  # pristine now (never changed, or restored last time)
-                self._capture(n, st)
+        # pristine now: never changed, or restored by the last activation
+        self._capture({n: st for (n, _), st in zip(layers, storages) if n not in self._pristine})
         self._merged = {}
         self.key = ()  # a failure half way leaves no claim about what the weights hold
         device = storages[0][0].device if storages else torch.device("cpu")
@@ -176,12 +179,17 @@ class MergeState:
         """Moves the pristine copy (host <-> the weights' device), e.g. when a node asks for GPU swaps."""
         if place == self.place:
             return
-        for name, copies in self._pristine.items():
-            dev = codecs.storage(base_layer(self.root, name))[0].device
-            if place == "device":
+        if place == "device":
+            for name, copies in self._pristine.items():
+                dev = codecs.storage(base_layer(self.root, name))[0].device
                 self._pristine[name] = [c.to(dev) for c in copies]
-            else:
-                self._pristine[name] = [c.to("cpu").pin_memory() if dev.type == "cuda" else c.to("cpu") for c in copies]
+            self._arena = HostArena()  # the host buffers go (and are unlocked)
+        else:
+            names = list(self._pristine)
+            flat = [c for n in names for c in self._pristine[n]]
+            copies = iter(self._arena.copies(flat, lock=bool(flat) and flat[0].is_cuda))
+            for n in names:
+                self._pristine[n] = [next(copies) for _ in self._pristine[n]]
         self.place = self.report.pristine_place = place
 
 
