@@ -319,8 +319,11 @@ class OffloadBench(Bench):
             return None, 0
         return torch.empty(n, dtype=torch.uint8, device=self.dev), n
 
-    def card_rows(self, kind: str, p, cards):
-        """Block offload at each emulated card, budget and residency chosen by the node's planner."""
+    def card_rows(self, kind: str, p, cards, keep_model: bool = True):
+        """Block offload at each emulated card, budget and residency chosen by the node's planner.
+        keep_model=False: the model is dropped afterwards, so its offload is not taken off (no copy
+        of the pinned weights back to pageable memory; the pinned blocks go back to torch's cache
+        for the next model)."""
         import comfy.model_management as mm
         from quantlora.nodes import offload_sampler_node as node
         from quantlora.quant import offload as off
@@ -382,7 +385,8 @@ class OffloadBench(Bench):
                     self.reset_peak()
         finally:
             try:
-                off.remove_offload(dm)
+                if keep_model:
+                    off.remove_offload(dm, release_pinned=False)
             except Exception as e:
                 self.error_row(f"remove offload {kind}", e)
             self.reset_peak()
@@ -599,7 +603,8 @@ def main():
             if "offload" in sections and "fp8" in args.variants:
                 guarded("fp8 cast offload", b.offload_rows, "fp8 cast", p8)
             if "fp8 cast" in kinds:
-                guarded("fp8 cast cards", b.card_rows, "fp8 cast", p8, args.cards["fp8 cast"])
+                guarded("fp8 cast cards", b.card_rows, "fp8 cast", p8, args.cards["fp8 cast"],
+                        bool({"lora", "node"} & sections))
             if "lora" in sections and b.time_ok(20, "lora"):
                 guarded("lora", b.lora_row, p8)
         except Exception as e:
@@ -621,7 +626,7 @@ def main():
             if want_modes:
                 guarded(f"{kind} offload", b.offload_rows, kind, pq)
             if want_cards:
-                guarded(f"{kind} cards", b.card_rows, kind, pq, args.cards[kind])
+                guarded(f"{kind} cards", b.card_rows, kind, pq, args.cards[kind], False)
             pq = None
         except Exception as e:
             b.error_row(kind, e)

@@ -393,8 +393,10 @@ def _unpin(root: nn.Module) -> int:
     return n
 
 
-def remove_offload(root: nn.Module) -> bool:
-    """Take the offload off `root` (hooks, pinned memory) and leave it on the offload device."""
+def remove_offload(root: nn.Module, release_pinned: bool = True) -> bool:
+    """Take the offload off `root` (hooks, pinned memory) and leave it on the offload device.
+    release_pinned=False keeps torch's cache of freed pinned blocks for the next offload (the
+    benchmark, going from one model to the next)."""
     state = offload_state(root)
     if state is None:
         return False
@@ -406,7 +408,7 @@ def remove_offload(root: nn.Module) -> bool:
             reg.remove_hook(name, recurse=True)
         _strip_empty_registries(root)
         if state.streamer is not None:
-            state.streamer.to_pageable()
+            state.streamer.to_pageable(release_pinned)
         elif state.spec.use_stream:
             _unpin(root)
     root.to(state.spec.offload)

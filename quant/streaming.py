@@ -433,8 +433,9 @@ class BlockStreamer:
             torch.cuda.current_stream(self.onload).synchronize()
         self._done.clear()
 
-    def to_pageable(self) -> None:
-        """Every streamed block back into ordinary host memory; the pinned arena is given up."""
+    def to_pageable(self, release: bool = True) -> None:
+        """Every streamed block back into ordinary host memory; the pinned arena is given up (and
+        with release, torch's cache of pinned blocks goes back to the OS)."""
         self.sync()
         for u in self.units.values():
             if u.installed or u.dev is not None:
@@ -445,7 +446,7 @@ class BlockStreamer:
             self.arena.bufs.clear()
             self.arena.cur = None
             empty = getattr(torch._C, "_host_emptyCache", None)
-            if empty is not None:
+            if release and empty is not None:
                 empty()
 
 
