@@ -435,7 +435,9 @@ class Bench:
         tag = f"{q} {'compile (regional)' if compiled else 'eager'}"
         first, step_none, out_none = self.time_steps(dm, 3)
         state = MergeState(dm, pristine="host")
+        check = self._load_path_check_before(dm, q)
         first_merge = swap(state, 64)
+        load_path_equal = self._load_path_check_after(dm, q, check)
         _, step_lora, out_lora = self.time_steps(dm, 3)
         torch._dynamo.config.error_on_recompile = compiled
         recompiles, swaps = 0, {16: [], 64: [], 128: []}
@@ -468,7 +470,46 @@ class Bench:
                  step_overhead=round(step_lora / step_none - 1, 4), recompiles=recompiles, swaps=10,
                  lora_effect_err=round(effect_err(out_lora, out_none), 4),
                  rel_err_after_swaps=round(self.rel(out_lora2, self.ref_lora), 4), bare_bit_exact=bare_exact,
-                 pristine_host_gib=round(host_pristine / GIB, 2), compile_s=round(first, 1) if compiled else None)
+                 pristine_host_gib=round(host_pristine / GIB, 2), compile_s=round(first, 1) if compiled else None,
+                 merged_equals_load_path=load_path_equal)
+
+    def _load_path_check_before(self, dm, q, names=("double_blocks.0.img_attn.qkv", "single_blocks.1.linear2")):
+        """The dequantized weights of two layers before the r64 merge (for the check after it)."""
+        from quantlora.lora.merge import base_layer
+        from quantlora.quant import weight_codecs as codecs
+
+        return {n: codecs.dequantize(base_layer(dm, n)).clone() for n in names}
+
+    def _load_path_check_after(self, dm, q, before) -> bool | str:
+        """The merged layers equal (bit for bit) the hand-merged matrix made into a layer by the loader's
+        own quantization path on this GPU (the CPU tests cannot run torchao fp8 dynamic)."""
+        from torch import nn
+        from quantlora.lora.formats import FluxDims, load_lora
+        from quantlora.lora.merge import base_layer, deltas_of
+        from quantlora.quant import weight_codecs as codecs
+        from quantlora.quant.backends import BACKENDS, quantize_linear
+
+        try:
+            c = self.cfg
+            dims = FluxDims(hidden=c["hidden_size"], mlp_hidden=4 * c["hidden_size"], depth=c["depth"], depth_single=c["depth_single_blocks"])
+            deltas = deltas_of(dm, [(load_lora(self.write_lora(64, seed=64), dims), 1.0)])
+            for n, w0 in before.items():
+                full = w0.clone()
+                for d in deltas[n]:
+                    full[d.offset:d.offset + d.up.shape[0]].addmm_(d.up.to(full), d.down.to(full), alpha=d.scale)
+                dt = torch.bfloat16 if self.dev.type == "cuda" else torch.float32  # load_ours' compute dtype
+                lin = nn.Linear(full.shape[1], full.shape[0], device=full.device, dtype=dt)
+                with torch.no_grad():
+                    lin.weight.copy_(full.to(dt))
+                if q != "bf16":
+                    quantize_linear(BACKENDS[q], lin, dt, full.device)
+                got, want = codecs.storage(base_layer(dm, n)), codecs.storage(lin)
+                if not all(torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                                       b.view(torch.uint8) if b.element_size() == 1 else b) for a, b in zip(got, want)):
+                    return f"differs on {n}"
+            return True
+        except Exception as e:
+            return f"check failed: {type(e).__name__}: {str(e)[:200]}"
 
     def section_attn(self):
         """SDPA kernels at Flux's shape, then bf16 eager and the fp8 compiled path with each choice."""

@@ -7,9 +7,12 @@
 # Rows are written as they are measured ($OUT/.../results-*.json); copy them to bench/raw/ here and
 # run bench/report.py. The whole log also goes to $OUT/<script>.log when $OUT is set.
 t0=$(date +%s)
-if [ -f .devcarry/site.tar.xz ]; then
+if [ -f /tmp/site/.unpacked ]; then
+  :  # an earlier script of the same call unpacked it
+elif [ -f .devcarry/site.tar.xz ]; then
   mkdir -p /tmp/site
   python3 -c "import tarfile; tarfile.open('.devcarry/site.tar.xz').extractall('/tmp/site', filter='fully_trusted')" || exit 1
+  touch /tmp/site/.unpacked
 elif ls .whl/*.whl >/dev/null 2>&1; then  # older carries: plain wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi

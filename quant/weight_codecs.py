@@ -155,9 +155,10 @@ def requantize(layer: nn.Module, full: torch.Tensor) -> list[torch.Tensor]:
     if kind == "bnb-int8":
         import bitsandbytes.functional as bf
 
-        # the loader hands bnb the weight in the compute dtype (the bias keeps it): quantize from that
+        # as the load path: the loader hands bnb the weight in the compute dtype (the bias keeps it),
+        # and Int8Params quantizes it from fp16
         hp = layer.bias.dtype if getattr(layer, "bias", None) is not None else torch.bfloat16
-        cb, scb, _ = bf.int8_vectorwise_quant(full.to(hp))
+        cb, scb, _ = bf.int8_vectorwise_quant(full.to(hp).to(torch.float16))
         return [cb, scb]
     if kind == "torchao":
         return _inner(_torchao_from_hp(w, full))
