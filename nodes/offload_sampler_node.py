@@ -167,7 +167,7 @@ def _device_bytes_at_rest(patcher) -> int:
     if st is None:
         return 0
     if st.strategy == "stream":
-        return st.nonblock + st.residency.resident_bytes
+        return st.nonblock + st.residency.resident_bytes if st.residency is not None else 0
     if st.strategy == "model":
         return st.model_bytes
     return 0
@@ -288,7 +288,7 @@ def _install(patcher, plan: Plan) -> off.OffloadState:
         if off.is_current(dm, spec):
             comfy_door.mark_resident(patcher, st.working_set)
             return st
-        if st.strategy == "stream" and plan.mode == "block" and st.tensor_ids == off.tensor_ids(dm):
+        if st.strategy == "stream" and st.mode == "block" and plan.mode == "block" and st.tensor_ids == off.tensor_ids(dm):
             # only the budget changed: blocks move between the device and pinned memory in place
             st = off.apply_offload(dm, "block", patcher.load_device, patcher.offload_device, plan.blocks_per_group,
                                    budget=plan.budget)
@@ -325,7 +325,7 @@ def _install(patcher, plan: Plan) -> off.OffloadState:
 
 
 def _log_state(st: off.OffloadState) -> None:
-    if st.strategy == "stream":
+    if st.strategy == "stream" and st.residency is not None:
         log.info("QuantLoRA offload: block (streamed), %d/%d blocks resident, %.2f GiB streamed per step, "
                  "%.3f of %.2f GiB of weights on the device while sampling", st.n_resident, st.n_blocks,
                  st.streamed_bytes / GIB, st.working_set / GIB, st.model_bytes / GIB)

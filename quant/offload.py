@@ -50,7 +50,7 @@ MODES = ("none", "model", "block", "leaf")
 _MARK = "_quantlora_offload"
 _MOVE_HOOK = "quantlora_offload_moves"
 _DIFFUSERS_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
-_STREAM_HOOK = "quantlora_stream"
+_STREAM_HOOKS = ("quantlora_stream", "quantlora_stream_root")
 
 
 @dataclass(frozen=True)
@@ -289,6 +289,10 @@ def apply_offload(root: nn.Module, mode: str, onload, offload="cpu", blocks_per_
     root.to(offload)
     if eff == "block":
         return _apply_stream(root, spec, sizes)
+    if needs_module_moves(root) and spec.use_stream:
+        # bitsandbytes / quanto on CUDA: every module owning tensors is a unit of the block
+        # streamer (pinned, side stream, quantization state included), several copied ahead
+        return _apply_leaf_stream(root, spec, sizes)
     if needs_module_moves(root):
         strategy = "moves"
         _apply_moves(root, eff, spec)
@@ -332,6 +336,22 @@ def _apply_stream(root: nn.Module, spec: OffloadSpec, sizes: TreeSizes) -> Offlo
     setattr(root, _MARK, state)
     log.debug("QuantLoRA offload: %d of %d blocks resident, %.2f GiB streamed per forward",
               res.n_resident, res.n_blocks, res.streamed_bytes / 2 ** 30)
+    return state
+
+
+LEAF_LOOKAHEAD = 4
+
+
+def _apply_leaf_stream(root: nn.Module, spec: OffloadSpec, sizes: TreeSizes) -> OffloadState:
+    from . import streaming
+
+    units = [m for m in root.modules() if _own_tensors(m)]
+    streamer = streaming.BlockStreamer(units, tuple(range(len(units))), spec.onload, LEAF_LOOKAHEAD, spec.pin,
+                                       own_only=True)
+    streaming.install_hooks(root, units, streamer)
+    work = min((LEAF_LOOKAHEAD + 2) * sizes.leaf_max, sizes.model)
+    state = OffloadState(spec, "leaf", "stream", work, sizes.model, tensor_ids(root), None, streamer, 0)
+    setattr(root, _MARK, state)
     return state
 
 
@@ -404,7 +424,7 @@ def remove_offload(root: nn.Module, release_pinned: bool = True) -> bool:
         from diffusers.hooks import HookRegistry
 
         reg = HookRegistry.check_if_exists_or_initialize(root)
-        for name in (*_DIFFUSERS_HOOKS, _MOVE_HOOK, _STREAM_HOOK):
+        for name in (*_DIFFUSERS_HOOKS, _MOVE_HOOK, *_STREAM_HOOKS):
             reg.remove_hook(name, recurse=True)
         _strip_empty_registries(root)
         if state.streamer is not None:

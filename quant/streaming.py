@@ -180,11 +180,11 @@ def _bnb_refs(obj, leaves: _Leaves, out: list, seen: set, depth: int = 0) -> Non
             _bnb_refs(v, leaves, out, seen, depth + 1)
 
 
-def _refs(block: nn.Module, leaves: _Leaves, onload: torch.device) -> list[_Ref]:
+def _refs(block: nn.Module, leaves: _Leaves, onload: torch.device, recurse: bool = True) -> list[_Ref]:
     out: list[_Ref] = []
     seen: set = set()
     done: set = set()
-    for m in block.modules():
+    for m in (block.modules() if recurse else [block]):
         for registry, is_param in ((m._parameters, True), (m._buffers, False)):
             for name, t in list(registry.items()):
                 if t is None:
@@ -258,10 +258,10 @@ class _PinnedArena:
 
 # ---------------------------------------------------------------- one streamed block
 class _Unit:
-    def __init__(self, index: int, module: nn.Module, onload=torch.device("cpu")):
+    def __init__(self, index: int, module: nn.Module, onload=torch.device("cpu"), recurse: bool = True):
         self.index, self.module = index, module
         leaves = _Leaves()
-        self.refs = _refs(module, leaves, torch.device(onload))
+        self.refs = _refs(module, leaves, torch.device(onload), recurse)
         self.host = leaves.tensors
         self.dev: list[torch.Tensor] | None = None
         self.ready = None     # CUDA event: the copies are done
@@ -297,7 +297,11 @@ class BlockStreamer:
     # differently on freshly allocated copies of the same weights).
     copy_on_cpu = False
 
-    def __init__(self, blocks: list[nn.Module], streamed: tuple, onload, lookahead: int = 1, pin: bool = True):
+    def __init__(self, blocks: list[nn.Module], streamed: tuple, onload, lookahead: int = 1, pin: bool = True,
+                 own_only: bool = False):
+        """own_only: the units are single modules that each move only their own tensors (leaf
+        mode: every module owning tensors, children being units of their own); all streamed."""
+        self.own_only = own_only
         self.onload = torch.device(onload)
         self.lookahead = max(1, int(lookahead))
         cuda = self.onload.type == "cuda" and torch.cuda.is_available()
@@ -320,13 +324,19 @@ class BlockStreamer:
             u.rehome(lambda t: t.to(self.onload))
         for i in sorted(want - set(self.units)):  # resident -> streamed
             b = self.blocks[i]
-            b.to("cpu")
-            u = _Unit(i, b, self.onload)
+            if self.own_only:
+                b._apply(lambda t: t.to("cpu"), recurse=False)
+            else:
+                b.to("cpu")
+            u = _Unit(i, b, self.onload, recurse=not self.own_only)
             u.rehome(self._pin)
             self.units[i] = u
         for i, b in enumerate(self.blocks):
             if i not in want:
-                b.to(self.onload)
+                if self.own_only:
+                    b._apply(lambda t: t.to(self.onload), recurse=False)
+                else:
+                    b.to(self.onload)
         self.order = sorted(self.units)
 
     def _pin(self, t: torch.Tensor) -> torch.Tensor:
@@ -496,10 +506,13 @@ class _StreamHook:
         return output
 
 
+ROOT_HOOK = "quantlora_stream_root"
+
+
 def install_hooks(root: nn.Module, blocks: list[nn.Module], streamer: BlockStreamer) -> None:
     from diffusers.hooks import HookRegistry
 
-    HookRegistry.check_if_exists_or_initialize(root).register_hook(_StreamHook(streamer, None), HOOK)
+    HookRegistry.check_if_exists_or_initialize(root).register_hook(_StreamHook(streamer, None), ROOT_HOOK)
     for i, b in enumerate(blocks):
         HookRegistry.check_if_exists_or_initialize(b).register_hook(_StreamHook(streamer, i), HOOK)
 

@@ -271,3 +271,24 @@ def test_linear_params_counts_each_weight_once(flux_file):
     h = CFG["hidden_size"]
     attach_slots(dm, 4, "blocks", torch.float32, h, int(h * CFG["mlp_ratio"]))
     assert linear_params(dm) == n  # the slot wrappers add no FLOPs of their own here
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("quantization", ["bnb-nf4", "bnb-int8", "quanto-int8"])
+def test_leaf_streaming_of_quantized_weights(flux_file, quantization, copies):
+    """Leaf mode on CUDA streams bnb/quanto weights module by module through the same engine (own
+    tensors only, several copied ahead); here with the CPU as the device."""
+    from quantlora.quant import offload as off
+
+    dm = load(flux_file, quantization).model.diffusion_model.eval()
+    inp = flux_inputs(CFG, seed=6)
+    ref = comfy_forward(dm, inp)
+    spec = off.make_spec("leaf", "cpu", "cpu")
+    dm.to("cpu")
+    st = off._apply_leaf_stream(dm, spec, off.tree_sizes(dm))
+    assert st.strategy == "stream" and st.mode == "leaf" and st.residency is None
+    assert same(comfy_forward(dm, inp), ref, copies)
+    assert same(comfy_forward(dm, inp), ref, copies)
+    assert st.streamer.stats["prefetched"] > 0
+    assert off.remove_offload(dm) and off.offload_state(dm) is None
+    assert same(comfy_forward(dm, inp), ref, copies)
