@@ -42,9 +42,14 @@ def rows(path):
 
 
 def test_bench_flux_sections(tmp_path):
-    bench("bench_flux.py", tmp_path, "--size", "tiny", "--sections", "base,lora,profile", "--quant", "torchao-int8-weight-only",
-          "--compile-quant", "", "--fast-quant", "torchao-int8-weight-only", "--workdir", str(tmp_path / "work"))
-    got = rows(tmp_path / "results-base-lora-profile.json")
+    bench("bench_flux.py", tmp_path, "--size", "tiny", "--sections", "base,lora,profile,merge", "--quant", "torchao-int8-weight-only",
+          "--compile-quant", "", "--fast-quant", "torchao-int8-weight-only", "--merge-quant", "bnb-int8",
+          "--workdir", str(tmp_path / "work"))
+    got = rows(tmp_path / "results-base-lora-profile-merge.json")
+    for v in ("bf16 eager + lora r64 merge", "bnb-int8 eager + lora r64 merge"):
+        r = got[v]
+        assert r["merged_equals_load_path"] is True and r["bare_bit_exact"] is True and r["recompiles"] == 0, r
+        assert r["swap_s"] > 0 and r["lora_effect_err"] < 1, r
     assert got["bf16 eager"]["step_ratio"] == 1.0 and "torchao-int8-weight-only eager" in got
     active = got["torchao-int8-weight-only compile + lora r64 active"]
     assert active["recompiles"] == 0 and active["swaps"] == 10
