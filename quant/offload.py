@@ -12,12 +12,16 @@ Modes (what stays on the onload device while a forward runs):
          are copied ahead. Another budget on the same tree re-plans the residency in place.
 - leaf:  one layer at a time (on CUDA also prefetched on a side stream): the lowest VRAM.
 
-Leaf mode has two strategies:
+Leaf mode has three strategies (block mode always streams with quant/streaming.py):
+- on CUDA, for trees holding bitsandbytes or optimum-quanto weights: the block streamer with every
+  module that owns tensors as a unit (its own tensors and quantization state, pinned, side
+  stream, four units ahead);
 - diffusers' `apply_group_offloading` (leaf_level, use_stream only on CUDA, pinned host copies
   unless pin=False) for trees whose tensors are plain (bf16, fp16, fp32, fp8-cast) or torchao
   tensor subclasses, which diffusers moves correctly.
-- Our own hooks (registered through diffusers' HookRegistry) that call `module.to(device)` per
-  module for trees holding bitsandbytes or optimum-quanto weights: those keep quantization state
+- without CUDA (tests: the CPU as both devices), our own hooks (registered through diffusers'
+  HookRegistry) that call `module.to(device)` per module for trees holding bitsandbytes or
+  optimum-quanto weights: those keep quantization state
   outside the tensor's storage (bnb's quant_state / Linear8bitLt.state.CB, quanto's inner
   tensors), which diffusers' `param.data = ...` swaps leave behind on the wrong device; the
   modules' own .to() moves it. Synchronous, no pinned memory.

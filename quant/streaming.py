@@ -312,6 +312,7 @@ class BlockStreamer:
         self.order: list[int] = []
         self._done: collections.deque = collections.deque()
         self.stats = {"prefetched": 0, "on_the_spot": 0, "waits": 0}
+        self.root_index: int | None = None  # leaf mode: the root's own tensors, moved by the root's hook
         self.set_streamed(streamed)
 
     # ----- residency
@@ -420,6 +421,8 @@ class BlockStreamer:
             self.stream.wait_stream(torch.cuda.current_stream(self.onload))
         for u in self._next_streamed(-1, self.lookahead):
             self._prefetch(u)
+        if self.root_index is not None:
+            self.enter(self.root_index)
 
     def enter(self, index: int) -> None:
         u = self.units.get(index)
@@ -435,7 +438,8 @@ class BlockStreamer:
             self._release(u)
 
     def end(self) -> None:
-        pass
+        if self.root_index is not None:
+            self.leave(self.root_index)
 
     def sync(self) -> None:
         if self.stream is not None:
@@ -514,6 +518,9 @@ def install_hooks(root: nn.Module, blocks: list[nn.Module], streamer: BlockStrea
 
     HookRegistry.check_if_exists_or_initialize(root).register_hook(_StreamHook(streamer, None), ROOT_HOOK)
     for i, b in enumerate(blocks):
+        if b is root:  # one hook per module: the root's own tensors go in with begin(), out with end()
+            streamer.root_index = i
+            continue
         HookRegistry.check_if_exists_or_initialize(b).register_hook(_StreamHook(streamer, i), HOOK)
 
 

@@ -292,3 +292,29 @@ def test_leaf_streaming_of_quantized_weights(flux_file, quantization, copies):
     assert st.streamer.stats["prefetched"] > 0
     assert off.remove_offload(dm) and off.offload_state(dm) is None
     assert same(comfy_forward(dm, inp), ref, copies)
+
+
+@torch.no_grad()
+def test_leaf_streaming_root_with_own_tensors(copies):
+    """A root owning tensors itself: its unit goes in when the forward starts, out when it ends."""
+    from quantlora.quant import offload as off
+
+    class Root(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.randn(8))
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(5))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x) * self.scale
+            return x
+
+    torch.manual_seed(0)
+    m, x = Root().eval(), torch.randn(3, 8)
+    ref = m(x)
+    st = off._apply_leaf_stream(m, off.make_spec("leaf", "cpu", "cpu"), off.tree_sizes(m))
+    assert st.streamer.root_index is not None
+    assert same(m(x), ref, copies) and same(m(x), ref, copies)
+    off.remove_offload(m)
+    assert same(m(x), ref, copies)
