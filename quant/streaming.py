@@ -32,6 +32,7 @@ block reached out of the planned order is loaded on the spot.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import logging
@@ -311,6 +312,7 @@ class BlockStreamer:
         self.units: dict[int, _Unit] = {}
         self.order: list[int] = []
         self._done: collections.deque = collections.deque()
+        self._live = 0  # units holding device copies
         self.stats = {"prefetched": 0, "on_the_spot": 0, "waits": 0}
         self.root_index: int | None = None  # leaf mode: the root's own tensors, moved by the root's hook
         self.set_streamed(streamed)
@@ -355,8 +357,7 @@ class BlockStreamer:
     def _prefetch(self, u: _Unit) -> None:
         if u.dev is not None:
             return
-        live = sum(1 for x in self.units.values() if x.dev is not None)
-        while self._done and live + len(self._done) >= self.lookahead + 2:
+        while self._done and self._live + len(self._done) >= self.lookahead + 2:
             ev = self._done.popleft()
             if ev is not None:
                 ev.synchronize()
@@ -373,6 +374,7 @@ class BlockStreamer:
                 d.copy_(h, non_blocking=self.stream is not None)
                 dev.append(d)
             u.dev = dev
+            self._live += 1
             if self.stream is not None:
                 u.ready = torch.cuda.Event()
                 u.ready.record(self.stream)
@@ -396,6 +398,8 @@ class BlockStreamer:
         if u.installed:
             u._install(u.host, host=True)
             u.installed = False
+        if u.dev is not None:
+            self._live -= 1
         u.dev, u.ready = None, None
         if self.stream is not None:
             ev = torch.cuda.Event()
@@ -407,7 +411,8 @@ class BlockStreamer:
                 self._done.popleft()
 
     def _next_streamed(self, after: int, k: int) -> list[_Unit]:
-        return [self.units[i] for i in self.order if i > after][:k]
+        at = bisect.bisect_right(self.order, after)
+        return [self.units[i] for i in self.order[at:at + k]]
 
     # ----- hook entry points
     def begin(self) -> None:

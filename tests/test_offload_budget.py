@@ -256,6 +256,7 @@ def test_cuda_branches_with_stand_ins(flux_file, monkeypatch, quantization):
     n = len(off.flat_blocks(dm))
     assert compute.waited == n and recorded and all(r is compute for r in recorded)
     assert len(streamer._done) <= streamer.lookahead + 2  # the throttle popped the old "done" events
+    assert streamer._live == 0 and all(u.dev is None and not u.installed for u in streamer.units.values())
     assert streamer.stats["waits"] > 0
     off.remove_offload(dm)
     assert torch.allclose(comfy_forward(dm, inp), ref, rtol=1e-4, atol=1e-5)
