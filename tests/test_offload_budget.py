@@ -319,3 +319,37 @@ def test_leaf_streaming_root_with_own_tensors(copies):
     assert same(m(x), ref, copies) and same(m(x), ref, copies)
     off.remove_offload(m)
     assert same(m(x), ref, copies)
+
+
+def test_card_counts_what_comfy_would_unload(flux_file, comfy, monkeypatch):
+    """The free-memory budget: ComfyUI's free memory, plus other loaded models' (ComfyUI unloads
+    them for this one), plus what our offload of this model keeps resident; our own clone's
+    listing is not counted twice."""
+    import comfy.model_management as mm
+    from quantlora.nodes import offload_sampler_node as node
+    from quantlora.quant import offload as off
+
+    model = load(flux_file)
+    dev = torch.device(model.load_device)
+
+    class Other:
+        load_device = dev
+
+        def loaded_size(self):
+            return 5 * G
+
+    class Entry:
+        def __init__(self, m):
+            self.model = m
+
+    monkeypatch.setattr(mm, "get_free_memory", lambda d=None, torch_free_too=False: 3 * G)
+    monkeypatch.setattr(mm, "current_loaded_models", [Entry(Other())])
+    card = node._card(dev, model)
+    assert card["free_bytes"] == 8 * G and card["bandwidth"] is None and card["flops"] is None
+    dm = model.model.diffusion_model
+    sizes = [off.module_bytes(b) for b in off.flat_blocks(dm)]
+    st = off.apply_offload(dm, "block", "cpu", "cpu", budget=off.tree_sizes(dm).model - min(sizes))
+    try:
+        assert node._card(dev, model)["free_bytes"] == 8 * G + st.nonblock + st.residency.resident_bytes
+    finally:
+        off.remove_offload(dm)
