@@ -389,9 +389,12 @@ def _prepare_args(args, kwargs):
     return model, model_options
 
 
-def _offload_wrapper(holder: dict):
+def _offload_wrapper(holder):
     """holder["plan"]: the plan of the run in progress (the clone and its wrapper are reused across
-    runs; the budget may change between them)."""
+    runs; the budget may change between them). A Plan is taken as a fixed one."""
+    if isinstance(holder, Plan):
+        holder = {"plan": holder}
+
     def prepare_sampling(executor, *args, **kwargs):
         model, model_options = _prepare_args(args, kwargs)
         _install(model, holder["plan"])
