@@ -139,8 +139,9 @@ def _latent_shape(patcher, latent) -> list | None:
 
 def sampling_reserve(patcher, latent: dict | None, cfg: float | None = None) -> int:
     """Device bytes sampling needs beside the weights: ComfyUI's minimum inference memory plus
-    the activations at this latent's size and batch (cond + uncond unless cfg is 1): the larger
-    of ComfyUI's own estimate and the pack's Flux estimate (streaming.flux_activation_bytes)."""
+    the activations at this latent's size and batch (cond + uncond unless cfg is 1): the pack's
+    Flux estimate (streaming.flux_activation_bytes, checked against measured peaks by
+    bench/bench_offload.py) for a Flux model, ComfyUI's own estimate otherwise."""
     reserve = int(mm.minimum_inference_memory())
     shape = _latent_shape(patcher, latent)
     if shape is None:
@@ -155,9 +156,9 @@ def sampling_reserve(patcher, latent: dict | None, cfg: float | None = None) -> 
         pass
     dm = getattr(patcher.model, "diffusion_model", None)
     hidden = getattr(dm, "hidden_size", None)
-    if isinstance(hidden, int) and len(shape) == 4:
+    if isinstance(hidden, int) and len(shape) == 4 and hasattr(dm, "double_blocks"):
         img, txt = streaming.flux_tokens(shape)
-        est = max(est, streaming.flux_activation_bytes(img + txt, hidden, shape[0], 2))
+        est = streaming.flux_activation_bytes(img + txt, hidden, shape[0], 2)
     return reserve + est
 
 

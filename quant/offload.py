@@ -353,7 +353,7 @@ def _apply_leaf_stream(root: nn.Module, spec: OffloadSpec, sizes: TreeSizes) -> 
     streamer = streaming.BlockStreamer(units, tuple(range(len(units))), spec.onload, LEAF_LOOKAHEAD, spec.pin,
                                        own_only=True)
     streaming.install_hooks(root, units, streamer)
-    work = min((LEAF_LOOKAHEAD + 2) * sizes.leaf_max, sizes.model)
+    work = min((LEAF_LOOKAHEAD + 1) * sizes.leaf_max, sizes.model)
     state = OffloadState(spec, "leaf", "stream", work, sizes.model, tensor_ids(root), None, streamer, 0)
     setattr(root, _MARK, state)
     return state

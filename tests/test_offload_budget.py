@@ -68,6 +68,8 @@ def test_plan_residency_fills_the_room():
     assert plan_residency(sizes, 5).streamed == tuple(range(12))
     # deeper lookahead keeps more copies in flight
     assert plan_residency(sizes, 40, lookahead=3).inflight_bytes >= r.inflight_bytes
+    # the first block stays resident where it can (its copy would have nothing to hide behind)
+    assert 0 not in r.streamed
 
 
 def test_pick_budget_reported_numbers():
@@ -255,7 +257,7 @@ def test_cuda_branches_with_stand_ins(flux_file, monkeypatch, quantization):
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
     n = len(off.flat_blocks(dm))
     assert compute.waited == n and recorded and all(r is compute for r in recorded)
-    assert len(streamer._done) <= streamer.lookahead + 2  # the throttle popped the old "done" events
+    assert len(streamer._done) <= streamer.lookahead + 1  # the throttle popped the old "done" events
     assert streamer._live == 0 and all(u.dev is None and not u.installed for u in streamer.units.values())
     assert streamer.stats["waits"] > 0
     off.remove_offload(dm)

@@ -178,7 +178,7 @@ def test_offload_roundtrip_on_cpu(flux_file, monkeypatch, mode, strategy):
     assert st.strategy == {"model": "model", "block": "stream"}.get(mode, strategy) and st.mode == mode
     assert 0 < st.working_set <= st.model_bytes
     if mode != "model":
-        # block: the copies in flight (lookahead + 2 blocks) are as large as this tiny tree's four blocks
+        # block: the copies in flight (lookahead + 1 blocks) can be as large as this tiny tree's blocks
         assert (st.working_set < st.model_bytes or mode == "block") and hooked(dm) > 0
     assert off.apply_offload(dm, mode, "cpu", "cpu", blocks_per_group=bpg) is st  # idempotent
     assert torch.equal(comfy_forward(dm, inp), ref)
