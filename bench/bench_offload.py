@@ -36,7 +36,8 @@ full size: the whole run then stays under 4 minutes) skips what would not fit an
     python bench/bench_offload.py --size full --sections cast,offload,lora,node,cards  # everything (longer)
     python bench/bench_offload.py --sections offload --variants nf4  # a part
     python bench/bench_offload.py --size tiny --device cpu           # a CPU check of the script (offload moves nothing)
-    python bench/bench_offload.py --size smoke --device cpu --sections cards --kinds bf16  # the cards logic on CPU
+    python bench/bench_offload.py --size tiny --device cpu --sections cards,comfy --kinds bf16  # the cards logic on CPU
+    python bench/bench_offload.py --size smoke --sections cards --cards "bf16=12;nf4=6"       # a quick GPU check
 """
 from __future__ import annotations
 
