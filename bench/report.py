@@ -17,7 +17,14 @@ COLS = ["variant", "step_s", "step_ratio", "weights_gib", "weights_ratio", "peak
         "to_first_step_s", "tflops", "kernel_ms", "calls", "share", "ok", "detail",
         # comfy_peers.py (copy only its merged results-peers.json into raw/)
         "bare_forward_s", "load_to_first_step_s", "switch_s_median", "step_lora_s", "used_max_gib", "equal",
-        "max_abs_diff", "error", "skipped"]
+        "max_abs_diff",
+        # bench_flux.py --sections merge (LoRA merge mode)
+        "swap_r16_s", "swap_r128_s", "swap_gpu_copy_s", "first_merge_s", "step_overhead", "lora_effect_err",
+        "rel_err_after_swaps", "bare_bit_exact", "merged_equals_load_path", "pristine_host_gib",
+        # bench_offload.py cards
+        "card_gib", "budget_gib", "resident_share", "streamed_gib_per_step", "floor_ratio", "vs_floor",
+        "predicted_ratio", "within_card", "equal_to_no_offload", "gb_s",
+        "error", "skipped"]
 
 
 def load_runs():
