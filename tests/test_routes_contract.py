@@ -87,8 +87,9 @@ def test_reads_change_nothing_and_ignore_request_data(server, tmp_path):
 
 def test_stats_shape(server):
     s = server.get("/quantlora/stats")
-    assert set(s) == {"lora_cache", "hotswap"}
+    assert set(s) == {"lora_cache", "hotswap", "merge"}
     assert set(s["lora_cache"]) == {"entries", "capacity", "parses"} and set(s["hotswap"]) == {"models", "active", "swaps"}
+    assert set(s["merge"]) == {"models", "active", "swaps", "pristine_bytes"}
     assert 0 <= s["lora_cache"]["entries"] <= s["lora_cache"]["capacity"]
     assert all(isinstance(v, int) and v >= 0 for part in s.values() for v in part.values())
 
