@@ -23,8 +23,12 @@ class Backend:
     module: str           # import name, to check presence
     describe: str
     apply: Callable[[nn.Module, torch.dtype, torch.device], None] | None
+    bits: float = 16      # bits per block-Linear weight, scales included roughly (out-of-memory advice, sizes);
+                          # 16: the compute dtype's (no quantization)
     needs: str = ""       # "", "cuda", "fp8-matmul", "cuda-kernel"
     min_in_multiple: int = 1  # input width every quantized Linear must be a multiple of
+    # How a LoRA is merged into these weights and moved between devices is decided per weight tensor
+    # (quant/weight_codecs.py), so it also covers weights this record did not make (ComfyUI's fp8).
 
 
 def _linears(module: nn.Module):
@@ -113,16 +117,16 @@ def _quanto(qtype_name):
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in [
     Backend("none", "torch", "torch", "no quantization: weights in the compute dtype", None),
-    Backend("bnb-nf4", "bitsandbytes", "bitsandbytes", "bitsandbytes NF4 4-bit weights", _bnb_nf4, min_in_multiple=64),
-    Backend("bnb-int8", "bitsandbytes", "bitsandbytes", "bitsandbytes LLM.int8 weights", _bnb_int8),
+    Backend("bnb-nf4", "bitsandbytes", "bitsandbytes", "bitsandbytes NF4 4-bit weights", _bnb_nf4, bits=4.5, min_in_multiple=64),
+    Backend("bnb-int8", "bitsandbytes", "bitsandbytes", "bitsandbytes LLM.int8 weights", _bnb_int8, bits=8),
     Backend("torchao-fp8-dynamic", "torchao", "torchao", "torchao fp8 activations + fp8 weights (per-row scales, fp8 matmul)",
-            _torchao(_ao_fp8_dynamic), needs="fp8-matmul"),
-    Backend("torchao-fp8-weight-only", "torchao", "torchao", "torchao fp8 weights, bf16 matmul", _torchao(_ao_fp8_weight)),
-    Backend("torchao-int8-weight-only", "torchao", "torchao", "torchao int8 weights", _torchao(_ao_int8_weight)),
-    Backend("torchao-int8-dynamic", "torchao", "torchao", "torchao int8 activations + int8 weights", _torchao(_ao_int8_dynamic)),
-    Backend("quanto-int8", "optimum-quanto", "optimum.quanto", "optimum-quanto int8 weights", _quanto("qint8")),
-    Backend("quanto-fp8", "optimum-quanto", "optimum.quanto", "optimum-quanto float8 weights", _quanto("qfloat8")),
-    Backend("quanto-int4", "optimum-quanto", "optimum.quanto", "optimum-quanto int4 weights (group-wise)", _quanto("qint4")),
+            _torchao(_ao_fp8_dynamic), bits=8, needs="fp8-matmul"),
+    Backend("torchao-fp8-weight-only", "torchao", "torchao", "torchao fp8 weights, bf16 matmul", _torchao(_ao_fp8_weight), bits=8),
+    Backend("torchao-int8-weight-only", "torchao", "torchao", "torchao int8 weights", _torchao(_ao_int8_weight), bits=8),
+    Backend("torchao-int8-dynamic", "torchao", "torchao", "torchao int8 activations + int8 weights", _torchao(_ao_int8_dynamic), bits=8),
+    Backend("quanto-int8", "optimum-quanto", "optimum.quanto", "optimum-quanto int8 weights", _quanto("qint8"), bits=8),
+    Backend("quanto-fp8", "optimum-quanto", "optimum.quanto", "optimum-quanto float8 weights", _quanto("qfloat8"), bits=8),
+    Backend("quanto-int4", "optimum-quanto", "optimum.quanto", "optimum-quanto int4 weights (group-wise)", _quanto("qint4"), bits=4.5),
 ]}
 QUANTIZATION_NAMES = list(BACKENDS)
 

@@ -18,15 +18,12 @@ import traceback
 import torch
 
 from ..errors import QuantLoRAError
+from .backends import BACKENDS
 
 GIB = 2 ** 30
-# Bits per weight of the transformer blocks' Linear layers (scales included, roughly); the
-# rest of the model stays in the compute dtype.
-WEIGHT_BITS = {
-    "bnb-nf4": 4.5, "quanto-int4": 4.5,
-    "bnb-int8": 8, "torchao-fp8-dynamic": 8, "torchao-fp8-weight-only": 8, "torchao-int8-weight-only": 8,
-    "torchao-int8-dynamic": 8, "quanto-int8": 8, "quanto-fp8": 8,
-}
+# Bits per weight of the transformer blocks' Linear layers (scales included, roughly), from each
+# backend's record (quant/backends.py); the rest of the model stays in the compute dtype.
+WEIGHT_BITS = {b.name: b.bits for b in BACKENDS.values() if b.apply is not None}
 LOAD_HEADROOM = GIB  # CUDA context, ComfyUI's minimum inference memory, fragmentation
 _BLOCK = re.compile(r"(?:^|\.)((?:double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+)\.")
 OFFLOAD_HINT = ("KSampler (CPU offload) with offload_mode block (weights streamed block by block; leaf: the least VRAM)")

@@ -23,6 +23,19 @@ LAYER_BOUNDS = {
 BOUNDS = {k: v / 10 for k, v in LAYER_BOUNDS.items()}
 
 
+def test_every_backend_has_bounds_here_and_a_merge_test():
+    """A new backend is one record in quant/backends.py plus its tests: this fails until it has
+    error bounds here and a LoRA-merge fidelity bound in tests/test_lora_merge.py."""
+    from quantlora.quant.backends import BACKENDS
+    from test_lora_merge import EFFECT_BOUND
+
+    # backends that need a GPU (fp8 matmuls) are measured by bench/bench_flux.py (load path, merge check)
+    quantized = {n for n, b in BACKENDS.items() if b.apply is not None and b.needs != "fp8-matmul"}
+    assert set(LAYER_BOUNDS) == quantized
+    assert quantized | {"none"} <= set(EFFECT_BOUND)
+    assert all(0 < b.bits <= 16 for b in BACKENDS.values())
+
+
 @pytest.fixture(scope="module")
 def tiny_file(comfy, tmp_path_factory):
     from quantlora.tools import demo_models as dm
