@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: set-up (idempotent), Debian Chromium for the browser
 # tests if absent, then two pytest passes with the venv's python:
-#   1. the whole suite on ComfyUI v0.33.0 (.harness/ComfyUI, the primary harness: what users run);
+#   0. layer 1 (LAYER1_TESTS below): quant/ and lora/ on plain torch modules, ComfyUI unimportable;
+#   1. the rest of the suite on ComfyUI v0.33.0 (.harness/ComfyUI, the primary harness: what users run);
 #   2. the server layer on ComfyUI 0.3.75 (.harness/ComfyUI-0.3.75, the oldest supported version):
 #      the files in OLD_COMFY_TESTS below (the contract with ComfyUI's internals, the diffusers and
 #      UNETLoader oracles; loader, LoRA, offload and the pack's routes through a real server) less
 #      OLD_COMFY_DESELECT, run with QUANTLORA_COMFYUI pointing at that tree (about 6 min).
-# Extra arguments go to pass 1 (e.g. scripts/test.sh tests/test_server_errors.py -x); pass 2 then
+# Extra arguments go to pass 1 (e.g. scripts/test.sh tests/test_server_errors.py -x; no layer-1 pass then); pass 2 then
 # runs only with QUANTLORA_OLD_COMFY_PASS=1. QUANTLORA_OLD_COMFY_PASS=0 skips it always.
 # Exit status: 0 when both passes pass; else pass 1's pytest status if it failed, else pass 2's.
 # "No tests" fails. The last line is a summary of both passes.
@@ -28,6 +29,15 @@ OLD_COMFY_TESTS=(
 )
 # Left out there: twelve fresh loads of 0.3.75's smallest Flux (hidden 3072) took 150 s on 2 cores; the
 # same equality runs on v0.33 in pass 1, and the other LoRA server tests run in both passes.
+# Layer 1: quant/ and lora/ on plain torch modules, run first and alone with ComfyUI made unimportable
+# (QUANTLORA_LAYER1=1, tests/conftest.py), so they prove they need none of it; pass 1 then skips them.
+LAYER1_TESTS=(
+  tests/test_lora_merge.py
+  tests/test_lora_formats.py
+  tests/test_safetensors_limits.py
+  tests/test_vram.py
+  tests/test_packaging.py
+)
 OLD_COMFY_DESELECT=(
   tests/test_server_lora.py::test_alternating_loras_equal_fresh_loads
   # the oracle runs on 0.3.75 (pack vs diffusers, BFL file and diffusers folder); the schnell and fp8
@@ -66,10 +76,20 @@ describe() {  # pytest exit status -> words
 }
 
 start=$(date +%s)
+rc0=skipped
+pass1_args=("$@")
+if [ "$#" -eq 0 ]; then
+  echo "========== layer 1: quant/ and lora/ without ComfyUI on the path =========="
+  QUANTLORA_LAYER1=1 "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" "${LAYER1_TESTS[@]}"
+  rc0=$?
+  pass1_args=("${LAYER1_TESTS[@]/#/--ignore=}")
+fi
+took0=$(( $(date +%s) - start ))
 echo "========== pass 1: the whole suite on ComfyUI $V1 ($COMFY) =========="
-QUANTLORA_COMFYUI="$COMFY" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" --durations=15 "$@"
+QUANTLORA_COMFYUI="$COMFY" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" --durations=15 "${pass1_args[@]}"
 rc1=$?
-took1=$(( $(date +%s) - start ))
+took1=$(( $(date +%s) - start - took0 ))
+[ "$rc0" != skipped ] && [ "$rc0" -ne 0 ] && rc1=$rc0  # a layer-1 failure fails the whole run
 
 run_old="${QUANTLORA_OLD_COMFY_PASS:-}"
 [ -z "$run_old" ] && { [ "$#" -eq 0 ] && run_old=1 || run_old=0; }
@@ -85,7 +105,7 @@ if [ "$run_old" = "1" ]; then
 fi
 
 total=$(( $(date +%s) - start ))
-summary="ComfyUI $V1 (whole suite): $(describe "$rc1") in ${took1}s; ComfyUI $V2 (server layer): $(describe "$rc2")"
+summary="layer 1: $(describe "$rc0")$([ "$rc0" != skipped ] && echo " in ${took0}s"); ComfyUI $V1 (the rest): $(describe "$rc1") in ${took1}s; ComfyUI $V2 (server layer): $(describe "$rc2")"
 [ "$rc2" != skipped ] && summary+=" in ${took2}s"
 if [ "$rc1" -eq 0 ] && { [ "$rc2" = skipped ] || [ "$rc2" -eq 0 ]; }; then
   echo "========== scripts/test.sh: passed in ${total}s: $summary =========="

@@ -25,9 +25,28 @@ def _register_pack():
 
 _register_pack()
 
+# Layer 1 (scripts/test.sh runs it first, alone): quant/ and lora/ on plain torch modules. With
+# QUANTLORA_LAYER1=1, ComfyUI's modules cannot be imported at all, so a layer-1 test that reaches
+# for them (directly or through the pack) fails instead of passing on ComfyUI's back.
+COMFY_MODULES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server",
+                 "comfyui_version", "execution")
+
+
+class _NoComfy:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in COMFY_MODULES:
+            raise ImportError(f"layer 1 runs without ComfyUI: {name} may not be imported here")
+        return None
+
+
+if os.environ.get("QUANTLORA_LAYER1") == "1":
+    sys.meta_path.insert(0, _NoComfy())
+
 
 def import_comfy():
     """ComfyUI's modules from the harness tree; on a machine without CUDA, in --cpu mode."""
+    if os.environ.get("QUANTLORA_LAYER1") == "1":
+        pytest.fail("a layer-1 test asked for ComfyUI", pytrace=False)
     # transformers/diffusers decide at import whether torchvision exists: let them see that it
     # does not before the import-only stand-ins go on the path.
     import diffusers.utils.import_utils  # noqa: F401
