@@ -11,7 +11,7 @@ How the upcast happens, per layer:
   `comfy_cast_weights = True`: ComfyUI's own per-layer cast (the path its fp8 `weight_dtype`
   uses). It composes with its lowvram streaming, weight patches and torch.compile: regional
   compile of a cast Flux block is one graph, no breaks.
-- Plain torch layers get a small hook registered through diffusers' HookRegistry whose forward
+- Plain torch layers get a diffusers ModelHook subclass registered through its HookRegistry whose forward
   is `F.linear(x, weight.to(x.dtype), bias)`: also traceable by torch.compile.
 
 Why not diffusers' `apply_layerwise_casting`: it works on ComfyUI's Flux modules (same numbers),
@@ -28,6 +28,7 @@ lose precision silently). No ComfyUI import.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -106,33 +107,33 @@ def to_fp8(t: torch.Tensor, storage: torch.dtype, device=None) -> torch.Tensor:
     return t.detach().to(device=device or t.device).clamp(-big, big).to(storage)
 
 
-class _UpcastHook:
-    """diffusers ModelHook protocol (HookRegistry calls these); a plain class keeps the import lazy."""
-    _is_stateful = False
+@functools.cache
+def _upcast_hook_class():
+    """A diffusers ModelHook (made on first use, not at module import: diffusers is heavy; once, so
+    every layer's hook is one class and compiled blocks share their guards) whose forward is the
+    layer's own op on its weight cast to the input's dtype."""
+    from diffusers.hooks import ModelHook
 
-    def __init__(self, compute: torch.dtype):
-        self.compute = compute
-        self.fn_ref = None
+    class UpcastHook(ModelHook):
+        _is_stateful = False
 
-    def initialize_hook(self, module):
-        return module
+        def __init__(self, compute: torch.dtype):
+            super().__init__()
+            self.compute = compute
 
-    def deinitalize_hook(self, module):  # (sic) diffusers' spelling
-        return module
+        def new_forward(self, module, x, *args, **kwargs):
+            dt = x.dtype if x.is_floating_point() else self.compute
+            w = module.weight.to(dt)
+            b = module.bias.to(dt) if module.bias is not None else None
+            if isinstance(module, nn.Linear):
+                return F.linear(x, w, b)
+            return module._conv_forward(x, w, b)
 
-    def pre_forward(self, module, *args, **kwargs):
-        return args, kwargs
+    return UpcastHook
 
-    def post_forward(self, module, output):
-        return output
 
-    def new_forward(self, module, x, *args, **kwargs):
-        dt = x.dtype if x.is_floating_point() else self.compute
-        w = module.weight.to(dt)
-        b = module.bias.to(dt) if module.bias is not None else None
-        if isinstance(module, nn.Linear):
-            return F.linear(x, w, b)
-        return module._conv_forward(x, w, b)
+def _upcast_hook(compute: torch.dtype):
+    return _upcast_hook_class()(compute)
 
 
 def _set_upcast(module: nn.Module, compute: torch.dtype) -> None:
@@ -143,7 +144,7 @@ def _set_upcast(module: nn.Module, compute: torch.dtype) -> None:
 
     reg = HookRegistry.check_if_exists_or_initialize(module)
     if reg.get_hook(_HOOK) is None:
-        reg.register_hook(_UpcastHook(compute), _HOOK)
+        reg.register_hook(_upcast_hook(compute), _HOOK)
 
 
 def cast_spec(root: nn.Module) -> CastSpec | None:
