@@ -25,6 +25,12 @@ resident; rows "offload block <kind> card <N>" with card_gib, budget_gib (weight
 step_ratio_vs_no_offload, floor_ratio (max(1, streamed / measured pinned bandwidth / resident
 step)), predicted_ratio (the node's own prediction), peak_vram_gib (torch's peak minus the
 ballast) and within_card, equal_to_no_offload / max_abs_diff, auto_mode (what auto picks there).
+The cards of one kind run on one offload, re-planned in place from the last card's (as the node
+does when the budget changes): those rows also have replanned, replan_peak_gib (the peak of the
+re-plan itself, less the ballast: blocks leaving the card are freed before others are copied in,
+so it stays within max(old, new plan)) and replan_within_card; before a smaller card than the
+last, the offload is first shrunk to the new card's plan (preshrunk), as the last plan's resident
+blocks would not fit beside the new ballast.
 Kinds and cards: bf16 12/16/24, fp8 cast 8/12/16, NF4 6/8, torchao fp8 8/12/16 ("pinned H2D
 bandwidth" row first: the floor's bandwidth, measured in the same run). "comfy partial" rows:
 ComfyUI's own partial loading (this process: dynamic VRAM off; comfy_peers.py has it on) sampling
@@ -275,12 +281,12 @@ class OffloadBench(Bench):
             return False
         return True
 
-    def error_row(self, what: str, e: BaseException):
+    def error_row(self, what: str, e: BaseException, **extra):
         import traceback
 
         traceback.print_exc()
         log(f"FAILED {what}: {type(e).__name__}: {e}")
-        self.row(variant=what, error=f"{type(e).__name__}: {str(e)[:300]}")
+        self.row(variant=what, error=f"{type(e).__name__}: {str(e)[:300]}", **extra)
 
     def latent_dict(self):
         return {"samples": torch.zeros(1, 16, self.latent, self.latent)}
@@ -345,13 +351,25 @@ class OffloadBench(Bench):
                 name = f"offload block {kind} card {n:g}"
                 if not self.time_ok(per_card + (10 if n == cards[0] else 0), name):
                     continue
-                ballast = None
+                ballast, nb, replanned, preshrunk, replan_peak = None, 0, False, False, None
                 try:
                     free_target = self.card_free_bytes(kind, n, weights, reserve)
+                    injected = dict(free_bytes=free_target, bandwidth=self.bw, flops=self.flops)
                     st0 = off.offload_state(dm)
                     at_rest = st0.nonblock + st0.residency.resident_bytes if st0 is not None and st0.residency else 0
+                    replanned = st0 is not None
+                    if at_rest > free_target - reserve:
+                        # a smaller card than the last one: what the last plan keeps resident would not fit
+                        # beside this card's ballast, so shrink to this card's plan first (no ballast yet),
+                        # then emulate the card (the re-plan below is then a no-op or a small one)
+                        pre = node.plan_offload(p, "block", 1, 0.0, lat, cfg=1.0, card=injected)
+                        off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=pre.budget)
+                        st0 = off.offload_state(dm)
+                        at_rest = st0.nonblock + st0.residency.resident_bytes
+                        preshrunk = True
+                    gc.collect()  # nothing of the last card (its outputs, a failed forward's copies) is kept
                     ballast, nb = self.make_ballast(free_target, at_rest)
-                    card = None if self.cuda else dict(free_bytes=free_target, bandwidth=self.bw, flops=self.flops)
+                    card = None if self.cuda else injected
                     plan = node.plan_offload(p, "block", 1, 0.0, lat, cfg=1.0, card=card)
                     auto = node.plan_offload(p, "auto", 1, 0.0, lat, cfg=1.0, card=card)
                     self.reset_peak()
@@ -359,6 +377,10 @@ class OffloadBench(Bench):
                     st = off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=plan.budget)
                     self.sync()
                     setup = time.perf_counter() - t0
+                    # the re-plan in place (blocks moved between the card and pinned memory) on its own:
+                    # it must stay within the card like the forwards (free first, then promote)
+                    if replanned and self.peak_bytes() is not None:
+                        replan_peak = self.peak_bytes() - nb
                     first, step, out = self.timed(dm, self.args.offload_repeats)
                     peak = self.peak_bytes()
                     peak_card = None if peak is None else peak - nb
@@ -374,14 +396,19 @@ class OffloadBench(Bench):
                              peak_reserved_gib=self.gib(torch.cuda.max_memory_reserved() - nb) if self.cuda else None,
                              equal_to_no_offload=bool(torch.equal(out, base_out)),
                              max_abs_diff=(out.float() - base_out.float()).abs().max().item(),
+                             replanned=replanned, preshrunk=preshrunk, replan_peak_gib=self.gib(replan_peak),
+                             replan_within_card=None if replan_peak is None else replan_peak <= free_target,
                              auto_mode=auto.mode, activation_est_gib=self.gib(act_est),
                              activation_measured_gib=self.gib(act_measured), setup_s=setup, first_s=first,
                              prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
                              host_waits=st.streamer.stats["waits"], pinned_gib=self.gib(st.streamer.pinned_bytes),
                              plan=plan.describe())
                 except Exception as e:  # one card failing (an OOM) must not lose the others
-                    self.error_row(name, e)
+                    peak = self.peak_bytes()
+                    self.error_row(name, e, replanned=replanned, preshrunk=preshrunk,
+                                   peak_vram_gib=self.gib(None if peak is None else peak - nb))
                 finally:
+                    out = None
                     del ballast
                     self.reset_peak()
         finally:

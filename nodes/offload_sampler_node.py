@@ -336,21 +336,31 @@ def _log_state(st: off.OffloadState) -> None:
 
 
 def _sync_lora(patcher, model_options) -> None:
-    """LoRA slots (LoRAHotswap) under offload: write this sampling's LoRA set now, before the first
-    forward, when every group is at rest in host memory. The hot-swap wrapper would otherwise write
-    it inside the first forward, after the offload hook has started prefetching the first block
-    from those very buffers; and its ensure_device would replace buffers the hooks are keyed on."""
+    """This sampling's LoRA set under offload (LoRAHotswap: slots and merge entries alike, through
+    runtime.activate_loras), written now, before the first forward, while every streamed block is
+    at rest in host memory: slot buffers are written in place, merge entries into the layers'
+    weight storage, which for a streamed block is its pinned host copy (what the next copy reads).
+    The hot-swap wrapper would otherwise do it inside the first forward; its ensure_device would
+    replace buffers the hooks are keyed on. The merge state is verified first (as the pack's outer
+    sample wrapper does): a re-plan or a removal of the offload moves the weights, so a merged set
+    is merged again from its pristine copy rather than trusted."""
     from . import runtime
 
     dm = _diffusion_model(patcher)
-    state = runtime.hotswap_state(dm)
-    if state is None:
+    state, merged = runtime.hotswap_state(dm), runtime.merge_state(dm)
+    if state is None and merged is None:
         return
-    state.buffers_placed_by_offload = True
+    if state is not None:
+        state.buffers_placed_by_offload = True
+    swaps = 0
+    if merged is not None:
+        merged.verify()
+        swaps = merged.swaps
     cfg = (model_options or {}).get("transformer_options", {}).get(runtime.OPTS_KEY, {})
-    loras = tuple(cfg.get("loras", ()))
-    if loras != state.active_key:
-        state.activate(loras, runtime.parsed_set(dm, loras))
+    runtime.activate_loras(dm, tuple(cfg.get("loras", ())))
+    st = off.offload_state(dm)
+    if merged is not None and merged.swaps != swaps and st is not None and st.streamer is not None:
+        st.streamer.refresh_forms()  # tensor subclasses streamed in another layout: made again from the host tensor
 
 
 def _release_lora(dm) -> None:

@@ -153,7 +153,9 @@ class _Ref:
     rebuild: object = None
     param: bool = False
     requires_grad: bool = False
-    host_obj: object = None   # "wrap": the tensor at rest (the original host tensor)
+    host_obj: object = None   # "wrap" whose device form differs: the tensor at rest (the original host tensor);
+                              # None: the tensor at rest is rebuilt around the host leaves
+    rest: tuple = None        # (host leaves list, the tensor rebuilt around them)
 
 
 def _key(t: torch.Tensor):
@@ -207,13 +209,48 @@ def _refs(block: nn.Module, leaves: _Leaves, onload: torch.device, recurse: bool
                     # original host tensor.
                     form = t.to(onload) if onload.type != "cpu" else t
                     flat, rebuild = _flatten(form)
+                    host_flat, host_rebuild = _flatten(t)
+                    if _same_form(t, form, flat, host_flat):
+                        # the usual case (torchao, quanto int8): the leaves are the host tensor's own
+                        # inner tensors and at rest the module holds the tensor rebuilt around the
+                        # (pinned) leaves, so a write at rest (LoRA merge) lands where the next copy
+                        # reads, on the GPU as on the CPU
+                        flat, rebuild, host_obj = host_flat, host_rebuild, None
+                    else:
+                        host_obj = t  # another layout on the device: see BlockStreamer.refresh_forms
                     out.append(_Ref("wrap", m, name, tuple(leaves.add(x) for x in flat), rebuild, is_param,
-                                    bool(getattr(t, "requires_grad", False)), t))
+                                    bool(getattr(t, "requires_grad", False)), host_obj))
                     del form
         for name, v in list(vars(m).items()):  # Linear8bitLt.state (MatmulLtState: CB, SCB)
             if _is_bnb_obj(v):
                 _bnb_refs(v, leaves, out, seen)
+        _bnb_int8_state_refs(m, leaves, out)
     return out
+
+
+def _bnb_int8_state_refs(m: nn.Module, leaves: _Leaves, out: list) -> None:
+    """Linear8bitLt's first forward moves weight.CB/SCB into layer.state (init_8bit_state). In a
+    streamed block those are the device copies: the state would keep them after the block is
+    offloaded (device memory never freed, and a stale SCB that LoRA merge's dequantization reads
+    at rest). So where the state has no CB/SCB yet, it gets the weight's: the same leaf, the same
+    device copy while the block runs, the host copy again at rest."""
+    st, w = vars(m).get("state"), m._parameters.get("weight")
+    if w is None or not _is_bnb_obj(st):
+        return
+    for name in ("CB", "SCB"):
+        wt = vars(w).get(name)
+        if getattr(st, name, "absent") is None and isinstance(wt, torch.Tensor) and type(wt) is torch.Tensor:
+            out.append(_Ref("attr", st, name, (leaves.add(wt),)))
+
+
+def _same_form(host, form, flat, host_flat) -> bool:
+    """The device form of a tensor subclass is the host one moved: same class, same inner tensors'
+    shapes, dtypes and strides (quanto turns fp8 into Marlin and int4 into TinyGemm layouts on CUDA)."""
+    if form is host:
+        return True
+    if type(form) is not type(host) or len(flat) != len(host_flat):
+        return False
+    return all(a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() for a, b in zip(flat, host_flat))
 
 
 def _bnb_refs_param(p, leaves, out, seen):
@@ -285,7 +322,16 @@ class _Unit:
             elif r.kind == "attr":
                 setattr(r.target, r.name, leaves[r.idx[0]])
             else:
-                obj = r.host_obj if host else r.rebuild(iter([leaves[i] for i in r.idx]))
+                if host and r.host_obj is not None:
+                    obj = r.host_obj
+                elif host and r.rest is not None and r.rest[0] is leaves:
+                    obj = r.rest[1]  # the same object at every rest (offload.tensor_ids stays put)
+                else:
+                    obj = r.rebuild(iter([leaves[i] for i in r.idx]))
+                    if r.param and not isinstance(obj, nn.Parameter):
+                        obj = nn.Parameter(obj, requires_grad=r.requires_grad)
+                    if host:
+                        r.rest = (leaves, obj)
                 if r.param:
                     if not isinstance(obj, nn.Parameter):
                         obj = nn.Parameter(obj, requires_grad=r.requires_grad)
@@ -322,28 +368,77 @@ class BlockStreamer:
 
     # ----- residency
     def set_streamed(self, streamed: tuple) -> None:
-        """Make exactly `streamed` (block indices) streamed; the others resident on the device."""
+        """Make exactly `streamed` (block indices) streamed; the others resident on the device.
+
+        Device memory never exceeds the larger of the old and the new plan's: first every
+        streamed block's device copies (prefetched, or left by a failed forward) are dropped,
+        then the blocks leaving the device go to pinned memory (their device memory freed), and
+        only then are the blocks joining the device copied in (into what was just freed: the
+        caching allocator reuses it). Promoting first would hold old resident + new resident
+        blocks at once (an H200 emulating a 16 GiB card ran out after a 12 GiB plan that way)."""
         self.sync()
+        for u in self.units.values():
+            if u.installed or u.dev is not None:
+                self._release(u)
+        self._done.clear()
+        self._live = 0
         want = set(streamed)
-        for i in [i for i in self.units if i not in want]:  # streamed -> resident
-            u = self.units.pop(i)
-            u.rehome(lambda t: t.to(self.onload))
-        for i in sorted(want - set(self.units)):  # resident -> streamed
-            b = self.blocks[i]
-            if self.own_only:
-                b._apply(lambda t: t.to("cpu"), recurse=False)
-            else:
-                b.to("cpu")
-            u = _Unit(i, b, self.onload, recurse=not self.own_only)
-            u.rehome(self._pin)
-            self.units[i] = u
-        for i, b in enumerate(self.blocks):
-            if i not in want:
-                if self.own_only:
-                    b._apply(lambda t: t.to(self.onload), recurse=False)
-                else:
-                    b.to(self.onload)
+        for i in sorted(want - set(self.units)):  # resident -> streamed (frees device memory)
+            self._demote(i)
+        for i in sorted(i for i in self.units if i not in want):  # streamed -> resident
+            self._promote(i)
+        for i, b in enumerate(self.blocks):  # a block moved only in part (an earlier failure) or never placed
+            if i not in self.units:
+                self._place(b)
         self.order = sorted(self.units)
+
+    def _place(self, b: nn.Module) -> None:
+        if self.own_only:
+            b._apply(lambda t: t.to(self.onload), recurse=False)
+        else:
+            b.to(self.onload)
+
+    def _demote(self, i: int) -> None:
+        b = self.blocks[i]
+        if self.own_only:
+            b._apply(lambda t: t.to("cpu"), recurse=False)
+        else:
+            b.to("cpu")
+        u = _Unit(i, b, self.onload, recurse=not self.own_only)
+        u.rehome(self._pin)
+        self.units[i] = u
+
+    def _promote(self, i: int) -> None:
+        u = self.units[i]
+        u.rehome(self._to_device)
+        del self.units[i]  # only once it is all on the device (an OOM half way leaves it streamed)
+        self._place(u.module)  # tensor subclasses whose device form differs: the module's own .to()
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device == self.onload and self.onload.type == "cpu" and self.copy_on_cpu:
+            return torch.empty_like(t).copy_(t)  # tests: a fresh "device" tensor, as on the GPU
+        return t.to(self.onload)
+
+    def refresh_forms(self) -> int:
+        """Tensor subclasses whose device form differs from the host one (quanto fp8 -> Marlin,
+        int4 -> TinyGemm on CUDA) stream pinned leaves of the device form, made from the host
+        tensor the module holds at rest: after a write into that host tensor (a LoRA merge) the
+        leaves are made again from it. Returns how many tensors were refreshed."""
+        self.sync()
+        n = 0
+        for u in self.units.values():
+            for r in u.refs:
+                if r.kind != "wrap" or r.host_obj is None:
+                    continue
+                form = r.host_obj.to(self.onload) if self.onload.type != "cpu" else r.host_obj
+                flat, _ = _flatten(form)
+                with torch.no_grad():
+                    for i, x in zip(r.idx, flat):
+                        if u.host[i] is not x:
+                            u.host[i].copy_(x)
+                n += 1
+                del form, flat
+        return n
 
     def _pin(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cpu":

@@ -355,3 +355,196 @@ def test_card_counts_what_comfy_would_unload(flux_file, comfy, monkeypatch):
         assert node._card(dev, model)["free_bytes"] == 8 * G + st.nonblock + st.residency.resident_bytes
     finally:
         off.remove_offload(dm)
+
+
+# ---------------- a re-plan never needs more device memory than the larger plan ----------------
+@torch.no_grad()
+@pytest.mark.parametrize("quantization", ["none", "bnb-nf4"])
+def test_replan_frees_before_it_promotes(flux_file, monkeypatch, quantization):
+    """Device-memory ledger over a re-plan in place (the H200 OOM going from a 12 GiB to a 16 GiB
+    plan: promotions ran before demotions, so old + new resident blocks were on the card at once).
+    "Device" here = every block tensor outside the pinned arena (host leaves live there, stand-in
+    arena), plus streamed copies still held (a prefetch left by an interrupted forward). After
+    every block move the ledger stays within max(old plan, new plan); every demotion comes first."""
+    from quantlora.quant import offload as off
+    from quantlora.quant import streaming as s
+
+    monkeypatch.setattr(s._PinnedArena, "alloc", staticmethod(lambda n: torch.empty(n, dtype=torch.uint8)))
+    monkeypatch.setattr(s.BlockStreamer, "copy_on_cpu", True)
+    real_init = s.BlockStreamer.__init__
+
+    def init(self, blocks, streamed, onload, lookahead=1, pin=True, own_only=False):
+        real_init(self, [], (), onload, lookahead, pin, own_only)
+        self.arena, self.blocks = s._PinnedArena(chunk=1 << 20), blocks
+        self.set_streamed(streamed)
+
+    monkeypatch.setattr(s.BlockStreamer, "__init__", init)
+    dm = load(flux_file, quantization).model.diffusion_model.eval()
+    inp = flux_inputs(CFG, seed=7)
+    ref = comfy_forward(dm, inp)
+    blocks = off.flat_blocks(dm)
+    n = len(blocks)
+    st = off.apply_offload(dm, "block", "cpu", "cpu", budget=None)
+    streamer = st.streamer
+
+    def in_arena(t):
+        p = t.untyped_storage().data_ptr()
+        return any(b.data_ptr() <= p < b.data_ptr() + b.numel() for b in streamer.arena.bufs)
+
+    def ledger():
+        seen, total = set(), 0
+        for b in blocks:
+            for m in b.modules():
+                ts = [*m._parameters.values(), *m._buffers.values()]
+                qs = [getattr(t, "quant_state", None) for t in ts if t is not None]
+                ts += [q.absmax for q in qs if q is not None]
+                for t in ts:
+                    if t is None or in_arena(t):
+                        continue
+                    k = t.untyped_storage().data_ptr()
+                    if k not in seen:
+                        seen.add(k)
+                        total += t.untyped_storage().nbytes()
+        for u in streamer.units.values():
+            for d in (u.dev or []) if not u.installed else []:
+                total += d.untyped_storage().nbytes()
+        return total
+
+    moves = []
+    for name in ("_demote", "_promote"):
+        real = getattr(s.BlockStreamer, name)
+
+        def wrapped(self, i, _real=real, _name=name):
+            _real(self, i)
+            moves.append((_name, i, ledger()))
+        monkeypatch.setattr(s.BlockStreamer, name, wrapped)
+
+    old = tuple(range(1, n, 2))
+    new = tuple(range(2, n, 3))
+    assert set(old) - set(new) and set(new) - set(old), "the test needs promotions and demotions"
+    streamer.set_streamed(old)
+    before = ledger()
+    streamer.begin()  # a forward that never finished: the first streamed block's copy is held
+    assert any(u.dev is not None for u in streamer.units.values())
+    moves.clear()
+    streamer.set_streamed(new)
+    after = ledger()
+    kinds = [k for k, _, _ in moves]
+    assert kinds == sorted(kinds), moves  # "_demote" < "_promote": every demotion first
+    assert {i for k, i, _ in moves if k == "_promote"} == set(old) - set(new)
+    assert max(b for _, _, b in moves) <= max(before, after), (before, after, moves)
+    assert after > before  # the new plan keeps more resident (the ledger sees promotions)
+    assert streamer._live == 0 and all(u.dev is None for u in streamer.units.values())
+    assert torch.allclose(comfy_forward(dm, inp), ref, rtol=1e-4, atol=1e-5)
+    # and the same through apply_offload's re-plan (the bench's and the node's way in)
+    sizes = [off.module_bytes(b) for b in blocks]
+    st2 = off.apply_offload(dm, "block", "cpu", "cpu", budget=st.nonblock + sum(sizes))
+    assert st2.streamer is streamer and st2.n_resident == n and streamer.units == {}
+    assert torch.allclose(comfy_forward(dm, inp), ref, rtol=1e-4, atol=1e-5)
+    off.remove_offload(dm)
+
+
+# ---------------- LoRA merge mode into streamed blocks ----------------
+def _lora_on_every_block(dm, seed, rank=4):
+    """A LoRA on every block linear (resident and streamed blocks alike)."""
+    from quantlora.lora.formats import LoRATarget, ParsedLoRA
+
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for name, m in dm.named_modules():
+        if not name.startswith(("double_blocks.", "single_blocks.")) or type(m).__name__ == "LoRASlots":
+            continue
+        i, o = getattr(m, "in_features", None), getattr(m, "out_features", None)
+        if isinstance(i, int) and isinstance(o, int) and m._parameters.get("weight") is not None:
+            targets.append(LoRATarget(name, 0, o, torch.randn(rank, i, generator=g) * 0.2,
+                                      torch.randn(o, rank, generator=g) * 0.2, 0.5))
+    return ParsedLoRA(f"every-block-{seed}", "bfl", targets)
+
+
+def _merge_model(path, quantization):
+    if quantization == "fp8-cast":
+        from quantlora.nodes.fp8_cast_node import cast_model
+
+        return cast_model(load(path), "float8_e4m3fn", "auto")[0].model.diffusion_model.eval()
+    dm = load(path, quantization).model.diffusion_model.eval()
+    for m in dm.modules():  # bitsandbytes on an AVX512-bf16 CPU repacks NF4 weights at their first
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # forward (another layout): CPU only, not what a GPU runs
+            m.support_avx512bf16_for_cpu = False
+    return dm
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("quantization,layout", [
+    ("none", "same"), ("fp8-cast", "same"), ("bnb-nf4", "same"), ("bnb-int8", "same"),
+    ("torchao-int8-weight-only", "same"), ("quanto-int8", "same"), ("quanto-int8", "other")])
+def test_lora_merge_into_streamed_blocks(flux_file, monkeypatch, quantization, layout):
+    """MergeState (lora/merge.py) writes through quant/weight_codecs.storage(layer); for a streamed
+    block at rest those tensors must be the host copies the streamer copies from. Here the host
+    copies are distinct tensors (stand-in pinned arena, copies made as on the GPU), the model is
+    part resident, part streamed, and a set of LoRAs is merged, swapped (another LoRA, another
+    strength) and taken off while offloaded: after each, every merged layer's storage is bit for
+    bit the un-offloaded model's, and the forward matches. layout "other": a tensor subclass whose
+    device form differs (quanto fp8 / int4 on CUDA) streams leaves of that form, made again from the
+    host tensor after a merge (BlockStreamer.refresh_forms, what CPUOffloadSampler calls)."""
+    from quantlora.lora.merge import MergeState, base_layer
+    from quantlora.quant import offload as off
+    from quantlora.quant import streaming as s
+    from quantlora.quant import weight_codecs as codecs
+
+    ref_dm = _merge_model(flux_file, quantization)
+    loras = {"a": (_lora_on_every_block(ref_dm, 1), 1.0), "b": (_lora_on_every_block(ref_dm, 2), 0.6),
+             "a2": (_lora_on_every_block(ref_dm, 1), -0.4)}
+    inp = flux_inputs(CFG, seed=8)
+    ref_state = MergeState(ref_dm)
+    refs, weights = {}, {}
+    names = [t.module for t in loras["a"][0].targets]
+    for k in ("a", "b", "a2", "none"):
+        ref_state.activate((k,) if k != "none" else (), [loras[k]] if k != "none" else [])
+        refs[k] = comfy_forward(ref_dm, inp)
+        weights[k] = {n: [t.clone() for t in codecs.storage(base_layer(ref_dm, n))] for n in names}
+    assert not torch.equal(refs["a"], refs["none"]) and not torch.equal(refs["a"], refs["b"])
+
+    monkeypatch.setattr(s._PinnedArena, "alloc", staticmethod(lambda n: torch.empty(n, dtype=torch.uint8)))
+    monkeypatch.setattr(s.BlockStreamer, "copy_on_cpu", True)
+    if layout == "other":
+        monkeypatch.setattr(s, "_same_form", lambda *a: False)
+    real_init = s.BlockStreamer.__init__
+
+    def init(self, blocks, streamed, onload, lookahead=1, pin=True, own_only=False):
+        real_init(self, [], (), onload, lookahead, pin, own_only)
+        self.arena, self.blocks = s._PinnedArena(chunk=1 << 20), blocks
+        self.set_streamed(streamed)
+
+    monkeypatch.setattr(s.BlockStreamer, "__init__", init)
+    dm = _merge_model(flux_file, quantization)
+    sizes = [off.module_bytes(b) for b in off.flat_blocks(dm)]
+    _, nonblock = off.plan_blocks(dm, None)
+    st = off.apply_offload(dm, "block", "cpu", "cpu", budget=nonblock + sum(sizes) // 2 + 2 * max(sizes))
+    assert 0 < st.n_resident < st.n_blocks, st.residency
+    bare = comfy_forward(dm, inp)
+    assert torch.allclose(bare, refs["none"], rtol=1e-4, atol=1e-5)
+    state = MergeState(dm)
+    for k in ("a", "b", "a2", "none", "a"):
+        state.verify()
+        state.activate((k,) if k != "none" else (), [loras[k]] if k != "none" else [])
+        if layout == "other":
+            assert st.streamer.refresh_forms() > 0
+        for n in names:
+            got = codecs.storage(base_layer(dm, n))
+            assert all(torch.equal(a, b) for a, b in zip(got, weights[k][n])), (k, n)
+        out = comfy_forward(dm, inp)
+        assert torch.allclose(out, refs[k], rtol=1e-4, atol=1e-5), (k, (out - refs[k]).abs().max())
+        for u in st.streamer.units.values():  # nothing keeps a streamed copy past the block (bnb int8's state)
+            host = {h.data_ptr() for h in u.host}
+            for m in u.module.modules():
+                ms = vars(m).get("state")
+                for t in (getattr(ms, "CB", None), getattr(ms, "SCB", None)):
+                    assert not isinstance(t, torch.Tensor) or t.data_ptr() in host, (k, m)
+        swaps = state.swaps
+        assert state.verify(), "a forward under offload must not look like a foreign write"
+        state.activate((k,) if k != "none" else (), [loras[k]] if k != "none" else [])
+        assert state.swaps == swaps
+    off.remove_offload(dm)
+    state.verify()  # the weights moved back to pageable memory: merged again from the pristine copy
+    state.activate((), [])
+    assert torch.allclose(comfy_forward(dm, inp), refs["none"], rtol=1e-4, atol=1e-5)

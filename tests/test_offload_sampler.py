@@ -342,6 +342,69 @@ def test_fp8_cast_lora_slots_hotswap_under_offload(flux_file, lora_files, forced
     assert torch.equal(out, refs["a"]) and off.offload_state(dm) is not st
 
 
+@pytest.mark.parametrize("mode", ["none", "model", "block", "block-part", "leaf"])
+def test_lora_merge_mode_under_offload(flux_file, lora_files, forced, monkeypatch, mode):
+    """LoRAHotswap mode merge -> CPUOffloadSampler: the set is merged when sampling starts, every
+    streamed block at rest (into its host copy), and each latent equals KSampler's on the same
+    MODEL without offload, bit for bit; swapping to another LoRA / strength while offloaded, a
+    re-plan in place with a merged set (block-part), and the bare MODEL afterwards likewise."""
+    import inspect
+
+    from quantlora.lora import merge as merge_mod
+    from quantlora.nodes import runtime
+    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.hotswap_node import LoRAHotswap
+    from quantlora.quant import offload as off
+
+    if "mode" not in inspect.signature(LoRAHotswap.execute).parameters:
+        pytest.skip("LoRAHotswap has no merge mode here")
+    node = forced
+    base, _ = cast_model(load(flux_file), "float8_e4m3fn", "auto")
+    dm = base.model.diffusion_model
+    models = {"a": LoRAHotswap.execute(base, lora_files[0], 0.8, 16, "blocks", mode="merge").args[0],
+              "b": LoRAHotswap.execute(base, lora_files[1], 1.0, 16, "blocks", mode="merge").args[0],
+              "a2": LoRAHotswap.execute(base, lora_files[0], -0.5, 16, "blocks", mode="merge").args[0],
+              "none": base}
+    assert runtime.hotswap_state(dm) is None and runtime.merge_state(dm) is not None
+    refs = {k: ksample(m) for k, m in models.items()}
+    assert len({tuple(r.flatten()[:64].tolist()) for r in refs.values()}) == 4
+    gb, gb2 = 0.0, 0.0
+    if mode == "block-part":  # part resident, part streamed; then a bigger budget re-plans in place
+        sizes = off.tree_sizes(dm)
+        reserve = node.sampling_reserve(base, LATENT, 1.5)
+        gb = (reserve + sizes.nonblock + 3 * sizes.block_max) / 2 ** 30
+        gb2 = (reserve + sizes.model - 4096) / 2 ** 30
+    at_rest = []
+    real = merge_mod.MergeState.activate
+
+    def spy(self, key, loras):
+        st = off.offload_state(dm)
+        streamer = getattr(st, "streamer", None)
+        at_rest.append(streamer is None or all(u.dev is None and not u.installed for u in streamer.units.values()))
+        return real(self, key, loras)
+
+    monkeypatch.setattr(merge_mod.MergeState, "activate", spy)
+    osmode = "block" if mode == "block-part" else mode
+    st0 = None
+    # (the re-plan is asked for by the MODEL of the run before: another MODEL with another budget
+    # would be another clone with other settings, which rebuilds the hooks)
+    for i, key in enumerate(("a", "b", "a2", "a2", "none", "a", "b")):
+        out, text = osample(models[key], osmode, budget=gb2 if (mode == "block-part" and i >= 3) else gb)
+        assert torch.equal(out, refs[key]), f"{mode}: after swapping to {key}"
+        st = off.offload_state(dm)
+        if mode == "block-part":
+            assert 0 < st.n_resident < st.n_blocks if i < 3 else st.n_resident > 0, st.residency
+            if st0 is not None:
+                assert st.streamer is st0.streamer, "a LoRA swap or a new budget must not rebuild the hooks"
+            st0 = st
+    assert at_rest and all(at_rest), "merged while a streamed block was on the device"
+    merged = runtime.merge_state(dm)
+    swaps = merged.swaps
+    out, _ = osample(models["b"], osmode, budget=gb2 if mode == "block-part" else gb)
+    assert torch.equal(out, refs["b"]) and merged.swaps == swaps, "the same set again: no new merge"
+    assert torch.equal(ksample(base), refs["none"])  # the bare MODEL through the stock sampler
+
+
 def test_clone_lives_as_long_as_the_input(flux_file, forced):
     import comfy.model_management as mm
     from quantlora.nodes import offload_sampler_node as node
