@@ -5,6 +5,7 @@ compared with the route's host figures instead of the devices', and no node gets
 says a node's peak VRAM; tests/test_browser_frontends.py checks both renderers draw one). On a CUDA/ROCm machine the same tests compare the
 device totals and expect "VRAM peak ..." badges.
 """
+import random
 import os
 import time
 
@@ -73,7 +74,7 @@ def test_widget_appears_and_matches_route(page):
 
 
 def test_updates_while_running_and_node_badge(page, server):
-    graph, ids = numbered(txt2img(loader(), seed=int(time.time()) % 100000 + 7, steps=RUN_STEPS, size=RUN_SIZE,
+    graph, ids = numbered(txt2img(loader(), seed=random.randrange(10 ** 12), steps=RUN_STEPS, size=RUN_SIZE,
                                   prefix="vram-browser"))
     sample = ids["sample"]
     page.evaluate("""() => {
