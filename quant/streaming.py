@@ -245,12 +245,16 @@ def _bnb_int8_state_refs(m: nn.Module, leaves: _Leaves, out: list) -> None:
 
 def _same_form(host, form, flat, host_flat) -> bool:
     """The device form of a tensor subclass is the host one moved: same class, same inner tensors'
-    shapes, dtypes and strides (quanto turns fp8 into Marlin and int4 into TinyGemm layouts on CUDA)."""
+    shapes, dtypes, strides and values (quanto turns fp8 into Marlin and int4 into TinyGemm layouts
+    on CUDA)."""
     if form is host:
         return True
     if type(form) is not type(host) or len(flat) != len(host_flat):
         return False
-    return all(a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() for a, b in zip(flat, host_flat))
+    if not all(a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() for a, b in zip(flat, host_flat)):
+        return False
+    # and the same values (a layout change that keeps shapes would show here): once, at set-up
+    return all(torch.equal(a.to(b.device), b) for a, b in zip(flat, host_flat))
 
 
 def _bnb_refs_param(p, leaves, out, seen):

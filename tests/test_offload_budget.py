@@ -548,3 +548,20 @@ def test_lora_merge_into_streamed_blocks(flux_file, monkeypatch, quantization, l
     state.verify()  # the weights moved back to pageable memory: merged again from the pristine copy
     state.activate((), [])
     assert torch.allclose(comfy_forward(dm, inp), refs["none"], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_same_form_compares_layout_and_values(flux_file):
+    """A tensor subclass streams its host inner tensors only if its device form is the host one
+    moved (class, shapes, strides, values); else the device form's leaves, refreshed after writes."""
+    from quantlora.quant import offload as off
+    from quantlora.quant.streaming import _flatten, _same_form
+
+    dm = load(flux_file, "torchao-int8-weight-only").model.diffusion_model
+    w = next(m.weight for m in off.flat_blocks(dm)[0].modules() if type(getattr(m, "weight", None)).__name__ == "Int8Tensor")
+    host, rebuild = _flatten(w)
+    form = rebuild(iter([h.clone() for h in host]))  # what a device copy of the same layout is
+    flat, _ = _flatten(form)
+    assert all(a is not b for a, b in zip(flat, host)) and _same_form(w, form, flat, host)
+    flat[0].view(-1)[0] += 1  # same class and shapes, other values: not the host tensor moved
+    assert not _same_form(w, form, flat, host)
