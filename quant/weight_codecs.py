@@ -44,6 +44,12 @@ def codec_of(layer: nn.Module, name: str = "") -> Codec:
                              f"({type(layer).__name__}); use LoRAHotswap's mode 'slots'.")
     cls = type(w).__name__
     if cls == "Params4bit":
+        if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+            # bitsandbytes' CPU kernels repacked this weight on its first forward (a CPU with
+            # AVX512-bf16): another layout and state that its quantize_4bit does not produce
+            raise QuantLoRAError(f"layer {name}: this NF4 weight was repacked by bitsandbytes' CPU kernels after "
+                                 "its first run; LoRA merge cannot requantize it there. Use LoRAHotswap's mode "
+                                 "'slots' (auto does) for NF4 on a CPU.")
         return Codec("bnb-4bit", 4)
     if cls == "Int8Params":
         return Codec("bnb-int8", 8)

@@ -331,3 +331,16 @@ def test_auto_choice():
     assert choose("auto", odd, a, False, 0, None)[0] == "slots"
     with pytest.raises(QuantLoRAError, match="double_blocks.0.proj"):
         choose("merge", odd, a, False, 0, None)
+
+
+def test_nf4_repacked_for_cpu_is_refused_by_merge_and_auto_keeps_slots():
+    """bitsandbytes repacks NF4 weights for its CPU kernels on their first forward (CPUs with
+    AVX512-bf16): merge cannot requantize that layout, so it refuses, naming the layer; auto keeps slots."""
+    from quantlora.lora.merge import MergeState, choose
+
+    root = quantize(tree(), "bnb-nf4")
+    layer = root.double_blocks[0].proj
+    layer.weight.quant_state.packing_format_for_cpu = True  # what bnb's _convert_weight_packed_for_cpu sets
+    with pytest.raises(QuantLoRAError, match=r"double_blocks\.0\.proj.*repacked.*'slots'"):
+        MergeState(root).check([(lora(1), 1.0)])
+    assert choose("auto", root, [(lora(1), 1.0)], False, 0, None)[0] == "slots"
