@@ -106,3 +106,30 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     comfy_door.set_true_size(patcher, module_bytes(patcher.model))
     patcher.model_options.setdefault("quantlora", {})["report"] = report
     return patcher, report
+
+
+def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank: int = 0, lora_targets: str = "blocks",
+                lora_slot_layout: str = "per-projection", compile: str = "off", attention: str = "auto", progress=None):
+    """QuantizedFluxLoader's whole job after its input checks: load, LoRA slots before compiling (when
+    asked), regional compile, the pack's sampling wrappers and the attention choice."""
+    import os
+
+    from ..quant.compile import compile_blocks
+    from . import runtime
+
+    patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress)
+    dm = patcher.model.diffusion_model
+    if lora_max_rank > 0:
+        try:
+            runtime.ensure_slots(dm, lora_max_rank, lora_targets, lora_slot_layout)
+        except QuantLoRAError:  # e.g. out of GPU memory for the slots: the model goes with the error
+            patcher = dm = None
+            oom.release()
+            raise
+    if compile == "regional":
+        compile_blocks(dm)
+    runtime.install(patcher)
+    runtime.set_attention(patcher, attention)
+    log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights",
+             os.path.basename(path), quantization, report.compute_dtype, report.load_s, report.weights_bytes / 2**30)
+    return patcher

@@ -10,12 +10,9 @@ from comfy_api.latest import io
 from ..errors import QuantLoRAError, check_choice
 from ..lora.hotswap import SLOT_LAYOUTS, TARGET_SETS
 from ..quant.attention import ATTENTION_CHOICES
-from ..quant import oom
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
-from ..quant.compile import compile_blocks
-from . import runtime
 from ..quant.sources import list_checkpoints, resolve_checkpoint
-from .bridge import COMPUTE_DTYPE_NAMES, load_flux_model_patcher
+from .bridge import COMPUTE_DTYPE_NAMES, build_model
 from .search_aliases import search_aliases
 
 log = logging.getLogger("quantlora")
@@ -81,23 +78,6 @@ class QuantizedFluxLoader(io.ComfyNode):
             raise QuantLoRAError(f"model_name {model_name!r}: give a file name from the model list.")
         path = resolve_checkpoint(model_name, model_roots())
         bar = comfy.utils.ProgressBar(1)
-
-        def progress(done, total):
-            bar.update_absolute(done, total)
-
-        patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress)
-        dm = patcher.model.diffusion_model
-        if lora_max_rank > 0:
-            try:
-                runtime.ensure_slots(dm, lora_max_rank, lora_targets, lora_slot_layout)
-            except QuantLoRAError:  # e.g. out of GPU memory for the slots: the model goes with the error
-                patcher = dm = None
-                oom.release()
-                raise
-        if compile == "regional":
-            compile_blocks(dm)
-        runtime.install(patcher)
-        runtime.set_attention(patcher, attention)
-        log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights",
-                 model_name, quantization, report.compute_dtype, report.load_s, report.weights_bytes / 2**30)
+        patcher = build_model(path, quantization, compute_dtype, lora_max_rank, lora_targets, lora_slot_layout,
+                              compile, attention, progress=lambda done, total: bar.update_absolute(done, total))
         return io.NodeOutput(patcher)
