@@ -13,9 +13,8 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..errors import QuantLoRAError, check_choice
-from ..lora import merge
 from ..lora.hotswap import TARGET_SETS, file_identity
-from . import comfy_door, runtime
+from . import runtime
 from .search_aliases import search_aliases
 
 log = logging.getLogger("quantlora")
@@ -81,44 +80,8 @@ class LoRAHotswap(io.ComfyNode):
     def execute(cls, model, lora_name, strength, max_rank, targets, mode="auto") -> io.NodeOutput:
         runtime.flux_module(model)  # a non-Flux MODEL fails here, before anything is loaded
         check_choice("mode", mode, runtime.MODES)
-        # Dynamic VRAM (v0.33+): comfy-aimdo replaces a module's buffers with device copies while it
-        # places a model, so in-place writes would miss; slots and merges live on ComfyUI's plain
-        # (non-dynamic) delegate of this MODEL instead. The pack's loader gives plain MODELs.
-        model = comfy_door.non_dynamic(model, "LoRAHotswap", "QuantLoRA writes LoRA slots and merged weights in place")
-        dm = runtime.flux_module(model)
         if not math.isfinite(strength):
             raise QuantLoRAError(f"LoRA {lora_name!r}: strength {strength} is not a finite number; give a value from -10 to 10.")
         check_choice("targets", targets, TARGET_SETS)
-        path = lora_path(lora_name)
-        lora = runtime.LORAS.get(path, runtime.dims_of(dm))
-        if lora.unmatched:
-            log.warning("QuantLoRA: LoRA %s: %d of its keys match no Flux layer and are ignored (e.g. %s)",
-                        lora_name, len(lora.unmatched), lora.unmatched[:3])
-        chosen, why = merge.choose(mode, dm, [(lora, strength)], runtime.hotswap_state(dm) is not None,
-                                   comfy_door.weight_patch_count(model), _host_free())
-        m = model.clone()
-        runtime.install(m)
-        cfg = runtime.options(m)
-        if chosen == "merge":
-            runtime.ensure_merge(dm, "device" if mode == "merge-gpu" else "host")
-            cost = (f"merged into {len(merge.deltas_of(dm, [(lora, strength)]))} layers when sampling starts; the bare "
-                    "weights are restored from a pristine copy when another set is asked for")
-        else:
-            state = runtime.ensure_slots(dm, max_rank, targets)
-            cost = f"slots of rank {state.max_rank} on {len(state.slots)} layers"
-        cfg["loras"] = tuple(cfg.get("loras", ())) + (runtime.entry(path, file_identity(path), chosen, strength),)
-        slot_set = tuple(e for e in cfg["loras"] if runtime.entry_mode(e) == "slots")
-        if slot_set:
-            runtime.ensure_slots(dm, max_rank, targets).check(runtime.parsed_set(dm, slot_set))  # rank / target errors, now
-        text = f"{lora_name} at {strength:g}: {chosen} ({why}); {cost}."
-        log.info("QuantLoRA: LoRAHotswap %s", text)
+        m, text = runtime.add_lora(model, lora_name, lora_path(lora_name), strength, mode, max_rank, targets)
         return io.NodeOutput(m, ui=ui.PreviewText(text))
-
-
-def _host_free() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
-        return None

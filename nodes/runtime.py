@@ -299,3 +299,53 @@ def install(patcher) -> None:
     for kind, fn in wrappers:
         if fn not in patcher.get_wrappers(kind, WRAPPER_KEY):
             patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
+
+
+def add_lora(model, lora_name: str, path: str, strength: float, mode: str, max_rank: int, targets: str):
+    """LoRAHotswap's job after its input checks: (a clone of `model` carrying this LoRA in its set, the
+    node's text). Chooses merge or slots (lora/merge.choose), makes the merge state or the slots, and
+    raises now, on the node, for a set the slots cannot hold."""
+    import logging
+
+    from ..lora import merge
+    from ..lora.hotswap import file_identity
+    from . import comfy_door
+
+    log = logging.getLogger("quantlora")
+    # Dynamic VRAM (v0.33+): comfy-aimdo replaces a module's buffers with device copies while it
+    # places a model, so in-place writes would miss; slots and merges live on ComfyUI's plain
+    # (non-dynamic) delegate of this MODEL instead. The pack's loader gives plain MODELs.
+    model = comfy_door.non_dynamic(model, "LoRAHotswap", "QuantLoRA writes LoRA slots and merged weights in place")
+    dm = flux_module(model)
+    lora = LORAS.get(path, dims_of(dm))
+    if lora.unmatched:
+        log.warning("QuantLoRA: LoRA %s: %d of its keys match no Flux layer and are ignored (e.g. %s)",
+                    lora_name, len(lora.unmatched), lora.unmatched[:3])
+    chosen, why = merge.choose(mode, dm, [(lora, strength)], hotswap_state(dm) is not None,
+                               comfy_door.weight_patch_count(model), _host_free())
+    m = model.clone()
+    install(m)
+    cfg = options(m)
+    if chosen == "merge":
+        ensure_merge(dm, "device" if mode == "merge-gpu" else "host")
+        cost = (f"merged into {len(merge.deltas_of(dm, [(lora, strength)]))} layers when sampling starts; the bare "
+                "weights are restored from a pristine copy when another set is asked for")
+    else:
+        state = ensure_slots(dm, max_rank, targets)
+        cost = f"slots of rank {state.max_rank} on {len(state.slots)} layers"
+    cfg["loras"] = tuple(cfg.get("loras", ())) + (entry(path, file_identity(path), chosen, strength),)
+    slot_set = tuple(e for e in cfg["loras"] if entry_mode(e) == "slots")
+    if slot_set:
+        ensure_slots(dm, max_rank, targets).check(parsed_set(dm, slot_set))  # rank / target errors, now
+    text = f"{lora_name} at {strength:g}: {chosen} ({why}); {cost}."
+    log.info("QuantLoRA: LoRAHotswap %s", text)
+    return m, text
+
+
+def _host_free() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None
