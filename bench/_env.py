@@ -1,5 +1,6 @@
 """Shared set-up of every bench script: makes the pack importable as `quantlora` and ComfyUI's tree
-importable, installs import-only stand-ins for what the GPU device image lacks, and logs imports.
+importable (through tools/bootstrap.py, shared with the tests and tools), installs import-only
+stand-ins for what the GPU device image lacks, and logs imports.
 
 Stand-ins (STAND_INS): packages ComfyUI imports at module level that the device image
 (bench/device-image.txt) lacks, that no bench uses, and that a device call does not carry
@@ -24,6 +25,20 @@ import sys
 import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_bootstrap():
+    """tools/bootstrap.py (the shared part: register the pack, ComfyUI and the harness stand-ins on
+    sys.path) by file path: bench scripts run as `python3 bench/<script>.py`, without the repo root."""
+    if "_quantlora_bootstrap" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_quantlora_bootstrap", os.path.join(ROOT, "tools", "bootstrap.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_quantlora_bootstrap"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["_quantlora_bootstrap"]
+
+
+bootstrap = _load_bootstrap()
 STAND_INS = ("av",)
 FORCE_ENV = "QUANTLORA_FORCE_STANDINS"
 LOG_ENV = "QUANTLORA_IMPORT_LOG"
@@ -108,8 +123,7 @@ def install_stand_ins(force: bool | None = None) -> tuple[str, ...]:
     force = forced() if force is None else force
     # diffusers and transformers record at import which optional packages exist: let them see the
     # real state (the device: no PyAV) rather than the stand-in.
-    import diffusers.utils.import_utils  # noqa: F401
-    import transformers.utils.import_utils  # noqa: F401
+    bootstrap.settle_optional_imports()
 
     want = []
     for pkg in STAND_INS:
@@ -130,24 +144,16 @@ def install_stand_ins(force: bool | None = None) -> tuple[str, ...]:
 
 
 def setup(comfy_dir: str | None = None, cpu: bool = False):
-    comfy_dir = comfy_dir or os.environ.get("QUANTLORA_COMFYUI") or os.path.join(ROOT, ".harness", "ComfyUI")
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
-    stubs = os.path.join(ROOT, "tests", "harness", "stubs")
+    comfy_dir = comfy_dir or os.environ.get("QUANTLORA_COMFYUI") or bootstrap.DEFAULT_COMFY
+    bootstrap.add_to_path(comfy_dir)
     try:
         import torchvision  # noqa: F401
     except ImportError:
         # Let transformers/diffusers see that torchvision is absent before the stand-ins appear.
-        import diffusers.utils.import_utils  # noqa: F401
-        import transformers.utils.import_utils  # noqa: F401
-        sys.path.append(stubs)
+        bootstrap.settle_optional_imports()
+        bootstrap.add_to_path(bootstrap.STUBS, index=None)
     install_stand_ins()
-    if "quantlora" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("quantlora", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["quantlora"] = mod
-        spec.loader.exec_module(mod)
+    bootstrap.register_pack(ROOT)
     import comfy.cli_args
 
     if cpu:

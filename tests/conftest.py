@@ -9,18 +9,25 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ for `harness`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUBS = os.path.join(ROOT, "tests", "harness", "stubs")
-COMFY = os.environ.get("QUANTLORA_COMFYUI", os.path.join(ROOT, ".harness", "ComfyUI"))
+
+
+def _load_bootstrap():
+    """tools/bootstrap.py by file path: it registers the pack, so it cannot be imported through it."""
+    if "_quantlora_bootstrap" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_quantlora_bootstrap", os.path.join(ROOT, "tools", "bootstrap.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_quantlora_bootstrap"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["_quantlora_bootstrap"]
+
+
+bootstrap = _load_bootstrap()
+STUBS = bootstrap.STUBS
+COMFY = bootstrap.COMFY
 
 
 def _register_pack():
-    if "quantlora" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("quantlora", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quantlora"] = mod
-    spec.loader.exec_module(mod)
+    bootstrap.register_pack(ROOT)
 
 
 _register_pack()
@@ -49,12 +56,9 @@ def import_comfy():
         pytest.fail("a layer-1 test asked for ComfyUI", pytrace=False)
     # transformers/diffusers decide at import whether torchvision exists: let them see that it
     # does not before the import-only stand-ins go on the path.
-    import diffusers.utils.import_utils  # noqa: F401
-    import transformers.utils.import_utils  # noqa: F401
-
+    bootstrap.settle_optional_imports()
     for p in (COMFY, STUBS):
-        if p not in sys.path:
-            sys.path.insert(0, p)
+        bootstrap.add_to_path(p)
     import torch
     import comfy.cli_args
 

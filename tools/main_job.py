@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 
+from . import bootstrap
 from .serve import COMFY, COMFY_VERSION, PACK_DIR_NAME, ROOT, STUBS, ComfyServer, free_port, needs_stubs, port_free
 
 DEFAULT_BASE = os.path.join(ROOT, ".harness", "main-job")
@@ -31,13 +32,10 @@ def say(msg: str = "") -> None:
 
 def import_comfy_in_process() -> None:
     """ComfyUI's modules (for writing the demo set), as the test conftest imports them."""
-    import diffusers.utils.import_utils  # noqa: F401
-    import transformers.utils.import_utils as t
-
-    t.is_torchvision_available()  # decided before any stand-in is on the path
-    sys.path.insert(0, COMFY)
+    bootstrap.settle_optional_imports().is_torchvision_available()  # decided before any stand-in is on the path
+    bootstrap.add_to_path(COMFY)
     if needs_stubs():
-        sys.path.insert(1, STUBS)
+        bootstrap.add_to_path(STUBS, index=1)
     import torch
     import comfy.cli_args
 
@@ -48,13 +46,8 @@ def import_comfy_in_process() -> None:
 def pack():
     """The repository as the package `quantlora` (as ComfyUI imports it), for quant/ (needs no ComfyUI)."""
     import importlib
-    import importlib.util
 
-    if "quantlora" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("quantlora", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        sys.modules["quantlora"] = mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+    bootstrap.register_pack(ROOT)
     importlib.import_module("quantlora.quant.sources")
     return sys.modules["quantlora"]
 

@@ -11,7 +11,6 @@ errors have other types and messages (see `validation_errors`).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -25,9 +24,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFY = os.environ.get("QUANTLORA_COMFYUI", os.path.join(ROOT, ".harness", "ComfyUI"))
-STUBS = os.path.join(ROOT, "tests", "harness", "stubs")
+from .bootstrap import COMFY, ROOT, STUBS, needs_stubs  # noqa: F401 - re-exported (tests/harness/server.py, main_job)
+
 PACK_DIR_NAME = "QuantLoRA"
 
 
@@ -77,12 +75,6 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
         return True
-
-
-def needs_stubs() -> bool:
-    """True where torchvision is not installed (no CPU build on PyPI): use the harness stand-ins."""
-    spec = importlib.util.find_spec("torchvision")
-    return spec is None or os.path.abspath(spec.origin or "").startswith(STUBS + os.sep)
 
 
 class PromptError(RuntimeError):
