@@ -47,7 +47,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import QuantLoRAError
-from ..quant.flux_keys import linear_maps, swap_halves
+from ..quant.flux_keys import BLOCK_DOT, BLOCK_US, linear_maps, swap_halves
 
 log = logging.getLogger("quantlora")
 
@@ -117,8 +117,6 @@ class ParsedLoRA:
 
 # ----------------------------------------------------------------------------- name tables
 
-_BLOCK_DOT = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
-_BLOCK_US = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)_(\d+)_(.+)$")
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ class _Entry:
 
 
 def _template(name: str) -> tuple[str, int | None]:
-    m = _BLOCK_DOT.match(name)
+    m = BLOCK_DOT.match(name)
     return (f"{m.group(1)}.#.{m.group(3)}", int(m.group(2))) if m else (name, None)
 
 
@@ -245,7 +243,7 @@ def _resolve(mod: str, d: FluxDims) -> _Resolved | None:
     for p, fmt in _US_PREFIXES:
         if mod.startswith(p):
             rest = mod[len(p):].lower()
-            m = _BLOCK_US.match(rest)
+            m = BLOCK_US.match(rest)
             key, idx = (f"{m.group(1)}_#_{m.group(3)}", int(m.group(2))) if m else (rest, None)
             e = underscored.get(key)
             return _Resolved(e, idx, fmt, rest) if e else None

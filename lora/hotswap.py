@@ -8,26 +8,24 @@ the bare base is exactly base(x) + 0 once no LoRA is active.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import QuantLoRAError
-from ..quant.flux_keys import fused_splits
+from ..quant.flux_keys import BLOCK_LAYER, fused_splits
 from .slots import LoRASlots
 
 log = logging.getLogger("quantlora")
 
-_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
 TARGET_SETS = {
     # Every linear layer inside the transformer blocks (attention, MLP, modulation).
-    "blocks": lambda name: bool(_BLOCK.match(name)),
+    "blocks": lambda name: bool(BLOCK_LAYER.match(name)),
     # Blocks plus embedders and final layer: for LoRAs trained on those too.
     "all": lambda name: True,
     # Attention projections only (plus single blocks' fused linear1/linear2): the lightest slots.
-    "attention": lambda name: bool(_BLOCK.match(name)) and name.endswith((".qkv", ".proj", ".linear1", ".linear2")),
+    "attention": lambda name: bool(BLOCK_LAYER.match(name)) and name.endswith((".qkv", ".proj", ".linear1", ".linear2")),
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-BLOCK_LISTS = ("double_blocks", "single_blocks")
+from .flux_keys import BFL_BLOCK_LISTS as BLOCK_LISTS
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:

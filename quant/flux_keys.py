@@ -6,7 +6,23 @@ one layer, to a row range of that layer's output.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# The block vocabulary, one place for the pack: BFL/ComfyUI's block lists (in forward order) and
+# diffusers' names for the same lists.
+BFL_BLOCK_LISTS = ("double_blocks", "single_blocks")
+DIFFUSERS_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+_BFL = "|".join(BFL_BLOCK_LISTS)
+_ANY = "|".join(BFL_BLOCK_LISTS + DIFFUSERS_BLOCK_LISTS)
+# A BFL layer inside a block: group(0) is the block's prefix ("double_blocks.3."), group(1) its index.
+BLOCK_LAYER = re.compile(rf"^(?:{_BFL})\.(\d+)\.")
+# A block inside any tensor name, either layout, behind any prefix: group(1) is "double_blocks.3".
+ANY_BLOCK = re.compile(rf"(?:^|\.)((?:{_ANY})\.\d+)\.")
+# A layer of a block, either layout, dotted ("double_blocks.3.img_attn.qkv") or underscored as in
+# kohya/OneTrainer names ("double_blocks_3_img_attn_qkv"): groups (list, index, rest).
+BLOCK_DOT = re.compile(rf"^({_ANY})\.(\d+)\.(.+)$")
+BLOCK_US = re.compile(rf"^({_ANY})_(\d+)_(.+)$")
 
 
 @dataclass(frozen=True)

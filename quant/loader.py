@@ -10,7 +10,6 @@ Plain torch: no ComfyUI import.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,12 +19,12 @@ from torch import nn
 
 from ..errors import QuantLoRAError
 from .backends import Backend, quantize_linear
+from .flux_keys import BLOCK_LAYER
 
 log = logging.getLogger("quantlora")
 
 # Linears inside transformer blocks are quantized; embedders and the final layer stay in the
 # compute dtype (they are small and sensitive).
-BLOCK_LAYER = re.compile(r"^(?:double_blocks|single_blocks)\.(\d+)\.")
 # Per-tensor scales of "scaled fp8" checkpoints; the weight is stored divided by it.
 SCALE_KEYS = ("scale_weight", "scale_input")
 
