@@ -1,7 +1,7 @@
 """QuantLoRA: quantized Flux, fp8 storage, hot-swapped LoRA and CPU offload for ComfyUI.
 
 ComfyUI imports this folder as a package from custom_nodes/. Node modules (which import
-ComfyUI) load only when ComfyUI asks for the node list, so quant/ and lora/ stay importable
+ComfyUI) load only when ComfyUI asks for the node list, so quant/, memory/ and lora/ stay importable
 without ComfyUI.
 
 Supported ComfyUI: 0.3.75 to v0.33.0 (nodes/comfy_door.py: MIN_VERSION, TESTED_VERSION). On an

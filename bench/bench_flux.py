@@ -233,7 +233,7 @@ class Bench:
 
     # ---------- sections ----------
     def section_base(self):
-        from quantlora.quant.sizes import module_bytes
+        from quantlora.memory.sizes import module_bytes
 
         p, rep, load_s = self.load_ours("none")
         dm = p.model.diffusion_model
@@ -281,7 +281,7 @@ class Bench:
         """bf16 eager (default attention) in this process: the baseline every ratio divides by."""
         if self.ref is not None:
             return
-        from quantlora.quant.sizes import module_bytes
+        from quantlora.memory.sizes import module_bytes
 
         p, rep, load_s = self.load_ours("none")
         dm = p.model.diffusion_model
@@ -295,7 +295,7 @@ class Bench:
         import torch._dynamo
         from quantlora.lora.formats import FluxDims, load_lora
         from quantlora.lora.hotswap import HotswapState, attach_slots
-        from quantlora.quant.sizes import module_bytes
+        from quantlora.memory.sizes import module_bytes
 
         self.load_ref()
         c = self.cfg
@@ -336,7 +336,7 @@ class Bench:
         import torch._dynamo
         from quantlora.lora.formats import load_lora
         from quantlora.lora.hotswap import HotswapState, attach_slots
-        from quantlora.quant.sizes import module_bytes
+        from quantlora.memory.sizes import module_bytes
 
         c = self.cfg
         q = self.args.fast_quant
@@ -383,7 +383,7 @@ class Bench:
         from quantlora.lora.formats import FluxDims, load_lora
         from quantlora.lora.hotswap import HotswapState, attach_slots
         from quantlora.lora.merge import MergeState
-        from quantlora.quant.sizes import module_bytes
+        from quantlora.memory.sizes import module_bytes
 
         c = self.cfg
         dims = FluxDims(hidden=c["hidden_size"], mlp_hidden=4 * c["hidden_size"], depth=c["depth"], depth_single=c["depth_single_blocks"])
@@ -514,7 +514,7 @@ class Bench:
     def section_attn(self):
         """SDPA kernels at Flux's shape, then bf16 eager and the fp8 compiled path with each choice."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        from quantlora.quant.sizes import module_bytes
+        from quantlora.memory.sizes import module_bytes
 
         self.load_ref()
         tokens = self.latent * self.latent // 4 + self.txt

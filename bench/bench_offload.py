@@ -1,4 +1,4 @@
-"""GPU benchmark: CPU offload (quant/offload.py, CPUOffloadSampler) and fp8 layerwise cast
+"""GPU benchmark: CPU offload (memory/offload.py, CPUOffloadSampler) and fp8 layerwise cast
 (quant/fp8_cast.py, FP8LayerwiseCast) on a full-size FLUX.1-dev transformer (seeded random
 weights, bench_flux's checkpoint) at 1024x1024: one step = one transformer forward, batch 1,
 4096 image + 512 text tokens.
@@ -152,7 +152,7 @@ class OffloadBench(Bench):
 
     # ---------- sections ----------
     def eager_row(self, name, p):
-        from quantlora.quant.sizes import module_bytes
+        from quantlora.memory.sizes import module_bytes
 
         dm = p.model.diffusion_model
         self.reset_peak()
@@ -182,7 +182,7 @@ class OffloadBench(Bench):
         torch._dynamo.reset()
 
     def offload_rows(self, name, p):
-        from quantlora.quant import offload as off
+        from quantlora.memory import offload as off
 
         dm = p.model.diffusion_model
         base_step, base_peak, base_out = self.no_off[name]
@@ -220,7 +220,7 @@ class OffloadBench(Bench):
         part resident, part streamed); swap while offloaded."""
         from quantlora.lora.formats import load_lora
         from quantlora.nodes import runtime
-        from quantlora.quant import offload as off
+        from quantlora.memory import offload as off
 
         dm = p.model.diffusion_model
         state = runtime.ensure_slots(dm, 64, "blocks")
@@ -293,8 +293,8 @@ class OffloadBench(Bench):
 
     def bandwidth_row(self):
         """The floor's bandwidth (pinned host-to-device, 1 GiB copies) and the matmul rate the
-        node's prediction uses, measured here, once (quant/streaming caches them for the node)."""
-        from quantlora.quant import streaming
+        node's prediction uses, measured here, once (memory/streaming caches them for the node)."""
+        from quantlora.memory import streaming
 
         if self.cuda:
             self.bw = streaming.pinned_bandwidth(self.dev, nbytes=1 << 30, repeats=5)
@@ -333,8 +333,8 @@ class OffloadBench(Bench):
         for the next model)."""
         import comfy.model_management as mm
         from quantlora.nodes import offload_sampler_node as node
-        from quantlora.quant import offload as off
-        from quantlora.quant.sizes import module_bytes
+        from quantlora.memory import offload as off
+        from quantlora.memory.sizes import module_bytes
 
         dm = p.model.diffusion_model
         base_step, base_peak, base_out = self.no_off[kind]

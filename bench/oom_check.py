@@ -1,4 +1,4 @@
-"""GPU check of the out-of-memory handling (quant/oom.py, nodes/bridge.py, nodes/runtime.py) under
+"""GPU check of the out-of-memory handling (memory/oom.py, nodes/bridge.py, nodes/runtime.py) under
 real memory pressure: the GPU is filled on purpose, then the pack loads and samples into the OOM.
 
 STATUS: not yet run on a GPU. tests/test_oom.py covers the same paths on CPU with an injected
@@ -93,7 +93,7 @@ def run(args) -> list[dict]:
     from quantlora.errors import QuantLoRAError
     from quantlora.nodes import runtime
     from quantlora.nodes.bridge import load_flux_model_patcher
-    from quantlora.quant import oom
+    from quantlora.memory import oom
     from quantlora.quant.safetensors_io import read_header
     from quantlora.tools import demo_models as dm
 
@@ -192,7 +192,7 @@ def main():
 
     cuda = args.device.startswith("cuda")
     _env.setup(cpu=not cuda)
-    from quantlora.quant import oom  # noqa: F401 - the dry run checks the imports too
+    from quantlora.memory import oom  # noqa: F401 - the dry run checks the imports too
     from quantlora.nodes import bridge, runtime  # noqa: F401
 
     if not cuda or not torch.cuda.is_available():

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import QuantLoRAError
 from ..quant import weight_codecs as codecs
-from ..quant.pinned import HostArena
+from ..memory.pinned import HostArena
 
 log = logging.getLogger("quantlora")
 PRISTINE_PLACES = ("host", "device")
@@ -113,7 +113,7 @@ class MergeState:
 
     def _capture(self, todo: dict[str, list[torch.Tensor]]) -> None:
         """Pristine copies of layers touched for the first time, in one batch: on the host, one
-        page-locked buffer of exactly their size (quant/pinned.py); on the device, clones."""
+        page-locked buffer of exactly their size (memory/pinned.py); on the device, clones."""
         if not todo:
             return
         if self.place == "host":

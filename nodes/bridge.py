@@ -15,12 +15,12 @@ import torch
 import comfy.model_management as mm
 
 from ..errors import QuantLoRAError, check_choice
-from ..quant import oom
+from ..memory import oom
 from ..quant.backends import available_backends, require_backend
 from ..quant.flux_config import infer_arch
 from ..quant.loader import LayerLoader, LoadReport
 from ..quant.safetensors_io import TensorReader
-from ..quant.sizes import module_bytes
+from ..memory.sizes import module_bytes
 from ..quant.sources import open_source
 from . import comfy_door
 from .quant_ops import loading_with, operations_for

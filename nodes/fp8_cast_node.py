@@ -35,7 +35,7 @@ from comfy_api.latest import io
 from ..errors import QuantLoRAError, check_choice
 from ..quant.fp8_cast import (DEFAULT_SKIP_TEXT, STORAGE_DTYPES, CastSpec, apply_fp8_cast, cast_copy, cast_spec,
                                check_again, parse_skip, plan)
-from ..quant.sizes import module_bytes
+from ..memory.sizes import module_bytes
 from . import comfy_door
 from .bridge import DTYPES
 from .search_aliases import search_aliases

@@ -4,7 +4,7 @@ with the transformer's weights offloaded to host memory while it samples.
 Modes: none (stock behaviour), model (whole transformer on the GPU only while sampling, then
 unloaded), block (as many transformer blocks as the budget allows stay on the GPU; the rest are
 copied in ahead of use on a side CUDA stream from pinned host memory, every weight kind:
-quant/streaming.py), leaf (each layer: lowest VRAM), auto (none if the weights fit, else block
+memory/streaming.py), leaf (each layer: lowest VRAM), auto (none if the weights fit, else block
 if its resident parts and in-flight copies fit, else leaf). The budget is vram_budget_gb, or when
 0 the GPU's free memory (plus what loaded models ComfyUI would unload for this one hold, plus what
 our offload of this model keeps resident), less what sampling needs at this latent's size and
@@ -13,7 +13,7 @@ pack's Flux activation estimates). The node's text and log say what was chosen, 
 share, the bytes streamed per step and the predicted step ratio (streamed bytes over the pinned
 bandwidth measured once, against a resident step estimated from the model's FLOPs at a measured
 matmul rate). Without a CUDA device every mode is a no-op and the node samples exactly like
-KSampler. The moving itself is quant/offload.py.
+KSampler. The moving itself is memory/offload.py.
 
 How ComfyUI's model management is kept truthful (and kept from loading the model itself):
 - The node samples a private clone of the input ModelPatcher carrying two extension points from
@@ -71,9 +71,9 @@ import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..errors import QuantLoRAError, check_choice
-from ..quant import oom
-from ..quant import offload as off
-from ..quant import streaming
+from ..memory import oom
+from ..memory import offload as off
+from ..memory import streaming
 from . import comfy_door
 from .search_aliases import search_aliases
 

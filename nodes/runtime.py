@@ -17,7 +17,7 @@ from ..errors import QuantLoRAError
 from ..lora.formats import FluxDims
 from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
 from ..lora.merge import MergeState
-from ..quant import oom
+from ..memory import oom
 from ..quant.attention import resolve, sdpa_context, sdpa_override
 
 OPTS_KEY = "quantlora"

@@ -1,11 +1,11 @@
 """The VRAM widget's server side: two routes and three websocket events on ComfyUI's PromptServer.
 
 Routes (under the pack's prefix; also reachable as /api/quantlora/..., as ComfyUI mirrors routes):
-  GET  /quantlora/vram        -> quant.vram.snapshot(): devices, host RAM, peaks, current/last prompt
+  GET  /quantlora/vram        -> memory.vram.snapshot(): devices, host RAM, peaks, current/last prompt
   POST /quantlora/vram/reset  -> resets the peak ("since last reset") and returns a fresh snapshot
 Any other method on either path answers 405 (nodes/routes.py read_only_route).
 Neither reads anything from the request (no path, no file, no body); responses are bounded
-(quant.vram caps devices, per-node records and name lengths). Memory is read in a worker
+(memory.vram caps devices, per-node records and name lengths). Memory is read in a worker
 thread (asyncio.to_thread), so the event loop never waits on the GPU driver.
 
 Events (PromptServer.send_sync):
@@ -26,7 +26,7 @@ then "executing" {node} as each node begins (from the worker thread, just before
 runs), and "execution_success" / "execution_error" / "execution_interrupted" and "executing"
 {node: null} at the end. So this module wraps the instance's send_sync (one transparent
 wrapper, installed once, that always forwards the call unchanged and never raises): each
-"executing" closes the previous node's window and opens the next (quant.vram.PeakTracker
+"executing" closes the previous node's window and opens the next (memory.vram.PeakTracker
 folds torch's max_memory_allocated/reserved and resets that mark at each boundary). Limits:
 ComfyUI sends "executing" only for prompts queued with a client_id (the UI always sends one),
 and cached nodes do not execute, so they get no record.
@@ -38,7 +38,7 @@ import logging
 
 from aiohttp import web
 
-from ..quant import vram
+from ..memory import vram
 
 EVENT = "quantlora.vram"
 NODE_EVENT = "quantlora.vram.node"

@@ -1,1 +1,1 @@
-"""Loading, quantization, casting and offload for Flux transformers (no ComfyUI import)."""
+"""Loading, quantization and casting for Flux transformers (no ComfyUI import); runtime memory is memory/."""

@@ -208,7 +208,7 @@ def test_cast_model_close_to_uncast(flux_file, storage):
 def test_weight_bytes_halve(flux_file):
     from quantlora.nodes.fp8_cast_node import cast_model
     from quantlora.quant.fp8_cast import plan
-    from quantlora.quant.sizes import module_bytes
+    from quantlora.memory.sizes import module_bytes
 
     model = load(flux_file, dtype="bf16")
     out, _ = cast_model(model, "float8_e4m3fn", "auto")
@@ -331,7 +331,7 @@ def test_unetloader_model_any_architecture(comfy, tmp_path):
     import folder_paths
     import nodes
     from quantlora.nodes.fp8_cast_node import cast_model
-    from quantlora.quant.sizes import module_bytes
+    from quantlora.memory.sizes import module_bytes
     from quantlora.tools import demo_models as dm
 
     sd = dm.flux_bfl_state_dict(dm.COMFY_MIN, seed=12, dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Budget-filling block streaming (quant/streaming.py) on the CPU: the device is the CPU, so the
+"""Budget-filling block streaming (memory/streaming.py) on the CPU: the device is the CPU, so the
 "device copies" are plain copies made by the same code the GPU runs (no pinning, no side stream).
 Checks: which blocks stay resident for a budget (planning), every weight kind's forward equal to
 no offload bit for bit (bf16-free fp32 tiny Flux; bnb NF4/int8, torchao, quanto: their
@@ -33,7 +33,7 @@ def copies(request, monkeypatch):
     kernels depend on the address: even `p.data = p.data.clone()` changes the last bit here), so
     with copies the output is compared with a tight tolerance and the copies themselves are
     checked equal; "shared" (the CPU default: the copy is the host tensor) must be bit-exact."""
-    from quantlora.quant.streaming import BlockStreamer
+    from quantlora.memory.streaming import BlockStreamer
 
     monkeypatch.setattr(BlockStreamer, "copy_on_cpu", request.param == "copies")
     return request.param == "copies"
@@ -51,7 +51,7 @@ def load(path, quantization="none"):
 
 # ---------------- planning ----------------
 def test_plan_residency_fills_the_room():
-    from quantlora.quant.streaming import plan_residency
+    from quantlora.memory.streaming import plan_residency
 
     sizes = [6] * 4 + [3] * 8  # bytes: four big blocks, eight small ones (Flux-like)
     assert plan_residency(sizes, None).streamed == tuple(range(12))
@@ -73,7 +73,7 @@ def test_plan_residency_fills_the_room():
 
 
 def test_pick_budget_reported_numbers():
-    from quantlora.quant import streaming as s
+    from quantlora.memory import streaming as s
 
     assert s.flux_tokens((1, 16, 128, 128)) == (4096, 512)
     assert s.predicted_ratio(10 * G, 50e9, 0.5) == pytest.approx(max(1, 10 * G / 50e9 / 0.5))
@@ -86,7 +86,7 @@ def test_pick_budget_reported_numbers():
 @torch.no_grad()
 @pytest.mark.parametrize("quantization", ["none", "bnb-nf4", "bnb-int8", "torchao-int8-weight-only", "quanto-int8"])
 def test_streamed_forward_equals_resident(flux_file, quantization, copies):
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     dm = load(flux_file, quantization).model.diffusion_model.eval()
     inp = flux_inputs(CFG, seed=3)
@@ -115,8 +115,8 @@ def test_streamed_forward_equals_resident(flux_file, quantization, copies):
 @torch.no_grad()
 def test_quant_state_is_swapped_with_the_weight(flux_file):
     """NF4: the streamed block's quant_state tensors are the copies while it runs, host at rest."""
-    from quantlora.quant import offload as off
-    from quantlora.quant.streaming import _Unit
+    from quantlora.memory import offload as off
+    from quantlora.memory.streaming import _Unit
 
     dm = load(flux_file, "bnb-nf4").model.diffusion_model.eval()
     blk = off.flat_blocks(dm)[0]
@@ -137,7 +137,7 @@ def test_lora_slots_swap_while_streamed(flux_file, copies):
     """Slot buffers of streamed blocks live in the host copies at rest: a swap between forwards
     reaches the next forward; resident blocks' buffers are written in place on the device."""
     from quantlora.lora.hotswap import HotswapState, attach_slots
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
     from test_fp8_cast import make_lora
 
     dm = load(flux_file).model.diffusion_model.eval()
@@ -171,7 +171,7 @@ def test_lora_slots_swap_while_streamed(flux_file, copies):
 # ---------------- the node's auto plan from injected card numbers ----------------
 def test_auto_plan_fills_an_injected_card(flux_file, comfy, monkeypatch):
     from quantlora.nodes import offload_sampler_node as node
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     monkeypatch.setattr(node, "FORCE_ON_CPU", True)
     model = load(flux_file)
@@ -228,8 +228,8 @@ def test_cuda_branches_with_stand_ins(flux_file, monkeypatch, quantization):
     throttle, the pinned arena) runs here with stand-ins, so a GPU run cannot meet a typo there."""
     import contextlib
 
-    from quantlora.quant import offload as off
-    from quantlora.quant import streaming as s
+    from quantlora.memory import offload as off
+    from quantlora.memory import streaming as s
 
     compute = _FakeStream()
     recorded = []
@@ -266,7 +266,7 @@ def test_cuda_branches_with_stand_ins(flux_file, monkeypatch, quantization):
 
 def test_linear_params_counts_each_weight_once(flux_file):
     from quantlora.lora.hotswap import attach_slots
-    from quantlora.quant.streaming import linear_params
+    from quantlora.memory.streaming import linear_params
 
     dm = load(flux_file).model.diffusion_model
     n = linear_params(dm)
@@ -281,7 +281,7 @@ def test_linear_params_counts_each_weight_once(flux_file):
 def test_leaf_streaming_of_quantized_weights(flux_file, quantization, copies):
     """Leaf mode on CUDA streams bnb/quanto weights module by module through the same engine (own
     tensors only, several copied ahead); here with the CPU as the device."""
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     dm = load(flux_file, quantization).model.diffusion_model.eval()
     inp = flux_inputs(CFG, seed=6)
@@ -300,7 +300,7 @@ def test_leaf_streaming_of_quantized_weights(flux_file, quantization, copies):
 @torch.no_grad()
 def test_leaf_streaming_root_with_own_tensors(copies):
     """A root owning tensors itself: its unit goes in when the forward starts, out when it ends."""
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     class Root(torch.nn.Module):
         def __init__(self):
@@ -329,7 +329,7 @@ def test_card_counts_what_comfy_would_unload(flux_file, comfy, monkeypatch):
     listing is not counted twice."""
     import comfy.model_management as mm
     from quantlora.nodes import offload_sampler_node as node
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     model = load(flux_file)
     dev = torch.device(model.load_device)
@@ -366,8 +366,8 @@ def test_replan_frees_before_it_promotes(flux_file, monkeypatch, quantization):
     "Device" here = every block tensor outside the pinned arena (host leaves live there, stand-in
     arena), plus streamed copies still held (a prefetch left by an interrupted forward). After
     every block move the ledger stays within max(old plan, new plan); every demotion comes first."""
-    from quantlora.quant import offload as off
-    from quantlora.quant import streaming as s
+    from quantlora.memory import offload as off
+    from quantlora.memory import streaming as s
 
     monkeypatch.setattr(s._PinnedArena, "alloc", staticmethod(lambda n: torch.empty(n, dtype=torch.uint8)))
     monkeypatch.setattr(s.BlockStreamer, "copy_on_cpu", True)
@@ -487,8 +487,8 @@ def test_lora_merge_into_streamed_blocks(flux_file, monkeypatch, quantization, l
     device form differs (quanto fp8 / int4 on CUDA) streams leaves of that form, made again from the
     host tensor after a merge (BlockStreamer.refresh_forms, what CPUOffloadSampler calls)."""
     from quantlora.lora.merge import MergeState, base_layer
-    from quantlora.quant import offload as off
-    from quantlora.quant import streaming as s
+    from quantlora.memory import offload as off
+    from quantlora.memory import streaming as s
     from quantlora.quant import weight_codecs as codecs
 
     ref_dm = _merge_model(flux_file, quantization)
@@ -554,8 +554,8 @@ def test_lora_merge_into_streamed_blocks(flux_file, monkeypatch, quantization, l
 def test_same_form_compares_layout_and_values(flux_file):
     """A tensor subclass streams its host inner tensors only if its device form is the host one
     moved (class, shapes, strides, values); else the device form's leaves, refreshed after writes."""
-    from quantlora.quant import offload as off
-    from quantlora.quant.streaming import _flatten, _same_form
+    from quantlora.memory import offload as off
+    from quantlora.memory.streaming import _flatten, _same_form
 
     dm = load(flux_file, "torchao-int8-weight-only").model.diffusion_model
     w = next(m.weight for m in off.flat_blocks(dm)[0].modules() if type(getattr(m, "weight", None)).__name__ == "Int8Tensor")

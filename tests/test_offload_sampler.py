@@ -1,4 +1,4 @@
-"""Layers 1-2: CPU offload (quant/offload.py) and CPUOffloadSampler, in-process, on the CPU.
+"""Layers 1-2: CPU offload (memory/offload.py) and CPUOffloadSampler, in-process, on the CPU.
 
 This machine has no CUDA device, so in the node every offload mode is a no-op and it samples as
 KSampler does (test_node_is_ksampler_without_cuda). The offload machinery itself is also run here
@@ -113,7 +113,7 @@ def probe(comfy, monkeypatch):
     """Counts offload hook calls (diffusers' and ours) and ComfyUI weight loads (ModelPatcher.load)."""
     import comfy.model_patcher
     from diffusers.hooks.group_offloading import GroupOffloadingHook
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     calls = {"hooks": 0, "comfy_load": 0}
 
@@ -125,7 +125,7 @@ def probe(comfy, monkeypatch):
             return orig(*a, **k)
         monkeypatch.setattr(cls, name, f)
 
-    from quantlora.quant import streaming
+    from quantlora.memory import streaming
 
     counting(GroupOffloadingHook, "pre_forward", "hooks")
     counting(off._MoveHook, "pre_forward", "hooks")
@@ -146,7 +146,7 @@ def loaded_entry(patcher_model):
 
 # ---------------- layer 1: the offload library ----------------
 def test_pick_mode():
-    from quantlora.quant.offload import pick_mode
+    from quantlora.memory.offload import pick_mode
 
     G = 2 ** 30
     assert pick_mode(24 * G, 20 * G, G // 2, nonblock_bytes=G // 4, reserve_bytes=2 * G) == ("none", 1)
@@ -163,7 +163,7 @@ def test_pick_mode():
 @pytest.mark.parametrize("mode", ["model", "block", "leaf"])
 @pytest.mark.parametrize("strategy", ["diffusers", "moves"])
 def test_offload_roundtrip_on_cpu(flux_file, monkeypatch, mode, strategy):
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     if strategy == "moves":
         if mode != "leaf":
@@ -189,7 +189,7 @@ def test_offload_roundtrip_on_cpu(flux_file, monkeypatch, mode, strategy):
 
 
 def test_strategy_choice(flux_file):
-    from quantlora.quant.offload import needs_module_moves
+    from quantlora.memory.offload import needs_module_moves
 
     assert not needs_module_moves(load(flux_file).model.diffusion_model)
     assert needs_module_moves(load(flux_file, "bnb-nf4").model.diffusion_model)
@@ -209,7 +209,7 @@ def test_node_is_ksampler_without_cuda(flux_file, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_node_offload_machinery_equals_ksampler(flux_file, forced, probe, mode):
     import comfy.model_management as mm
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     model = load(flux_file)
     dm = model.model.diffusion_model
@@ -242,7 +242,7 @@ def test_node_offload_machinery_equals_ksampler(flux_file, forced, probe, mode):
 
 @pytest.mark.parametrize("quantization", ["bnb-nf4", "bnb-int8", "torchao-int8-weight-only", "quanto-int8"])
 def test_quantized_variants_under_offload(flux_file, forced, probe, quantization):
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     model = load(flux_file, quantization)
     ref = ksample(model, steps=2)
@@ -258,7 +258,7 @@ def test_quantized_variants_under_offload(flux_file, forced, probe, quantization
 
 
 def test_prefetch_depth_and_auto_budget(flux_file, forced):
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     node = forced
     model = load(flux_file)
@@ -316,7 +316,7 @@ def test_fp8_cast_lora_slots_hotswap_under_offload(flux_file, lora_files, forced
     from quantlora.nodes.fp8_cast_node import cast_model
     from quantlora.nodes.hotswap_node import LoRAHotswap
     from quantlora.nodes.runtime import hotswap_state
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     import inspect
 
@@ -354,7 +354,7 @@ def test_lora_merge_mode_under_offload(flux_file, lora_files, forced, monkeypatc
     from quantlora.nodes import runtime
     from quantlora.nodes.fp8_cast_node import cast_model
     from quantlora.nodes.hotswap_node import LoRAHotswap
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     if "mode" not in inspect.signature(LoRAHotswap.execute).parameters:
         pytest.skip("LoRAHotswap has no merge mode here")
@@ -408,7 +408,7 @@ def test_lora_merge_mode_under_offload(flux_file, lora_files, forced, monkeypatc
 def test_clone_lives_as_long_as_the_input(flux_file, forced):
     import comfy.model_management as mm
     from quantlora.nodes import offload_sampler_node as node
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
 
     model = load(flux_file)
     dm_ref = weakref.ref(model.model.diffusion_model)
@@ -428,7 +428,7 @@ def test_clone_lives_as_long_as_the_input(flux_file, forced):
 def test_streamed_block_offload_sees_lora_writes_on_cuda(flux_file):
     """On CUDA: a LoRA written into the slots after the streamed hooks were built reaches the GPU."""
     from quantlora.lora.hotswap import HotswapState, attach_slots
-    from quantlora.quant import offload as off
+    from quantlora.memory import offload as off
     from test_fp8_cast import make_lora
 
     dm = load(flux_file).model.diffusion_model.eval()

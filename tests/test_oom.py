@@ -125,7 +125,7 @@ def test_load_oom_releases_partial_weights_and_next_load_succeeds(flux_file, mon
 
 
 def test_load_message_lists_settings_that_fit(monkeypatch):
-    from quantlora.quant import oom
+    from quantlora.memory import oom
 
     gib = 2 ** 30
     # 40 blocks of one 10000x10000 Linear (4e9 quantizable weights) + 1e8 other weights
@@ -253,7 +253,7 @@ def test_cuda_text_is_cut_after_a_sentence():
     """Issue 11: the load-OOM message cut CUDA's own text mid-word ('... 139.00 GiB is allocated b')."""
     import torch
 
-    from quantlora.quant.oom import detail
+    from quantlora.memory.oom import detail
 
     text = ("CUDA out of memory. Tried to allocate 48.00 MiB. GPU 0 has a total capacity of 139.80 GiB of which "
             "45.12 MiB is free. Including non-PyTorch memory, this process has 139.75 GiB memory in use. Of the "

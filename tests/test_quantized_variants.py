@@ -61,7 +61,7 @@ def baseline(tiny_file):
 @torch.no_grad()
 def test_quantized_error_and_memory(tiny_file, baseline, quantization):
     from quantlora.nodes.bridge import load_flux_model_patcher
-    from quantlora.quant.sizes import module_bytes
+    from quantlora.memory.sizes import module_bytes
 
     if quantization == "quanto-int4":
         pytest.importorskip("optimum.quanto")
@@ -105,7 +105,7 @@ def test_comfyui_sees_the_bytes_really_held(tiny_file):
     """ComfyUI's model_size() would count 8-bit tensor subclasses at their bf16 size; the loader tells
     it the bytes the model holds, so ComfyUI frees only what is needed."""
     from quantlora.nodes.bridge import load_flux_model_patcher
-    from quantlora.quant.sizes import module_bytes
+    from quantlora.memory.sizes import module_bytes
 
     bf, _ = load_flux_model_patcher(tiny_file[1], "none", "fp32")
     q, _ = load_flux_model_patcher(tiny_file[1], "torchao-int8-weight-only", "fp32")

@@ -1,8 +1,8 @@
-"""Layer 1: quant/vram.py alone (no ComfyUI): snapshot shape, peak windows per node/prompt, reset."""
+"""Layer 1: memory/vram.py alone (no ComfyUI): snapshot shape, peak windows per node/prompt, reset."""
 import json
 import threading
 
-from quantlora.quant import vram
+from quantlora.memory import vram
 
 G = 1024 ** 3
 

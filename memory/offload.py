@@ -6,13 +6,13 @@ Modes (what stays on the onload device while a forward runs):
 - block: the tree's top-level parts (embedders, final layer), every transformer block that fits
          the budget (`budget`: device bytes for the weights, in-flight copies included), and the
          streamed blocks' copies in flight. Streamed blocks live in pinned host memory and are
-         copied in ahead of use on a side CUDA stream (quant/streaming.py), whatever the weight
+         copied in ahead of use on a side CUDA stream (memory/streaming.py), whatever the weight
          kind: plain / fp8-cast tensors, bitsandbytes NF4/int8 with their quantization state,
          torchao and optimum-quanto tensor subclasses. blocks_per_group = how many streamed blocks
          are copied ahead. Another budget on the same tree re-plans the residency in place.
 - leaf:  one layer at a time (on CUDA also prefetched on a side stream): the lowest VRAM.
 
-Leaf mode has three strategies (block mode always streams with quant/streaming.py):
+Leaf mode has three strategies (block mode always streams with memory/streaming.py):
 - on CUDA, for trees holding bitsandbytes or optimum-quanto weights: the block streamer with every
   module that owns tensors as a unit (its own tensors and quantization state, pinned, side
   stream, four units ahead);
@@ -271,7 +271,7 @@ def apply_offload(root: nn.Module, mode: str, onload, offload="cpu", blocks_per_
 
     block: the blocks that fit `budget` (device bytes for the weights, in-flight copies
     included; None streams every block) stay on the device, the rest are streamed
-    (quant/streaming.py); blocks_per_group is how many streamed blocks are copied ahead."""
+    (memory/streaming.py); blocks_per_group is how many streamed blocks are copied ahead."""
     spec = make_spec(mode, onload, offload, blocks_per_group, use_stream, pin, budget)
     old = offload_state(root)
     if old is not None:

@@ -12,20 +12,19 @@ traceback alive as its __context__. No ComfyUI import here.
 from __future__ import annotations
 
 import gc
-import re
 import traceback
 
 import torch
 
 from ..errors import QuantLoRAError
-from .backends import BACKENDS
+from ..quant.backends import BACKENDS
+from ..quant.flux_keys import ANY_BLOCK
 
 GIB = 2 ** 30
 # Bits per weight of the transformer blocks' Linear layers (scales included, roughly), from each
 # backend's record (quant/backends.py); the rest of the model stays in the compute dtype.
 WEIGHT_BITS = {b.name: b.bits for b in BACKENDS.values() if b.apply is not None}
 LOAD_HEADROOM = GIB  # CUDA context, ComfyUI's minimum inference memory, fragmentation
-_BLOCK = re.compile(r"(?:^|\.)((?:double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+)\.")
 OFFLOAD_HINT = ("KSampler (CPU offload) with offload_mode block (weights streamed block by block; leaf: the least VRAM)")
 
 
@@ -89,7 +88,7 @@ def weight_estimates(shapes: dict, compute_dtype: torch.dtype, names) -> tuple[d
         n = 1
         for s in shape:
             n *= int(s)
-        m = _BLOCK.search(key)
+        m = ANY_BLOCK.search(key)
         if m:
             blocks[m.group(1)] = blocks.get(m.group(1), 0) + n * item
         if m and len(shape) == 2 and key.endswith(".weight"):
