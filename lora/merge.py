@@ -143,6 +143,11 @@ class MergeState:
         self._merged = {}
         self.key = ()  # a failure half way leaves no claim about what the weights hold
         device = storages[0][0].device if storages else torch.device("cpu")
+        # the LoRA's matrices to each layer's device (the host for streamed layers under offload) in
+        # one go before the loop queues kernels: copies from pageable memory between them stall the queue
+        where = {n: st[0].device for (n, _), st in zip(layers, storages)}
+        moved = {n: [(d, d.up.to(where[n], non_blocking=True), d.down.to(where[n], non_blocking=True)) for d in ds]
+                 for n, ds in deltas.items()}
         with _copy_stream(device) as (side, events):
             for i, ((n, _), st) in enumerate(zip(layers, storages)):  # restores, queued ahead on the side stream
                 with _on(side):
@@ -154,14 +159,11 @@ class MergeState:
             for i, ((n, layer), st) in enumerate(zip(layers, storages)):
                 if side is not None:
                     torch.cuda.current_stream(device).wait_event(events[i])
-                if n in deltas:
+                if n in moved:
                     full = codecs.dequantize(layer)
-                    for d in deltas[n]:
-                        up = d.up.to(full.device, torch.float32, non_blocking=True)
-                        down = d.down.to(full.device, torch.float32, non_blocking=True)
-                        full[d.offset:d.offset + up.shape[0]].addmm_(up, down, alpha=d.scale)
-                    for t, new in zip(st, codecs.requantize(layer, full)):
-                        t.copy_(new)
+                    for d, up, down in moved[n]:
+                        full[d.offset:d.offset + up.shape[0]].addmm_(up.float(), down.float(), alpha=d.scale)
+                    codecs.write(layer, full, st)
         self._merged = {n: _stamps(codecs.storage(base_layer(self.root, n))) for n in deltas}
         self.key = key if deltas else ()
         if device.type == "cuda":

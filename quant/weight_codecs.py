@@ -129,6 +129,10 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
         state = w.quant_state if kind == "bnb-4bit" else getattr(layer, "state", None)
         return dequantize_bnb_weight(w, state=state).float()
     if kind in ("torchao", "quanto"):
+        if _fp8_rows(w):
+            from . import fp8_rows
+
+            return fp8_rows.dequantize_rows(w)
         return w.dequantize().float()
     out = w.data.float()
     s = _scale_weight(layer)
@@ -169,6 +173,29 @@ def requantize(layer: nn.Module, full: torch.Tensor) -> list[torch.Tensor]:
     if kind == "torchao":
         return _inner(_torchao_from_hp(w, full))
     return _inner(_quanto_requantize(w, full))
+
+
+@torch.no_grad()
+def write(layer: nn.Module, full: torch.Tensor, tensors: list[torch.Tensor] | None = None) -> None:
+    """Requantizes the fp32 matrix `full` into the layer's own storage tensors (`tensors`, default
+    storage(layer)), in place: a compiled graph that captured them sees the new values."""
+    w = layer.weight
+    if _fp8_rows(w):
+        from . import fp8_rows
+
+        fp8_rows.requantize_rows_into(w, full)  # one fused pass, same bits as from_hp (quant/fp8_rows.py)
+        return
+    for t, new in zip(tensors if tensors is not None else storage(layer), requantize(layer, full)):
+        t.copy_(new)
+
+
+def _fp8_rows(w) -> bool:
+    """torchao per-row fp8 on a GPU: the fused kernels of quant/fp8_rows.py do its merge."""
+    if type(w).__name__ != "Float8Tensor" or not w.is_cuda:
+        return False
+    from . import fp8_rows
+
+    return fp8_rows.applies(w)
 
 
 def _torchao_from_hp(w, full):
