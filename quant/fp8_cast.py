@@ -199,6 +199,40 @@ def apply_fp8_cast(root: nn.Module, storage: torch.dtype = torch.float8_e4m3fn, 
 check_again = _check_again  # public name: the node checks before it copies anything
 
 
+def storage_dtype_of(name: str) -> torch.dtype:
+    """The fp8 dtype a storage_dtype name stands for."""
+    if name not in STORAGE_DTYPES:
+        raise QuantLoRAError(f"storage_dtype {name!r}: choose one of {', '.join(STORAGE_DTYPES)}.")
+    return STORAGE_DTYPES[name]
+
+
+def usable_compute_dtype(dt) -> torch.dtype:
+    """A model's current dtype as the compute dtype: a floating dtype of 16 bits or more, else bf16."""
+    if isinstance(dt, torch.dtype) and dt.is_floating_point and torch.finfo(dt).bits >= 16:
+        return dt
+    return torch.bfloat16
+
+
+def unchanged_reason(root: nn.Module, spec: CastSpec) -> str | None:
+    """Why casting `root` with `spec` leaves it as it is (already cast so; nothing castable), or
+    None: it is to be cast. Raises if it was cast with other settings (check_again)."""
+    old = cast_spec(root)
+    if old == spec:
+        return "already cast with these settings: unchanged"
+    names, _ = plan(root, spec.skip)
+    if not names and old is None:
+        return "nothing to cast (no high-precision Linear/Conv layer outside the skip pattern): unchanged"
+    if old is not None:
+        check_again(root, spec)  # raises: other settings than the ones it was cast with
+    return None
+
+
+def cast_message(report: CastReport, storage_name: str, compute: torch.dtype, before: int, after: int) -> str:
+    """The node's log line for a cast: layers cast and kept, weight bytes before and after."""
+    return (f"{report.layers} layers stored as {storage_name}, compute {str(compute).replace('torch.', '')}, "
+            f"{len(report.skipped)} kept in high precision; weights {before / 2**30:.3f} -> {after / 2**30:.3f} GiB")
+
+
 def _is_cast_layer(m: nn.Module) -> bool:
     return getattr(m, "_quantlora_fp8_layer", False)
 
