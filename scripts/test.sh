@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: set-up (idempotent), Debian Chromium for the browser
 # tests if absent, then two pytest passes with the venv's python:
-#   0. layer 1 (LAYER1_TESTS below): quant/, memory/ and lora/ on plain torch modules, ComfyUI unimportable;
-#   1. the rest of the suite on ComfyUI v0.33.0 (.harness/ComfyUI, the primary harness: what users run);
+#   0. layer 1 (tests/unit, LAYER1_DIR below): quant/, memory/ and lora/ on plain torch modules, ComfyUI unimportable;
+#   1. the rest of the suite (tests/comfy, tests/server, tests/browser) on ComfyUI v0.33.0 (.harness/ComfyUI,
+#      the primary harness: what users run);
 #   2. the server layer on ComfyUI 0.3.75 (.harness/ComfyUI-0.3.75, the oldest supported version):
 #      the files in OLD_COMFY_TESTS below (the contract with ComfyUI's internals, the diffusers and
 #      UNETLoader oracles; loader, LoRA, offload and the pack's routes through a real server) less
 #      OLD_COMFY_DESELECT, run with QUANTLORA_COMFYUI pointing at that tree (about 6 min).
-# Extra arguments go to pass 1 (e.g. scripts/test.sh tests/test_server_errors.py -x; no layer-1 pass then); pass 2 then
+# Extra arguments go to pass 1 (e.g. scripts/test.sh tests/server/test_server_errors.py -x; no layer-1 pass then); pass 2 then
 # runs only with QUANTLORA_OLD_COMFY_PASS=1. QUANTLORA_OLD_COMFY_PASS=0 skips it always.
 # Exit status: 0 when both passes pass; else pass 1's pytest status if it failed, else pass 2's.
 # "No tests" fails. The last line is a summary of both passes.
@@ -19,32 +20,26 @@ HARNESS="${QUANTLORA_HARNESS:-$ROOT/.harness}"
 COMFY="${QUANTLORA_COMFYUI:-$HARNESS/ComfyUI}"   # pass 1's tree: v0.33.0 unless the caller picks another
 COMFY_OLD="$HARNESS/ComfyUI-0.3.75"
 OLD_COMFY_TESTS=(
-  tests/test_comfy_contract.py
-  tests/test_oracle_diffusers.py
-  tests/test_oracle_unetloader.py
-  tests/test_server_loader.py
-  tests/test_server_lora.py
-  tests/test_server_offload.py
-  tests/test_routes_contract.py
+  tests/comfy/test_comfy_contract.py
+  tests/comfy/test_oracle_diffusers.py
+  tests/comfy/test_oracle_unetloader.py
+  tests/server/test_server_loader.py
+  tests/server/test_server_lora.py
+  tests/server/test_server_offload.py
+  tests/server/test_routes_contract.py
 )
 # Left out there: twelve fresh loads of 0.3.75's smallest Flux (hidden 3072) took 150 s on 2 cores; the
 # same equality runs on v0.33 in pass 1, and the other LoRA server tests run in both passes.
-# Layer 1: quant/, memory/ and lora/ on plain torch modules, run first and alone with ComfyUI made unimportable
-# (QUANTLORA_LAYER1=1, tests/conftest.py), so they prove they need none of it; pass 1 then skips them.
-LAYER1_TESTS=(
-  tests/test_lora_merge.py
-  tests/test_lora_formats.py
-  tests/test_safetensors_limits.py
-  tests/test_vram.py
-  tests/test_packaging.py
-)
+# Layer 1 (tests/unit): quant/, memory/ and lora/ on plain torch modules, run first and alone with ComfyUI made
+# unimportable (QUANTLORA_LAYER1=1, tests/conftest.py), so they prove they need none of it; pass 1 then skips them.
+LAYER1_DIR=tests/unit
 OLD_COMFY_DESELECT=(
-  tests/test_server_lora.py::test_alternating_loras_equal_fresh_loads
+  tests/server/test_server_lora.py::test_alternating_loras_equal_fresh_loads
   # the oracle runs on 0.3.75 (pack vs diffusers, BFL file and diffusers folder); the schnell and fp8
   # file checks exercise the pack's side only and run on v0.33 (each load at hidden 3072 costs ~20 s)
-  tests/test_oracle_diffusers.py::test_schnell_and_inferred_arch
-  tests/test_oracle_diffusers.py::test_scaled_fp8_checkpoint
-  tests/test_oracle_diffusers.py::test_fp8_checkpoint_upcasts
+  tests/comfy/test_oracle_diffusers.py::test_schnell_and_inferred_arch
+  tests/comfy/test_oracle_diffusers.py::test_scaled_fp8_checkpoint
+  tests/comfy/test_oracle_diffusers.py::test_fp8_checkpoint_upcasts
 )
 cd "$ROOT"
 
@@ -80,9 +75,9 @@ rc0=skipped
 pass1_args=("$@")
 if [ "$#" -eq 0 ]; then
   echo "========== layer 1: quant/, memory/ and lora/ without ComfyUI on the path =========="
-  QUANTLORA_LAYER1=1 "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" "${LAYER1_TESTS[@]}"
+  QUANTLORA_LAYER1=1 "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" "$LAYER1_DIR"
   rc0=$?
-  pass1_args=("${LAYER1_TESTS[@]/#/--ignore=}")
+  pass1_args=("--ignore=$LAYER1_DIR")
 fi
 took0=$(( $(date +%s) - start ))
 echo "========== pass 1: the whole suite on ComfyUI $V1 ($COMFY) =========="

@@ -1,12 +1,45 @@
 """Makes the repo importable as the package `quantlora` (as ComfyUI imports it from custom_nodes)
 and, for tests that need it, ComfyUI's own modules from the harness tree, in-process, on CPU."""
+import importlib.machinery
 import importlib.util
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ for `harness`
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The test layers, one folder each (fastest first): unit/ (layer 1, no ComfyUI), comfy/ (ComfyUI's modules
+# in-process), server/ (a real ComfyUI server) and browser/ (headless Chromium). None is a package, so a test
+# module is imported by its file name, unique across the folders; every folder is on the path so a test may
+# import helpers from another layer's module (e.g. comfy/ from unit/test_lora_formats.py) whichever folders
+# pytest was given. tests/ itself for the shared helpers: `harness`, `graphs`, this conftest.
+LAYERS = ("unit", "comfy", "server", "browser")
+for _p in [os.path.join(HERE, layer) for layer in reversed(LAYERS)] + [HERE]:
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+class _NoLayerPackages:
+    """tests/comfy and tests/server are folders of test files, not ComfyUI's `comfy` and `server`. With tests/
+    on the path Python would take such a folder as (a portion of) a namespace package: `comfy` alone while
+    ComfyUI is not on the path, or ComfyUI's `comfy` (itself a namespace package) with tests/comfy in its
+    __path__. The layer folders are left out of those names: found elsewhere or not at all, as before."""
+
+    def find_spec(self, name, path=None, target=None):
+        if path is not None or name not in LAYERS:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name)
+        if spec is None or spec.origin is not None or spec.submodule_search_locations is None:
+            return None  # absent, or a regular module or package
+        others = [p for p in spec.submodule_search_locations if os.path.dirname(p) != HERE]
+        if not others:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        ns = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        ns.submodule_search_locations = others
+        return ns
+
+
+sys.meta_path.insert(0, _NoLayerPackages())
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

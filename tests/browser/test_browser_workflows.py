@@ -17,7 +17,7 @@ from harness.server import PACK_DIR_NAME
 from test_example_workflows import NAMES, SIZE, STEPS, read
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
-TITLES = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web", "templates.json")))
+TITLES = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "web", "templates.json")))
 
 from harness.browser import DIALOG, comfy_page
 

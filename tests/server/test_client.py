@@ -15,7 +15,7 @@ from PIL import Image
 from graphs import loader, txt2img
 from quantlora.client import Progress, WorkflowError, apply_overrides, load_workflow, run_workflow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _seeds = itertools.count(int.from_bytes(os.urandom(3), "big"))  # fresh seeds: never served from cache
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from quantlora.tools.serve import free_port
 
 pytestmark = pytest.mark.server
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_main_job_prints_ui_and_saves_the_image(comfy, tmp_path):

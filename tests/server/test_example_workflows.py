@@ -3,7 +3,7 @@
 - Each UI workflow `<name>.json` has its API twin `api/<name>.api.json`, kept in sync: the test converts
   the UI file to the API format the way the frontend's graphToPrompt does (widget values in the
   widget order of the real server's /object_info, links as [origin id, slot], frontend-only nodes
-  such as Note left out) and compares it with the committed twin. (tests/test_browser_workflows.py
+  such as Note left out) and compares it with the committed twin. (tests/browser/test_browser_workflows.py
   checks the same with the real frontend's app.graphToPrompt().) After editing a workflow in the
   UI, Export (API) it next to it, or run this file with QUANTLORA_UPDATE_EXAMPLES=1 to rewrite the twins.
 - Every twin runs on the demo set through the pack's client (POST /prompt) and saves its images.
@@ -26,7 +26,7 @@ from quantlora.tools.demo_models import DEMO_CLIP, DEMO_FLUX, DEMO_LORAS, write_
 
 pytestmark = pytest.mark.server
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "example_workflows")
 NAMES = sorted(n[: -len(".json")] for n in os.listdir(EXAMPLES) if n.endswith(".json") and not n.endswith(".api.json"))
 REQUIRED = {"flux-nf4-lora", "flux-fp8-compile-lora-hotswap", "flux-low-vram-fp8-offload", "flux-lora-ab-compare"}

@@ -25,7 +25,7 @@ BOUNDS = {k: v / 10 for k, v in LAYER_BOUNDS.items()}
 
 def test_every_backend_has_bounds_here_and_a_merge_test():
     """A new backend is one record in quant/backends.py plus its tests: this fails until it has
-    error bounds here and a LoRA-merge fidelity bound in tests/test_lora_merge.py."""
+    error bounds here and a LoRA-merge fidelity bound in tests/unit/test_lora_merge.py."""
     from quantlora.quant.backends import BACKENDS
     from test_lora_merge import EFFECT_BOUND
 

@@ -1,5 +1,5 @@
 """Layer 4 on both frontends: v0.33's (1.48, the session server) and ComfyUI 0.3.75 with its pinned
-frontend 1.32.9 (a second server, started once for this module; tests/frontends.py).
+frontend 1.32.9 (a second server, started once for this module; tests/browser/frontends.py).
 
 Checked on each, as a user sees it:
 - the per-node VRAM badge is drawn by both node renderers: the LiteGraph canvas (pixels of the badge's
@@ -11,7 +11,7 @@ Checked on each, as a user sees it:
   panel when the Logs panel opens, can be dragged and remembers its place;
 - the Templates dialog shows the pack's examples with their titles, descriptions and thumbnails.
 The badge records are sent to the page as the server would send them (the quantlora.vram.node event):
-this CPU machine has no GPU figures to show (tests/test_browser_vram.py runs the real events)."""
+this CPU machine has no GPU figures to show (tests/browser/test_browser_vram.py runs the real events)."""
 import io
 import json
 import os
@@ -26,7 +26,7 @@ from harness.server import PACK_DIR_NAME
 
 pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.no_demo_models]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = "flux-nf4-lora"
 BADGE_RGB = (0x1F, 0x5F, 0xBF)  # web/vram_widget.js BADGE_BG
 WIDGET = "#quantlora-vram"

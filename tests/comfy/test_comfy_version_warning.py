@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Import the pack as ComfyUI does (a package from custom_nodes/), with a ComfyUI version file on the path.
 PROBE = """import importlib.util, logging, sys

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for conftest
 import conftest  # noqa: E402  (registers the pack, imports ComfyUI in --cpu mode)
 
 conftest.import_comfy()

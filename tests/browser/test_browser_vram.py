@@ -2,7 +2,7 @@
 
 Without CUDA (this CPU machine) the widget says "no GPU" and shows host RAM, its numbers are
 compared with the route's host figures instead of the devices', and no node gets a badge (a badge
-says a node's peak VRAM; tests/test_browser_frontends.py checks both renderers draw one). On a CUDA/ROCm machine the same tests compare the
+says a node's peak VRAM; tests/browser/test_browser_frontends.py checks both renderers draw one). On a CUDA/ROCm machine the same tests compare the
 device totals and expect "VRAM peak ..." badges.
 """
 import random
@@ -16,7 +16,7 @@ from test_server_vram import RUN_SIZE, RUN_STEPS
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Saved where CI keeps artifacts (git-ignored); docs/vram-widget.png in the README is a copy of one.
 SCREENSHOT = os.path.join(os.environ.get("QUANTLORA_ARTIFACTS", os.path.join(ROOT, "test-artifacts")), "vram-widget.png")
 from harness.browser import comfy_page
