@@ -125,7 +125,7 @@ def test_missing_internal_is_a_named_pack_error(door):
 
 # ---------------- the pack's wrappers and callbacks accept what ComfyUI passes ----------------
 def wrappers():
-    from quantlora.nodes import offload_sampler_node as osn
+    from quantlora.nodes import offload_run as osn
     from quantlora.nodes import runtime
 
     plan = osn.Plan("block", 1, True, False)
@@ -160,7 +160,7 @@ def test_attention_override_accepts_what_comfy_passes(door):
 
 
 def test_detach_callback_accepts_what_comfy_passes(door):
-    from quantlora.nodes.offload_sampler_node import _on_detach
+    from quantlora.nodes.offload_run import _on_detach
 
     sig = inspect.signature(_on_detach)
     sig.bind(object(), True)  # callback(self, unpatch_all)
@@ -171,7 +171,7 @@ def test_detach_callback_accepts_what_comfy_passes(door):
 def test_prepare_wrapper_passes_every_argument_through(door):
     """The block/leaf wrapper hands ComfyUI's arguments to the executor unchanged (v0.33's
     force_full_load / force_offload included)."""
-    from quantlora.nodes import offload_sampler_node as osn
+    from quantlora.nodes import offload_run as osn
 
     seen = {}
     orig_install, orig_sync = osn._install, osn._sync_lora
@@ -342,7 +342,7 @@ def test_dynamic_without_reload_recipe_is_a_named_error(door):
 
 
 def test_fp8_cast_of_a_dynamic_model_is_a_plain_own_copy(door):
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
 
     p, loads = dynamic_patcher(door)
     w0 = p.model.diffusion_model.blocks[0].weight.clone()
@@ -356,7 +356,7 @@ def test_fp8_cast_of_a_dynamic_model_is_a_plain_own_copy(door):
 
 
 def test_offload_sampler_on_a_dynamic_model(door, monkeypatch):
-    from quantlora.nodes import offload_sampler_node as osn
+    from quantlora.nodes import offload_run as osn
 
     p, loads = dynamic_patcher(door)
     monkeypatch.setattr(osn, "FORCE_ON_CPU", True)

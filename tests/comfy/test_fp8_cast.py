@@ -176,7 +176,7 @@ def tiny_cfg():
 @torch.no_grad()
 @pytest.mark.parametrize("storage", ["float8_e4m3fn", "float8_e5m2"])
 def test_cast_model_close_to_uncast(flux_file, storage):
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
     from quantlora.quant.fp8_cast import plan
 
     model = load(flux_file)
@@ -206,7 +206,7 @@ def test_cast_model_close_to_uncast(flux_file, storage):
 
 
 def test_weight_bytes_halve(flux_file):
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
     from quantlora.quant.fp8_cast import plan
     from quantlora.memory.sizes import module_bytes
 
@@ -226,7 +226,7 @@ def test_weight_bytes_halve(flux_file):
 
 @torch.no_grad()
 def test_input_untouched_idempotent(flux_file):
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
 
     model = load(flux_file)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
@@ -243,7 +243,7 @@ def test_input_untouched_idempotent(flux_file):
 
 
 def test_quantized_model_has_nothing_to_cast(flux_file):
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
 
     model = load(flux_file, "torchao-int8-weight-only")
     out, msg = cast_model(model, "float8_e4m3fn", "auto")
@@ -268,7 +268,7 @@ def make_lora(dm, rank=4, seed=0):
 def test_lora_slots_on_fp8_equal_hand_merged(flux_file):
     from quantlora.lora.hotswap import attach_slots
     from quantlora.nodes import runtime
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
     from quantlora.quant.fp8_cast import plan
 
     model = load(flux_file)
@@ -309,7 +309,7 @@ def test_compiled_cast_block_has_no_graph_breaks(flux_file):
     """The upcast is ComfyUI's own op path: a compiled block of the cast model is one graph."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
 
     dm = cast_model(load(flux_file), "float8_e4m3fn", "auto")[0].model.diffusion_model
     inp = flux_inputs(tiny_cfg(), 6)
@@ -330,7 +330,7 @@ def test_unetloader_model_any_architecture(comfy, tmp_path):
     """ComfyUI's own UNETLoader MODEL (its ops, its Flux detection: hidden 3072) casts too."""
     import folder_paths
     import nodes
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
     from quantlora.memory.sizes import module_bytes
     from quantlora.tools import demo_models as dm
 

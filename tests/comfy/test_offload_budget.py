@@ -170,7 +170,7 @@ def test_lora_slots_swap_while_streamed(flux_file, copies):
 
 # ---------------- the node's auto plan from injected card numbers ----------------
 def test_auto_plan_fills_an_injected_card(flux_file, comfy, monkeypatch):
-    from quantlora.nodes import offload_sampler_node as node
+    from quantlora.nodes import offload_run as node
     from quantlora.memory import offload as off
 
     monkeypatch.setattr(node, "FORCE_ON_CPU", True)
@@ -328,7 +328,7 @@ def test_card_counts_what_comfy_would_unload(flux_file, comfy, monkeypatch):
     them for this one), plus what our offload of this model keeps resident; our own clone's
     listing is not counted twice."""
     import comfy.model_management as mm
-    from quantlora.nodes import offload_sampler_node as node
+    from quantlora.nodes import offload_run as node
     from quantlora.memory import offload as off
 
     model = load(flux_file)
@@ -463,7 +463,7 @@ def _lora_on_every_block(dm, seed, rank=4):
 
 def _merge_model(path, quantization):
     if quantization == "fp8-cast":
-        from quantlora.nodes.fp8_cast_node import cast_model
+        from quantlora.nodes.fp8_cast_run import cast_model
 
         return cast_model(load(path), "float8_e4m3fn", "auto")[0].model.diffusion_model.eval()
     dm = load(path, quantization).model.diffusion_model.eval()

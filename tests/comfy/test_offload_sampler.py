@@ -101,7 +101,7 @@ def osample(model, mode, seed=5, steps=3, cfg=1.5, blocks_per_group=1, budget=0.
 
 @pytest.fixture
 def forced(comfy, monkeypatch):
-    from quantlora.nodes import offload_sampler_node as node
+    from quantlora.nodes import offload_run as node
 
     monkeypatch.setattr(node, "FORCE_ON_CPU", True)
     yield node
@@ -313,7 +313,7 @@ def test_stock_lora_patches_under_offload(flux_file, lora_files, forced):
 def test_fp8_cast_lora_slots_hotswap_under_offload(flux_file, lora_files, forced):
     """FP8LayerwiseCast -> LoRAHotswap -> offloaded sampling; swapping the LoRA keeps the hooks
     (and their host buffers) and every latent equals KSampler's on the same MODEL."""
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
     from quantlora.nodes.hotswap_node import LoRAHotswap
     from quantlora.nodes.runtime import hotswap_state
     from quantlora.memory import offload as off
@@ -352,7 +352,7 @@ def test_lora_merge_mode_under_offload(flux_file, lora_files, forced, monkeypatc
 
     from quantlora.lora import merge as merge_mod
     from quantlora.nodes import runtime
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
     from quantlora.nodes.hotswap_node import LoRAHotswap
     from quantlora.memory import offload as off
 
@@ -407,7 +407,7 @@ def test_lora_merge_mode_under_offload(flux_file, lora_files, forced, monkeypatc
 
 def test_clone_lives_as_long_as_the_input(flux_file, forced):
     import comfy.model_management as mm
-    from quantlora.nodes import offload_sampler_node as node
+    from quantlora.nodes import offload_run as node
     from quantlora.memory import offload as off
 
     model = load(flux_file)

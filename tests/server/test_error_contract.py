@@ -57,7 +57,7 @@ def test_compute_dtype_of_the_bridge(comfy):
 
 def test_fp8_cast_compute_dtype(flux_file):
     from quantlora.nodes.bridge import load_flux_model_patcher
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
 
     patcher, _ = load_flux_model_patcher(flux_file, "none", "fp32")
     msg = _raises(cast_model, patcher, "float8_e4m3fn", "fp8", None)
@@ -78,7 +78,7 @@ def test_offload_sampler_combo_values(comfy, name, value):
 
 def test_offload_plan_errors_are_the_pack_type(flux_file):
     from quantlora.nodes.bridge import load_flux_model_patcher
-    from quantlora.nodes.offload_sampler_node import _diffusion_model, plan_offload
+    from quantlora.nodes.offload_run import _diffusion_model, plan_offload
 
     patcher, _ = load_flux_model_patcher(flux_file, "none", "fp32")
     assert "offload_mode 'disk'" in _raises(plan_offload, patcher, "disk", 1, 0.0)
@@ -367,7 +367,7 @@ def test_slot_arguments(flux_file):
 
 def test_fp8_cast_other_inputs(flux_file):
     from quantlora.nodes.bridge import load_flux_model_patcher
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes.fp8_cast_run import cast_model
 
     patcher, _ = load_flux_model_patcher(flux_file, "none", "fp32")
     assert "storage_dtype 'int4'" in _raises(cast_model, patcher, "int4", "auto", None)
