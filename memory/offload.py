@@ -39,6 +39,7 @@ ordinary module again. Applying the same settings twice is a no-op. No ComfyUI i
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -164,49 +165,57 @@ def offload_state(root: nn.Module) -> OffloadState | None:
     return getattr(root, _MARK, None)
 
 
-class _MoveHook:
-    """diffusers ModelHook protocol: move modules in before this module's forward, out after."""
-    _is_stateful = False
+@functools.cache
+def _move_hook_class():
+    """A diffusers ModelHook that moves modules in before its module's forward and out after. Made
+    on first use, not at module import (diffusers is heavy), and once. Also reachable as `_MoveHook`."""
+    from diffusers.hooks import ModelHook
 
-    def __init__(self, onload, offload):
-        self.onload, self.offload = onload, offload
-        self.before: list[tuple[nn.Module, bool]] = []
-        self.after: list[tuple[nn.Module, bool]] = []
-        self.fn_ref = None
+    class _MoveHook(ModelHook):
+        _is_stateful = False
 
-    def initialize_hook(self, module):
-        return module
+        def __init__(self, onload, offload):
+            super().__init__()
+            self.onload, self.offload = onload, offload
+            self.before: list[tuple[nn.Module, bool]] = []
+            self.after: list[tuple[nn.Module, bool]] = []
 
-    def deinitalize_hook(self, module):  # (sic) diffusers' spelling
-        return module
+        @staticmethod
+        def _move(m: nn.Module, device, own_only: bool):
+            if own_only:
+                m._apply(lambda t: t.to(device), recurse=False)
+            else:
+                m.to(device)
 
-    @staticmethod
-    def _move(m: nn.Module, device, own_only: bool):
-        if own_only:
-            m._apply(lambda t: t.to(device), recurse=False)
-        else:
-            m.to(device)
+        @torch.compiler.disable()
+        def pre_forward(self, module, *args, **kwargs):
+            for m, own in self.before:
+                self._move(m, self.onload, own)
+            return args, kwargs
 
-    @torch.compiler.disable()
-    def pre_forward(self, module, *args, **kwargs):
-        for m, own in self.before:
-            self._move(m, self.onload, own)
-        return args, kwargs
+        @torch.compiler.disable()
+        def post_forward(self, module, output):
+            for m, own in self.after:
+                self._move(m, self.offload, own)
+            return output
 
-    @torch.compiler.disable()
-    def post_forward(self, module, output):
-        for m, own in self.after:
-            self._move(m, self.offload, own)
-        return output
+    return _MoveHook
+
+
+def __getattr__(name: str):
+    if name == "_MoveHook":  # the hook class, made on first use (diffusers is imported then)
+        return _move_hook_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _apply_moves(root: nn.Module, mode: str, spec: OffloadSpec) -> None:
     from diffusers.hooks import HookRegistry
 
-    hooks: dict[int, tuple[nn.Module, _MoveHook]] = {}
+    move_hook = _move_hook_class()
+    hooks: dict[int, tuple[nn.Module, object]] = {}
 
     def hook(m):
-        return hooks.setdefault(id(m), (m, _MoveHook(spec.onload, spec.offload)))[1]
+        return hooks.setdefault(id(m), (m, move_hook(spec.onload, spec.offload)))[1]
 
     if mode == "block":
         lists = block_lists(root)
