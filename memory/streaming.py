@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -368,6 +369,10 @@ class BlockStreamer:
         self._live = 0  # units holding device copies
         self.stats = {"prefetched": 0, "on_the_spot": 0, "waits": 0}
         self.root_index: int | None = None  # leaf mode: the root's own tensors, moved by the root's hook
+        # block index -> the pinned leaves it had when it was last streamed, kept while it is
+        # resident: demoted again, it copies its weights back into them instead of pinning more
+        # (pinned bytes stay at one host copy per block whatever the sequence of budgets)
+        self._parked: dict[int, list[torch.Tensor]] = {}
         self.set_streamed(streamed)
 
     # ----- residency
@@ -409,13 +414,38 @@ class BlockStreamer:
         else:
             b.to("cpu")
         u = _Unit(i, b, self.onload, recurse=not self.own_only)
-        u.rehome(self._pin)
+        parked = self._parked.pop(i, None)
+        u.rehome(self._pin if parked is None else self._repin(parked))
         self.units[i] = u
+
+    def _repin(self, parked: list[torch.Tensor]):
+        """make() for a block demoted again: each leaf is copied into the pinned leaf of the same
+        dtype, shape and stride it had before (in order), so its current values (a LoRA merge may
+        have changed the resident weights in place) land in the old buffers; only a leaf without
+        one (the block gained tensors meanwhile, e.g. LoRA slots) is pinned anew."""
+        spare: dict = {}
+        for h in parked:
+            spare.setdefault(_layout(h), collections.deque()).append(h)
+
+        def make(t: torch.Tensor) -> torch.Tensor:
+            left = spare.get(_layout(t))
+            if not left:
+                return self._pin(t)
+            h = left.popleft()
+            if h is not t:
+                with torch.no_grad():
+                    h.copy_(t)
+            return h
+
+        return make
 
     def _promote(self, i: int) -> None:
         u = self.units[i]
+        pinned = list(u.host)
         u.rehome(self._to_device)
         del self.units[i]  # only once it is all on the device (an OOM half way leaves it streamed)
+        if self.arena is not None:
+            self._parked[i] = pinned  # its pinned leaves wait for the block's next demotion
         self._place(u.module)  # tensor subclasses whose device form differs: the module's own .to()
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -563,12 +593,17 @@ class BlockStreamer:
                 self._release(u)
             u.rehome(_pageable)
         self._done.clear()
+        self._parked.clear()
         if self.arena is not None:
             self.arena.bufs.clear()
             self.arena.cur = None
             empty = getattr(torch._C, "_host_emptyCache", None)
             if release and empty is not None:
                 empty()
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.dtype, tuple(t.shape), tuple(t.stride())
 
 
 def _pageable(t: torch.Tensor) -> torch.Tensor:
@@ -586,35 +621,43 @@ def _pinned(t: torch.Tensor) -> bool:
         return False
 
 
-class _StreamHook:
-    """diffusers ModelHook protocol, one per block (and one on the root: begin/end of a forward)."""
-    _is_stateful = False
+@functools.cache
+def _stream_hook_class():
+    """The streamer's diffusers ModelHook, one per block (and one on the root: begin/end of a
+    forward). Made on first use, not at module import (diffusers is heavy), and once: every block's
+    hook is one class (compiled blocks share their guards). Also reachable as `_StreamHook`."""
+    from diffusers.hooks import ModelHook
 
-    def __init__(self, streamer: BlockStreamer, index: int | None):
-        self.streamer, self.index = streamer, index
-        self.fn_ref = None
+    class _StreamHook(ModelHook):
+        _is_stateful = False
 
-    def initialize_hook(self, module):
-        return module
+        def __init__(self, streamer: BlockStreamer, index: int | None):
+            super().__init__()
+            self.streamer, self.index = streamer, index
 
-    def deinitalize_hook(self, module):  # (sic) diffusers' spelling
-        return module
+        @torch.compiler.disable()
+        def pre_forward(self, module, *args, **kwargs):
+            if self.index is None:
+                self.streamer.begin()
+            else:
+                self.streamer.enter(self.index)
+            return args, kwargs
 
-    @torch.compiler.disable()
-    def pre_forward(self, module, *args, **kwargs):
-        if self.index is None:
-            self.streamer.begin()
-        else:
-            self.streamer.enter(self.index)
-        return args, kwargs
+        @torch.compiler.disable()
+        def post_forward(self, module, output):
+            if self.index is None:
+                self.streamer.end()
+            else:
+                self.streamer.leave(self.index)
+            return output
 
-    @torch.compiler.disable()
-    def post_forward(self, module, output):
-        if self.index is None:
-            self.streamer.end()
-        else:
-            self.streamer.leave(self.index)
-        return output
+    return _StreamHook
+
+
+def __getattr__(name: str):
+    if name == "_StreamHook":  # the hook class, made on first use (diffusers is imported then)
+        return _stream_hook_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ROOT_HOOK = "quantlora_stream_root"
@@ -623,12 +666,13 @@ ROOT_HOOK = "quantlora_stream_root"
 def install_hooks(root: nn.Module, blocks: list[nn.Module], streamer: BlockStreamer) -> None:
     from diffusers.hooks import HookRegistry
 
-    HookRegistry.check_if_exists_or_initialize(root).register_hook(_StreamHook(streamer, None), ROOT_HOOK)
+    hook = _stream_hook_class()
+    HookRegistry.check_if_exists_or_initialize(root).register_hook(hook(streamer, None), ROOT_HOOK)
     for i, b in enumerate(blocks):
         if b is root:  # one hook per module: the root's own tensors go in with begin(), out with end()
             streamer.root_index = i
             continue
-        HookRegistry.check_if_exists_or_initialize(b).register_hook(_StreamHook(streamer, i), HOOK)
+        HookRegistry.check_if_exists_or_initialize(b).register_hook(hook(streamer, i), HOOK)
 
 
 # ---------------------------------------------------------------- what sampling needs, what it will cost
