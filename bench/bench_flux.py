@@ -460,7 +460,20 @@ class Bench:
             state.move_pristine("device")
             dev_swaps = [swap(state, r, 1.0) for r in (16, 64, 128, 64)]
             state.move_pristine("host")
+        # the same swaps without the fused fp8 kernels (quant/fp8_rows.py), for the ratio in this run
+        eager_swaps, eager_dev_swaps, kernels = [], [], self._kernels_apply(dm)
+        if kernels:
+            os.environ["QUANTLORA_MERGE_KERNELS"] = "0"
+            try:
+                eager_swaps = [swap(state, r, 1.0) for r in (16, 64, 128, 64)]
+                if dev_swaps:
+                    state.move_pristine("device")
+                    eager_dev_swaps = [swap(state, r, 1.0) for r in (16, 64, 128, 64)]
+                    state.move_pristine("host")
+            finally:
+                os.environ.pop("QUANTLORA_MERGE_KERNELS", None)
         state.deactivate()
+        kernel_check = self._kernel_check(dm) if kernels else None
         _, _, out_bare = self.time_steps(dm, 1)
         bare_exact = bool(torch.equal(out_bare, out_none))
         med = {r: round(statistics.median(v), 3) for r, v in swaps.items()}
@@ -471,7 +484,50 @@ class Bench:
                  lora_effect_err=round(effect_err(out_lora, out_none), 4),
                  rel_err_after_swaps=round(self.rel(out_lora2, self.ref_lora), 4), bare_bit_exact=bare_exact,
                  pristine_host_gib=round(host_pristine / GIB, 2), compile_s=round(first, 1) if compiled else None,
-                 merged_equals_load_path=load_path_equal)
+                 merged_equals_load_path=load_path_equal, fused_kernels=kernels,
+                 swap_eager_s=round(statistics.median(eager_swaps), 3) if eager_swaps else None,
+                 swap_gpu_copy_eager_s=round(statistics.median(eager_dev_swaps), 3) if eager_dev_swaps else None,
+                 kernel_check=kernel_check)
+
+    @staticmethod
+    def _kernels_apply(dm) -> bool:
+        """Whether the fused fp8 merge kernels (quant/fp8_rows.py) serve this model's weights."""
+        from quantlora.quant import fp8_rows  # imports triton: only on the device
+
+        if fp8_rows.triton is None:
+            return False
+        return any(fp8_rows.applies(getattr(m, "weight", None)) for m in dm.modules() if hasattr(m, "weight"))
+
+    def _kernel_check(self, dm) -> dict:
+        """Every per-row fp8 layer: the fused dequantize equals torchao's, and the fused requantize of a
+        perturbed matrix (about a LoRA's size, 1e-2 relative) equals torchao's from_hp bit for bit."""
+        import types
+        from quantlora.quant import fp8_rows
+        from quantlora.quant import weight_codecs as codecs
+
+        layers = deq_bad = req_bad = elems_bad = 0
+        g = torch.Generator(device=self.dev).manual_seed(0)
+        with torch.inference_mode():
+            for name, m in dm.named_modules():
+                w = getattr(m, "weight", None)
+                if not fp8_rows.applies(w):
+                    continue
+                layers += 1
+                fast = fp8_rows.dequantize_rows(w)
+                slow = w.dequantize().float()
+                deq_bad += int(not torch.equal(fast, slow))
+                full = slow + 1e-2 * slow.abs().mean() * torch.randn(slow.shape, device=slow.device, generator=g)
+                want = codecs._inner(codecs._torchao_from_hp(w, full))
+                scratch = types.SimpleNamespace(qdata=torch.empty_like(w.qdata), scale=torch.empty_like(w.scale), dtype=w.dtype)
+                fp8_rows.requantize_rows_into(scratch, full)
+                same_q = torch.equal(scratch.qdata.view(torch.uint8), want[0].view(torch.uint8))
+                same_s = torch.equal(scratch.scale.view(-1), want[1].view(-1))
+                if not (same_q and same_s):
+                    req_bad += 1
+                    elems_bad += int((scratch.qdata.view(torch.uint8) != want[0].view(torch.uint8)).sum())
+                    log(f"fused requantize differs on {name}: qdata equal {same_q}, scale equal {same_s}")
+                del fast, slow, full, want, scratch
+        return dict(layers=layers, dequantize_differs=deq_bad, requantize_differs=req_bad, qdata_elements_differ=elems_bad)
 
     def _load_path_check_before(self, dm, q, names=("double_blocks.0.img_attn.qkv", "single_blocks.1.linear2")):
         """The dequantized weights of two layers before the r64 merge (for the check after it)."""

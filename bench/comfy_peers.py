@@ -367,10 +367,12 @@ class Peers:
         del p
         self.free()
 
-    def section_ours_fp8(self, slots: bool):
+    def section_ours_fp8(self, slots: bool, merge: bool = False):
         """The example workflow (b)'s core: QuantizedFluxLoader(fp8 dynamic, lora_max_rank 64 or 0, compile
         regional) -> [LoRAHotswap] -> KSampler. Slots come before the compile (the loader's lora_max_rank),
-        so swaps should never recompile; recompiles are counted (torch._dynamo's error_on_recompile)."""
+        so swaps should never recompile; recompiles are counted (torch._dynamo's error_on_recompile).
+        merge: no slots, LoRAHotswap mode 'merge' (the LoRA merged into the fp8 weights when sampling
+        starts, restored from pinned host memory on the next switch)."""
         import torch._dynamo
 
         from quantlora.nodes import runtime
@@ -386,15 +388,15 @@ class Peers:
                                         compile="regional").args[0]
         load_s = time.perf_counter() - t0
         rep = p.model_options.get("quantlora", {}).get("report")
-        name = f"ours {q} compile (regional)" + (" + slots r64" if slots else "")
-        r = self.sample(p, self.args.steps, t_apply=t0, label=name + (" (none active)" if slots else ""))
+        name = f"ours {q} compile (regional)" + (" + slots r64" if slots else "") + (" + LoRA merge" if merge else "")
+        r = self.sample(p, self.args.steps, t_apply=t0, label=name + (" (none active)" if slots or merge else ""))
         r2 = self.sample(p, self.args.steps)
         r["steady"] = min(r["steady"], r2["steady"])
         listed, used_loaded = self.comfy_listed(), self.used()
         switch, steps_lora, recompiles = [], [], []
-        if slots:
+        if slots or merge:
             def apply(base, lora_name):
-                return LoRAHotswap.execute(base, lora_name, 1.0, 64, "blocks").args[0]
+                return LoRAHotswap.execute(base, lora_name, 1.0, 64, "blocks", "merge" if merge else "slots").args[0]
 
             torch._dynamo.config.error_on_recompile = True
             try:
@@ -408,19 +410,19 @@ class Peers:
                 switch, steps_lora = self._switches(p, apply, name, r)
             finally:
                 torch._dynamo.config.error_on_recompile = False
-        self.row(name + (" (none active)" if slots else ""), step_s=r["steady"],
+        self.row(name + (" (none active)" if slots or merge else ""), step_s=r["steady"],
                  step_ratio=r["steady"] / self.base_step if self.base_step else None,
                  load_s=load_s, load_to_first_step_s=r["first"],
                  weights_gib=rep.weights_bytes / self.GIB if rep is not None else None,
                  switch_s=switch or None, switch_s_median=statistics.median(switch) if switch else None,
                  step_lora_s=statistics.median(steps_lora) if steps_lora else None,
                  step_lora_ratio=statistics.median(steps_lora) / self.base_step if steps_lora and self.base_step else None,
-                 recompiles=recompiles if slots else None,
+                 recompiles=recompiles if slots or merge else None,
                  rel_err_vs_ours_bf16=self.rel(r["latent"], self.ref) if self.ref is not None else None,
                  peak_alloc_gib=r["peak_alloc_gib"], used_before_gib=before, used_max_gib=r["used_max_gib"],
                  used_loaded_gib=used_loaded, nvidia_smi_used_gib=self.nvidia_smi_used(), comfy_listed=listed,
                  patcher=type(p).__name__, loads={k: self.loads[k] - loads0[k] for k in self.loads},
-                 lora_stats=runtime.stats() if slots else None)
+                 lora_stats=runtime.stats() if slots or merge else None)
         del p
         self.free()
 
@@ -502,7 +504,8 @@ class Peers:
                 ("comfy default", lambda: self.section_comfy("default"), 45 if off else 35)]
         if off:
             plan.append(("comfy fp8_e4m3fn_fast compiled", lambda: self.section_comfy("fp8_e4m3fn_fast", compiled=True), 45))
-        plan += [("ours fp8 compile + slots", lambda: self.section_ours_fp8(True), 40),
+        plan += [("ours fp8 compile + merge", lambda: self.section_ours_fp8(False, merge=True), 40),
+                 ("ours fp8 compile + slots", lambda: self.section_ours_fp8(True), 40),
                  ("graph", self.section_graph, 45),
                  ("ours fp8 compile, no slots", lambda: self.section_ours_fp8(False), 25)]
         only = [s for s in self.args.sections.split(",") if s]

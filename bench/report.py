@@ -20,7 +20,8 @@ COLS = ["variant", "step_s", "step_ratio", "weights_gib", "weights_ratio", "peak
         "max_abs_diff",
         # bench_flux.py --sections merge (LoRA merge mode)
         "swap_r16_s", "swap_r128_s", "swap_gpu_copy_s", "first_merge_s", "step_overhead", "lora_effect_err",
-        "rel_err_after_swaps", "bare_bit_exact", "merged_equals_load_path", "pristine_host_gib",
+        "rel_err_after_swaps", "bare_bit_exact", "merged_equals_load_path", "pristine_host_gib", "fused_kernels",
+        "swap_eager_s", "swap_gpu_copy_eager_s", "kernel_check", "step_lora_ratio",
         # bench_offload.py cards
         "card_gib", "budget_gib", "resident_share", "streamed_gib_per_step", "floor_ratio", "vs_floor",
         "predicted_ratio", "within_card", "equal_to_no_offload", "gb_s",
