@@ -332,7 +332,7 @@ class OffloadBench(Bench):
         of the pinned weights back to pageable memory; the pinned blocks go back to torch's cache
         for the next model)."""
         import comfy.model_management as mm
-        from quantlora.nodes import offload_sampler_node as node
+        from quantlora.nodes import offload_run as node
         from quantlora.memory import offload as off
         from quantlora.memory.sizes import module_bytes
 
@@ -487,14 +487,15 @@ class OffloadBench(Bench):
         import comfy.model_management as mm
         import comfy.model_patcher
         import folder_paths
-        from quantlora.nodes import offload_sampler_node as node
+        from quantlora.nodes import offload_run as node
         from quantlora.nodes.hotswap_node import LoRAHotswap
 
         folder_paths.add_model_folder_path("loras", self.args.workdir)
         import inspect
 
         name = os.path.basename(self.write_lora(64, seed=64))
-        kw = {"mode": "slots"} if "mode" in inspect.signature(LoRAHotswap.execute).parameters else {}
+        lora_mode = self.args.node_lora_mode
+        kw = {"mode": lora_mode} if "mode" in inspect.signature(LoRAHotswap.execute).parameters else {}
         m = LoRAHotswap.execute(p, name, 1.0, 64, "blocks", **kw).args[0]
         g = torch.Generator().manual_seed(3)
         pos = [[torch.randn(1, self.txt, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
@@ -519,7 +520,8 @@ class OffloadBench(Bench):
                 listed = [(lm.model.loaded_size(), lm.model.model_size()) for lm in mm.current_loaded_models
                           if lm.model is not None and lm.model.model is m.model]
                 res[mode] = lat["samples"]
-                self.row(variant=f"node CPUOffloadSampler {mode}" + (f" (budget {gb:.1f} GiB)" if gb else ""),
+                self.row(variant=f"node CPUOffloadSampler {mode}" + (f" (budget {gb:.1f} GiB)" if gb else "")
+                         + (f", LoRA {lora_mode}" if lora_mode != "slots" else ""),
                          wall_s=wall, text=text, comfy_weight_loads=loads["n"],
                          comfy_loaded_gib=[self.gib(a) for a, _ in listed], comfy_model_gib=[self.gib(b) for _, b in listed],
                          equal_to_none=bool(torch.equal(res[mode], res["none"])))
@@ -563,6 +565,8 @@ def main():
     ap.add_argument("--offload-repeats", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds from the process start (default: 190 at full size, else none)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--node-lora-mode", default="slots", choices=("slots", "merge"),
+                    help="node section: LoRAHotswap's mode before CPUOffloadSampler")
     args = ap.parse_args()
     if args.sections is None:
         args.sections = "cards,lora,node,comfy" if args.size == "full" else "cast,offload,lora,node,cards"
@@ -575,8 +579,8 @@ def main():
         args.time_limit = 190.0 if args.size == "full" else 1e9
     args.attention = "default"  # read by bench_flux.Bench where it has that option
     _env.setup(cpu=args.device == "cpu")  # also PyAV's stand-in (the device image has none)
-    from quantlora.nodes import offload_sampler_node as node
-    from quantlora.nodes.fp8_cast_node import cast_model
+    from quantlora.nodes import offload_run as node
+    from quantlora.nodes.fp8_cast_run import cast_model
 
     b = OffloadBench(args)
     if not b.cuda:
