@@ -62,6 +62,8 @@ class Residency:
     streamed_bytes: int    # block weights copied in per forward
     inflight_bytes: int    # device room the streamed copies need at once (lookahead + 1 blocks)
     n_blocks: int
+    lookahead: int = 1     # streamed blocks copied ahead (the planner may raise the caller's)
+    predicted_s: float | None = None  # one forward under memory/pipeline.py's schedule (with timing)
 
     @property
     def n_resident(self) -> int:
@@ -72,50 +74,69 @@ class Residency:
         return self.resident_bytes + self.inflight_bytes
 
 
-def plan_residency(block_bytes: list[int], room: int | None, lookahead: int = 1) -> Residency:
+MAX_LOOKAHEAD = 8
+
+
+def plan_residency(block_bytes: list[int], room: int | None, lookahead: int = 1,
+                   timing: tuple[float, float] | None = None) -> Residency:
     """Which blocks to stream so that resident blocks + in-flight copies fit `room` bytes (the
     budget left after the non-block parts and the activations). room None: stream every block.
     The streamed blocks are spread evenly over the order (error diffusion on bytes), so copies
-    overlap the compute of the resident blocks between them."""
+    overlap the compute of the resident blocks between them.
+
+    Without timing, the plan that streams the fewest bytes wins. With timing = (bytes per second of
+    a pinned copy, seconds of compute per block), candidate plans (each size class as the largest
+    streamed block, each lookahead from the caller's up to MAX_LOOKAHEAD) are ranked by the
+    forward time memory/pipeline.py predicts for them, then by bytes streamed."""
+    from .pipeline import step_seconds
+
     n = len(block_bytes)
     total = sum(block_bytes)
-    slots = lookahead + 1
 
-    def build(streamed):
+    def build(streamed, la):
         s = tuple(sorted(streamed))
         sb = sum(block_bytes[i] for i in s)
-        infl = min(slots, len(s)) * max((block_bytes[i] for i in s), default=0)
-        return Residency(s, total - sb, sb, infl, n)
+        infl = min(la + 1, len(s)) * max((block_bytes[i] for i in s), default=0)
+        t = None
+        if timing is not None:
+            bw, per_block = timing
+            t = step_seconds([per_block] * n, [b / bw for b in block_bytes], s, la)
+        return Residency(s, total - sb, sb, infl, n, la, t)
 
     if room is None:
-        return build(range(n))
+        return build(range(n), lookahead)
     if total <= room:
-        return build(())
-    best = build(range(n))
-    # Streaming only the smaller blocks (Flux: the single blocks) keeps smaller copies in flight;
-    # try each size class as the largest streamed one and keep the plan that streams least.
-    for cap in sorted(set(block_bytes)):
-        eligible = [i for i in range(n) if block_bytes[i] <= cap]
-        lo, hi, fit = 0.0, 1.0, None
-        for _ in range(30):  # the smallest streamed fraction (of the eligible bytes) whose plan fits
-            phi = (lo + hi) / 2
-            acc, pick = -0.5 * block_bytes[eligible[0]], []  # the first eligible block stays resident when it can
-            for i in eligible:
-                b = block_bytes[i]
-                acc += phi * b
-                if acc >= b / 2:
-                    pick.append(i)
-                    acc -= b
-            r = build(pick)
-            if r.working_set <= room:
-                fit, hi = r, phi
-            else:
-                lo = phi
-        if fit is None:
-            r = build(eligible)
-            fit = r if r.working_set <= room else None
-        if fit is not None and (best.working_set > room or fit.streamed_bytes < best.streamed_bytes):
-            best = fit
+        return build((), lookahead)
+
+    def key(r):  # a plan that does not fit ranks last
+        return (r.working_set > room, r.predicted_s if r.predicted_s is not None else 0.0, r.streamed_bytes, r.lookahead)
+
+    best = build(range(n), lookahead)
+    for la in range(lookahead, (MAX_LOOKAHEAD if timing is not None else lookahead) + 1):
+        # Streaming only the smaller blocks (Flux: the single blocks) keeps smaller copies in flight;
+        # try each size class as the largest streamed one.
+        for cap in sorted(set(block_bytes)):
+            eligible = [i for i in range(n) if block_bytes[i] <= cap]
+            lo, hi, fit = 0.0, 1.0, None
+            for _ in range(30):  # the smallest streamed fraction (of the eligible bytes) whose plan fits
+                phi = (lo + hi) / 2
+                acc, pick = -0.5 * block_bytes[eligible[0]], []  # the first eligible block stays resident when it can
+                for i in eligible:
+                    b = block_bytes[i]
+                    acc += phi * b
+                    if acc >= b / 2:
+                        pick.append(i)
+                        acc -= b
+                r = build(pick, la)
+                if r.working_set <= room:
+                    fit, hi = r, phi
+                else:
+                    lo = phi
+            if fit is None:
+                r = build(eligible, la)
+                fit = r if r.working_set <= room else None
+            if fit is not None and key(fit) < key(best):
+                best = fit
     return best
 
 
