@@ -456,10 +456,13 @@ class Bench:
         host_pristine = state.report.pristine_bytes
         # the pristine copy on the GPU (when it fits): the fastest swaps
         dev_swaps = []
+        swap_profile = None
         if self.dev.type == "cuda" and torch.cuda.mem_get_info()[0] > host_pristine * 1.2:
             state.move_pristine("device")
             dev_swaps = [swap(state, r, 1.0) for r in (16, 64, 128, 64)]
+            swap_profile = {"gpu copy": self._swap_profile(state, swap)}
             state.move_pristine("host")
+            swap_profile["pinned host"] = self._swap_profile(state, swap)
         # the same swaps without the fused fp8 kernels (quant/fp8_rows.py), for the ratio in this run
         eager_swaps, eager_dev_swaps, kernels = [], [], self._kernels_apply(dm)
         if kernels:
@@ -487,7 +490,21 @@ class Bench:
                  merged_equals_load_path=load_path_equal, fused_kernels=kernels,
                  swap_eager_s=round(statistics.median(eager_swaps), 3) if eager_swaps else None,
                  swap_gpu_copy_eager_s=round(statistics.median(eager_dev_swaps), 3) if eager_dev_swaps else None,
-                 kernel_check=kernel_check)
+                 kernel_check=kernel_check, swap_profile=swap_profile)
+
+    def _swap_profile(self, state, swap, top=8):
+        """Where one r16 -> r64 swap goes: CUDA kernel/copy time by op (top), their sum, and wall."""
+        from torch.profiler import ProfilerActivity, profile
+
+        swap(state, 16, 1.0)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            wall = swap(state, 64, 1.0)
+        ev = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+        ev.sort(key=lambda e: -e.self_device_time_total)
+        out = {"wall_s": round(wall, 4), "device_ms": round(sum(e.self_device_time_total for e in ev) / 1e3, 2),
+               "top": [(e.key[:60], round(e.self_device_time_total / 1e3, 2), e.count) for e in ev[:top]]}
+        log(f"swap profile: {out}")
+        return out
 
     @staticmethod
     def _kernels_apply(dm) -> bool:
