@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -67,6 +67,9 @@ class OffloadSpec:
     use_stream: bool = False
     pin: bool = True
     budget: int | None = None   # block mode: device bytes the weights may use (None: stream every block)
+    # block mode: (pinned bytes/s, compute seconds per block) to rank plans by predicted step time
+    # (memory/pipeline.py); an estimate, so not part of what makes two specs the same
+    timing: tuple | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -239,14 +242,15 @@ def _apply_moves(root: nn.Module, mode: str, spec: OffloadSpec) -> None:
 
 
 def make_spec(mode: str, onload, offload="cpu", blocks_per_group: int = 1, use_stream: bool | None = None,
-              pin: bool = True, budget: int | None = None) -> OffloadSpec:
+              pin: bool = True, budget: int | None = None, timing: tuple | None = None) -> OffloadSpec:
     if mode not in MODES:
         raise QuantLoRAError(f"offload mode {mode!r}: choose one of {', '.join(MODES)}.")
     onload, offload = torch.device(onload), torch.device(offload)
     bpg = max(1, int(blocks_per_group))
     stream = onload.type == "cuda" if use_stream is None else (bool(use_stream) and onload.type == "cuda")
     budget = None if budget is None or mode != "block" else max(0, int(budget))
-    return OffloadSpec(mode, onload, offload, bpg if mode == "block" else 1, stream, pin, budget)
+    return OffloadSpec(mode, onload, offload, bpg if mode == "block" else 1, stream, pin, budget,
+                       timing if mode == "block" else None)
 
 
 def is_current(root: nn.Module, spec: OffloadSpec) -> bool:
@@ -260,19 +264,21 @@ def flat_blocks(root: nn.Module) -> list[nn.Module]:
     return [b for _, lst in block_lists(root) for b in lst]
 
 
-def plan_blocks(root: nn.Module, budget: int | None, lookahead: int = 1):
-    """(Residency, non-block bytes) for `root` under a device budget for its weights."""
+def plan_blocks(root: nn.Module, budget: int | None, lookahead: int = 1, timing: tuple | None = None):
+    """(Residency, non-block bytes) for `root` under a device budget for its weights (timing: see
+    OffloadSpec.timing)."""
     from .streaming import plan_residency
 
     blocks = flat_blocks(root)
     sizes = [module_bytes(b) for b in blocks]
     nonblock = module_bytes(root) - sum(sizes)
     room = None if budget is None else max(0, budget - nonblock)
-    return plan_residency(sizes, room, lookahead), nonblock
+    return plan_residency(sizes, room, lookahead, timing), nonblock
 
 
 def apply_offload(root: nn.Module, mode: str, onload, offload="cpu", blocks_per_group: int = 1,
-                  use_stream: bool | None = None, pin: bool = True, budget: int | None = None) -> OffloadState | None:
+                  use_stream: bool | None = None, pin: bool = True, budget: int | None = None,
+                  timing: tuple | None = None) -> OffloadState | None:
     """Put `root` under offload `mode`; returns its state (None for "none"). Same settings twice:
     no-op. Block mode with only another budget: the residency changes in place (blocks move
     between the device and pinned memory; nothing is rebuilt). Other settings: the old offload
@@ -281,7 +287,7 @@ def apply_offload(root: nn.Module, mode: str, onload, offload="cpu", blocks_per_
     block: the blocks that fit `budget` (device bytes for the weights, in-flight copies
     included; None streams every block) stay on the device, the rest are streamed
     (memory/streaming.py); blocks_per_group is how many streamed blocks are copied ahead."""
-    spec = make_spec(mode, onload, offload, blocks_per_group, use_stream, pin, budget)
+    spec = make_spec(mode, onload, offload, blocks_per_group, use_stream, pin, budget, timing)
     old = offload_state(root)
     if old is not None:
         if is_current(root, spec):
@@ -337,12 +343,12 @@ def _top_parts(root: nn.Module) -> list[nn.Module]:
 def _apply_stream(root: nn.Module, spec: OffloadSpec, sizes: TreeSizes) -> OffloadState:
     from . import streaming
 
-    res, nonblock = plan_blocks(root, spec.budget, spec.blocks_per_group)
+    res, nonblock = plan_blocks(root, spec.budget, spec.blocks_per_group, spec.timing)
     for part in _top_parts(root):
         part.to(spec.onload)
     root._apply(lambda t: t.to(spec.onload), recurse=False)
     blocks = flat_blocks(root)
-    streamer = streaming.BlockStreamer(blocks, res.streamed, spec.onload, spec.blocks_per_group, spec.pin)
+    streamer = streaming.BlockStreamer(blocks, res.streamed, spec.onload, res.lookahead, spec.pin)
     streaming.install_hooks(root, blocks, streamer)
     work = min(nonblock + res.working_set, sizes.model)
     state = OffloadState(spec, "block", "stream", work, sizes.model, tensor_ids(root), res, streamer, nonblock)
@@ -369,9 +375,10 @@ def _apply_leaf_stream(root: nn.Module, spec: OffloadSpec, sizes: TreeSizes) -> 
 
 
 def _replan(root: nn.Module, old: OffloadState, spec: OffloadSpec) -> OffloadState:
-    res, nonblock = plan_blocks(root, spec.budget, spec.blocks_per_group)
+    res, nonblock = plan_blocks(root, spec.budget, spec.blocks_per_group, spec.timing)
     if res.streamed != old.residency.streamed:
         old.streamer.set_streamed(res.streamed)
+    old.streamer.lookahead = res.lookahead
     state = OffloadState(spec, "block", "stream", min(nonblock + res.working_set, old.model_bytes), old.model_bytes,
                          tensor_ids(root), res, old.streamer, nonblock)
     setattr(root, _MARK, state)

@@ -34,6 +34,7 @@ class Plan:
     predicted_ratio: float | None = None  # step time / fully resident step time (transfer floor)
     bandwidth: float | None = None  # pinned host-to-device bytes/s the prediction used
     resident_s: float | None = None  # estimated fully resident step
+    timing: tuple | None = None     # block mode: (bandwidth, compute s per block) the residency was ranked by
 
     def describe(self) -> str:
         """What the plan keeps resident and what it predicts (the node's UI text and log)."""
@@ -99,16 +100,37 @@ def device_bytes_at_rest(st: off.OffloadState | None) -> int:
     return 0
 
 
+def resident_step(dm, latent_shape, card: dict) -> float | None:
+    """Estimated seconds of a fully resident step (None without a measured card, a Flux hidden size
+    or a latent shape)."""
+    flops = card.get("flops")
+    hidden = getattr(dm, "hidden_size", None)
+    if not card.get("bandwidth") or not flops or not isinstance(hidden, int) or not latent_shape:
+        return None
+    img, txt = streaming.flux_tokens(latent_shape)
+    return streaming.resident_step_seconds(streaming.linear_params(dm), img + txt, hidden,
+                                           len(off.flat_blocks(dm)), latent_shape[0], flops)
+
+
+def block_timing(dm, latent_shape, card: dict) -> tuple | None:
+    """(pinned bytes/s, compute seconds per block) for ranking residency plans: Flux's double and
+    single blocks cost about the same compute (the single block's fused MLP and projections equal
+    the double block's two streams at 4096 + 512 tokens), so the resident step splits evenly."""
+    t = resident_step(dm, latent_shape, card)
+    n = len(off.flat_blocks(dm))
+    return (card["bandwidth"], t / n) if t and n else None
+
+
 def predict(dm, residency, latent_shape, card: dict) -> tuple:
     """(predicted step ratio, bandwidth, resident step seconds); the ratio and the step are None
-    without a residency, a measured card, a Flux hidden size or a latent shape."""
-    bw, flops = card.get("bandwidth"), card.get("flops")
-    hidden = getattr(dm, "hidden_size", None)
-    if residency is None or not bw or not flops or not isinstance(hidden, int) or not latent_shape:
+    without a residency, a measured card, a Flux hidden size or a latent shape. With a residency
+    ranked by timing, the ratio is its schedule's (memory/pipeline.py), else the transfer floor."""
+    bw = card.get("bandwidth")
+    t = resident_step(dm, latent_shape, card)
+    if residency is None or t is None:
         return None, bw, None
-    img, txt = streaming.flux_tokens(latent_shape)
-    t = streaming.resident_step_seconds(streaming.linear_params(dm), img + txt, hidden, residency.n_blocks,
-                                        latent_shape[0], flops)
+    if residency.predicted_s is not None:  # ranked with block_timing: t split evenly over the blocks
+        return residency.predicted_s / t, bw, t
     return streaming.predicted_ratio(residency.streamed_bytes, bw, t), bw, t
 
 
@@ -134,7 +156,8 @@ def budget_plan(dm, mode: str, blocks_per_group: int, vram_budget_gb: float, res
         step = max(1, min(BUDGET_STEP, model_bytes // 64))
         weights = weights // step * step
     lookahead = max(1, int(blocks_per_group))
-    res, nonblock = off.plan_blocks(dm, weights, lookahead)
+    timing = block_timing(dm, latent_shape, card)
+    res, nonblock = off.plan_blocks(dm, weights, lookahead, timing)
     if mode == "auto":
         if weights is None:
             return Plan("none", 1, True, True, "auto without a budget on the CPU")
@@ -144,4 +167,4 @@ def budget_plan(dm, mode: str, blocks_per_group: int, vram_budget_gb: float, res
         if not off.block_lists(dm) or nonblock + res.working_set > weights:
             return Plan("leaf", 1, True, True, f"not even the streamed blocks fit: {why}", model_bytes=model_bytes)
     ratio, bw, t = predict(dm, res, latent_shape, card)
-    return Plan("block", lookahead, True, mode == "auto", why, weights, res, nonblock, model_bytes, ratio, bw, t)
+    return Plan("block", lookahead, True, mode == "auto", why, weights, res, nonblock, model_bytes, ratio, bw, t, timing)

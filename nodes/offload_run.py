@@ -189,7 +189,7 @@ def offload_state_of(patcher) -> off.OffloadState | None:
 def _install(patcher, plan: Plan) -> off.OffloadState:
     dm = _diffusion_model(patcher)
     spec = off.make_spec(plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group,
-                         budget=plan.budget)
+                         budget=plan.budget, timing=plan.timing)
     st = off.offload_state(dm)
     mine = _STATE.get(patcher)
     if st is not None and st is mine and comfy_door.weights_patched_for(patcher):
@@ -199,7 +199,7 @@ def _install(patcher, plan: Plan) -> off.OffloadState:
         if st.strategy == "stream" and st.mode == "block" and plan.mode == "block" and st.tensor_ids == off.tensor_ids(dm):
             # only the budget changed: blocks move between the device and pinned memory in place
             st = off.apply_offload(dm, "block", patcher.load_device, patcher.offload_device, plan.blocks_per_group,
-                                   budget=plan.budget)
+                                   budget=plan.budget, timing=plan.timing)
             if st.strategy == "stream":
                 _STATE[patcher] = st
                 comfy_door.mark_resident(patcher, st.working_set)
@@ -224,7 +224,7 @@ def _install(patcher, plan: Plan) -> off.OffloadState:
             for key in list(patcher.patches):
                 patcher.patch_weight_to_device(key, device_to=None)  # ComfyUI's own patching, on the host copy
         st = off.apply_offload(dm, plan.mode, patcher.load_device, patcher.offload_device, plan.blocks_per_group,
-                               budget=plan.budget)
+                               budget=plan.budget, timing=plan.timing)
         _log_state(st)
     _STATE[patcher] = st
     setattr(dm, _OWNER, weakref.ref(patcher))
@@ -388,7 +388,8 @@ def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
     mode = f"{plan.mode}{' (auto)' if plan.auto else ''}" if plan.active else offload_mode
     if plan.mode == "block" and plan.active:
         st = _STATE.get(patcher)
-        mode += f", prefetch {plan.blocks_per_group}" + (", side stream" if st and st.spec.use_stream else "")
+        ahead = st.residency.lookahead if st is not None and st.residency is not None else plan.blocks_per_group
+        mode += f", prefetch {ahead}" + (", side stream" if st and st.spec.use_stream else "")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         text = f"offload {mode}: peak VRAM {torch.cuda.max_memory_allocated(dev) / GIB:.2f} GiB"

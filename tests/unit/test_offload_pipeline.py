@@ -103,3 +103,52 @@ def test_instant_copies_keep_the_fewest_bytes_plan():
 def test_no_room_or_all_room():
     assert plan_residency(FLUX_BF16, None, 1, timing=(55e9, 0.003)).streamed == tuple(range(57))
     assert plan_residency(FLUX_BF16, sum(FLUX_BF16), 1, timing=(55e9, 0.003)).streamed == ()
+
+
+class _FluxShaped(__import__("torch").nn.Module):
+    """Block lists named as Flux's, double blocks 2.4x the single blocks' bytes, a hidden size."""
+
+    def __init__(self, hidden=64):
+        from torch import nn
+
+        super().__init__()
+        self.hidden_size = hidden
+        self.img_in = nn.Linear(hidden, hidden)
+        self.double_blocks = nn.ModuleList(nn.Linear(hidden, 12 * hidden) for _ in range(4))
+        self.single_blocks = nn.ModuleList(nn.Linear(hidden, 5 * hidden) for _ in range(8))
+        self.final_layer = nn.Linear(hidden, hidden)
+
+
+def test_node_plan_ranks_by_the_schedule_and_offload_follows_it():
+    """budget_plan with a measured card: the residency is ranked by memory/pipeline.py, the predicted
+    ratio is that schedule's, and apply_offload builds the streamer with the plan's lookahead."""
+    import torch
+    from quantlora.memory import offload as off
+    from quantlora.memory import offload_plan as op
+
+    dm = _FluxShaped()
+    sizes = off.tree_sizes(dm)
+    blocks = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in off.flat_blocks(dm)]
+    shape = [1, 16, 128, 128]
+    lookaheads = set()
+    # copy-bound ... compute-bound; at 80% and 10 MB/s a deeper prefetch wins (measured with this tree)
+    for bw, share in ((1e7, 0.55), (1e7, 0.8), (3e7, 0.55), (1e9, 0.55)):
+        card = {"free_bytes": 10 ** 9, "bandwidth": bw, "flops": 1e12}
+        budget_gb = (sizes.model * share) / op.GIB
+        plan = op.budget_plan(dm, "block", 1, budget_gb, 0, card, shape)
+        r = plan.residency
+        assert plan.timing is not None and r.predicted_s is not None
+        per_block = plan.resident_s / len(blocks)
+        want = step_seconds([per_block] * len(blocks), [b / bw for b in blocks], r.streamed, r.lookahead)
+        assert r.predicted_s == pytest.approx(want)
+        assert plan.predicted_ratio == pytest.approx(want / plan.resident_s)
+        assert plan.predicted_ratio >= 1.0 - 1e-9
+        assert plan.nonblock + r.working_set <= plan.budget
+        st = off.apply_offload(dm, "block", torch.device("cpu"), "cpu", 1, use_stream=False, pin=False,
+                               budget=plan.budget, timing=plan.timing)
+        try:
+            assert st.residency.streamed == r.streamed and st.streamer.lookahead == r.lookahead
+        finally:
+            off.remove_offload(dm)
+        lookaheads.add(r.lookahead)
+    assert max(lookaheads) > 1  # the planner raised the node's prefetch somewhere, and the streamer followed
