@@ -363,7 +363,7 @@ class OffloadBench(Bench):
                         # beside this card's ballast, so shrink to this card's plan first (no ballast yet),
                         # then emulate the card (the re-plan below is then a no-op or a small one)
                         pre = node.plan_offload(p, "block", 1, 0.0, lat, cfg=1.0, card=injected)
-                        off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=pre.budget)
+                        off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=pre.budget, timing=pre.timing)
                         st0 = off.offload_state(dm)
                         at_rest = st0.nonblock + st0.residency.resident_bytes
                         preshrunk = True
@@ -374,7 +374,7 @@ class OffloadBench(Bench):
                     auto = node.plan_offload(p, "auto", 1, 0.0, lat, cfg=1.0, card=card)
                     self.reset_peak()
                     t0 = time.perf_counter()
-                    st = off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=plan.budget)
+                    st = off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=plan.budget, timing=plan.timing)
                     self.sync()
                     setup = time.perf_counter() - t0
                     # the re-plan in place (blocks moved between the card and pinned memory) on its own:
@@ -402,7 +402,7 @@ class OffloadBench(Bench):
                              activation_measured_gib=self.gib(act_measured), setup_s=setup, first_s=first,
                              prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
                              host_waits=st.streamer.stats["waits"], pinned_gib=self.gib(st.streamer.pinned_bytes),
-                             plan=plan.describe())
+                             lookahead=st.residency.lookahead, plan=plan.describe())
                 except Exception as e:  # one card failing (an OOM) must not lose the others
                     peak = self.peak_bytes()
                     self.error_row(name, e, replanned=replanned, preshrunk=preshrunk,
