@@ -1,8 +1,8 @@
 """QuantLoRA: quantized Flux, fp8 storage, hot-swapped LoRA and CPU offload for ComfyUI.
 
 ComfyUI imports this folder as a package from custom_nodes/. Node modules (which import
-ComfyUI) load only when ComfyUI asks for the node list, so quant/, memory/ and lora/ stay importable
-without ComfyUI.
+ComfyUI) load only when ComfyUI asks for the node list, so quant/, checkpoint/, speed/, memory/ and
+lora/ stay importable without ComfyUI.
 
 Supported ComfyUI: 0.3.75 to v0.33.0 (nodes/comfy_door.py: MIN_VERSION, TESTED_VERSION). On an
 older ComfyUI the pack logs, at import (every ComfyUI version imports the package, even one too

@@ -100,8 +100,8 @@ class Bench:
                                                         "txt_mlp.2", "linear1", "linear2")) -> str:
         """A BFL-layout LoRA on the blocks' attention and MLP layers; delta ~10% of weight rms."""
         from safetensors.torch import save_file
-        from quantlora.quant.flux_config import infer_arch
-        from quantlora.quant.safetensors_io import read_header
+        from quantlora.checkpoint.flux_config import infer_arch
+        from quantlora.checkpoint.safetensors_io import read_header
 
         path = os.path.join(self.args.workdir, f"lora-{self.args.size}-r{rank}-s{seed}.safetensors")
         if os.path.exists(path):
@@ -164,7 +164,7 @@ class Bench:
 
     @torch.no_grad()
     def forward(self, dm, attention=None):
-        from quantlora.quant.attention import resolve, sdpa_context, sdpa_override
+        from quantlora.speed.attention import resolve, sdpa_context, sdpa_override
 
         i = self.inputs
         choice = attention or self.args.attention
@@ -737,7 +737,7 @@ def main():
     ap.add_argument("--compile-bf16", action="store_true")
     ap.add_argument("--comfyui", default="fp8_e4m3fn_fast")
     ap.add_argument("--fast-quant", default="torchao-fp8-dynamic")
-    ap.add_argument("--attention", default="default", help="SDPA backend order for every forward (quant/attention.py)")
+    ap.add_argument("--attention", default="default", help="SDPA backend order for every forward (speed/attention.py)")
     ap.add_argument("--slot-layout", default="per-projection")
     ap.add_argument("--lora-fast-only", action="store_true", help="only the compiled fast path (no bf16 LoRA reference)")
     ap.add_argument("--extra-quant", default="", help="more eager variants in the attn section")

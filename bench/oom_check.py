@@ -94,7 +94,7 @@ def run(args) -> list[dict]:
     from quantlora.nodes import runtime
     from quantlora.nodes.bridge import load_flux_model_patcher
     from quantlora.memory import oom
-    from quantlora.quant.safetensors_io import read_header
+    from quantlora.checkpoint.safetensors_io import read_header
     from quantlora.tools import demo_models as dm
 
     dev = torch.device(args.device)

@@ -10,7 +10,7 @@ Formats (detected per key, so mixed files work; `ParsedLoRA.format` names what w
 - diffusers / PEFT (diffusers, ai-toolkit, SimpleTuner): `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`
   / `.lora_B.weight` (+ optional `.alpha`), also with `base_model.model.` or no prefix, PEFT
   adapter names (`.lora_A.default.weight`), old diffusers `.lora.down.weight`, `_lora.down.weight`,
-  `.lora_linear_layer.down.weight`. Names map through `quant.flux_keys.linear_maps`: q/k/v become
+  `.lora_linear_layer.down.weight`. Names map through `checkpoint.flux_keys.linear_maps`: q/k/v become
   row ranges of the fused layer, `norm_out.linear` gets its (scale, shift) halves swapped. Alpha
   also comes from diffusers' `lora_adapter_metadata` (lora_alpha, alpha_pattern, use_rslora) when
   the file has no `.alpha` keys.
@@ -46,8 +46,8 @@ from functools import lru_cache
 
 import torch
 
+from ..checkpoint.flux_keys import BLOCK_DOT, BLOCK_US, linear_maps, swap_halves
 from ..errors import QuantLoRAError
-from ..quant.flux_keys import BLOCK_DOT, BLOCK_US, linear_maps, swap_halves
 
 log = logging.getLogger("quantlora")
 
@@ -65,7 +65,7 @@ class FluxDims:
 
     @classmethod
     def from_arch(cls, arch) -> "FluxDims":
-        """From a quant.flux_config.FluxArch."""
+        """From a checkpoint.flux_config.FluxArch."""
         return cls(arch.hidden_size, arch.mlp_hidden, arch.depth, arch.depth_single_blocks,
                    arch.in_channels * arch.patch_size ** 2, arch.context_in_dim, arch.vec_in_dim)
 
@@ -516,7 +516,7 @@ def parse_lora(state_dict: dict, name: str, dims: FluxDims, metadata: dict | Non
 
 def load_lora(path: str, dims: FluxDims) -> ParsedLoRA:
     """Read a LoRA safetensors file (validated, never unpickled) and parse it."""
-    from ..quant.safetensors_io import load_state_dict
+    from ..checkpoint.safetensors_io import load_state_dict
 
     tensors, metadata = load_state_dict(path)
     return parse_lora(tensors, os.path.basename(path), dims, metadata=metadata)

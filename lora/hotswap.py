@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checkpoint.flux_keys import BLOCK_LAYER, fused_splits
 from ..errors import QuantLoRAError
-from ..quant.flux_keys import BLOCK_LAYER, fused_splits
 from .slots import LoRASlots
 
 log = logging.getLogger("quantlora")

@@ -16,9 +16,9 @@ import traceback
 
 import torch
 
+from ..checkpoint.flux_keys import ANY_BLOCK
 from ..errors import QuantLoRAError
 from ..quant.backends import BACKENDS
-from ..quant.flux_keys import ANY_BLOCK
 
 GIB = 2 ** 30
 # Bits per weight of the transformer blocks' Linear layers (scales included, roughly), from each

@@ -1,1 +1,1 @@
-"""ComfyUI-facing node classes (thin: the logic lives in quant/ and lora/)."""
+"""ComfyUI-facing node classes (thin: the logic lives in quant/, checkpoint/, speed/, memory/ and lora/)."""

@@ -14,14 +14,14 @@ import torch
 
 import comfy.model_management as mm
 
+from ..checkpoint.flux_config import infer_arch
+from ..checkpoint.safetensors_io import TensorReader
+from ..checkpoint.sources import open_source
 from ..errors import QuantLoRAError, check_choice
 from ..memory import oom
-from ..quant.backends import available_backends, require_backend
-from ..quant.flux_config import infer_arch
-from ..quant.loader import LayerLoader, LoadReport
-from ..quant.safetensors_io import TensorReader
 from ..memory.sizes import module_bytes
-from ..quant.sources import open_source
+from ..quant.backends import available_backends, require_backend
+from ..quant.loader import LayerLoader, LoadReport
 from . import comfy_door
 from .quant_ops import loading_with, operations_for
 
@@ -114,7 +114,7 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
     asked), regional compile, the pack's sampling wrappers and the attention choice."""
     import os
 
-    from ..quant.compile import compile_blocks
+    from ..speed.compile import compile_blocks
     from . import runtime
 
     patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress)

@@ -7,11 +7,11 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..checkpoint.sources import list_checkpoints, resolve_checkpoint
 from ..errors import QuantLoRAError, check_choice
 from ..lora.hotswap import SLOT_LAYOUTS, TARGET_SETS
-from ..quant.attention import ATTENTION_CHOICES
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
-from ..quant.sources import list_checkpoints, resolve_checkpoint
+from ..speed.attention import ATTENTION_CHOICES
 from .bridge import COMPUTE_DTYPE_NAMES, build_model
 from .search_aliases import search_aliases
 

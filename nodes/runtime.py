@@ -18,7 +18,7 @@ from ..lora.formats import FluxDims
 from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
 from ..lora.merge import MergeState
 from ..memory import oom
-from ..quant.attention import resolve, sdpa_context, sdpa_override
+from ..speed.attention import resolve, sdpa_context, sdpa_override
 
 OPTS_KEY = "quantlora"
 STATE_ATTR = "_quantlora_hotswap"

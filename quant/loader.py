@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..checkpoint.flux_keys import BLOCK_LAYER
 from ..errors import QuantLoRAError
 from .backends import Backend, quantize_linear
-from .flux_keys import BLOCK_LAYER
 
 log = logging.getLogger("quantlora")
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: set-up (idempotent), Debian Chromium for the browser
 # tests if absent, then two pytest passes with the venv's python:
-#   0. layer 1 (tests/unit, LAYER1_DIR below): quant/, memory/ and lora/ on plain torch modules, ComfyUI unimportable;
+#   0. layer 1 (tests/unit, LAYER1_DIR below): quant/, checkpoint/, speed/, memory/ and lora/ on plain torch
+#      modules, ComfyUI unimportable;
 #   1. the rest of the suite (tests/comfy, tests/server, tests/browser) on ComfyUI v0.33.0 (.harness/ComfyUI,
 #      the primary harness: what users run);
 #   2. the server layer on ComfyUI 0.3.75 (.harness/ComfyUI-0.3.75, the oldest supported version):
@@ -30,8 +31,9 @@ OLD_COMFY_TESTS=(
 )
 # Left out there: twelve fresh loads of 0.3.75's smallest Flux (hidden 3072) took 150 s on 2 cores; the
 # same equality runs on v0.33 in pass 1, and the other LoRA server tests run in both passes.
-# Layer 1 (tests/unit): quant/, memory/ and lora/ on plain torch modules, run first and alone with ComfyUI made
-# unimportable (QUANTLORA_LAYER1=1, tests/conftest.py), so they prove they need none of it; pass 1 then skips them.
+# Layer 1 (tests/unit): quant/, checkpoint/, speed/, memory/ and lora/ on plain torch modules, run first and
+# alone with ComfyUI made unimportable (QUANTLORA_LAYER1=1, tests/conftest.py), so they prove they need none
+# of it; pass 1 then skips them.
 LAYER1_DIR=tests/unit
 OLD_COMFY_DESELECT=(
   tests/server/test_server_lora.py::test_alternating_loras_equal_fresh_loads
@@ -74,7 +76,7 @@ start=$(date +%s)
 rc0=skipped
 pass1_args=("$@")
 if [ "$#" -eq 0 ]; then
-  echo "========== layer 1: quant/, memory/ and lora/ without ComfyUI on the path =========="
+  echo "========== layer 1: quant/, checkpoint/, speed/, memory/ and lora/ without ComfyUI on the path =========="
   QUANTLORA_LAYER1=1 "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" "$LAYER1_DIR"
   rc0=$?
   pass1_args=("--ignore=$LAYER1_DIR")

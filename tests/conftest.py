@@ -65,8 +65,8 @@ def _register_pack():
 
 _register_pack()
 
-# Layer 1 (scripts/test.sh runs it first, alone): quant/, memory/ and lora/ on plain torch modules. With
-# QUANTLORA_LAYER1=1, ComfyUI's modules cannot be imported at all, so a layer-1 test that reaches
+# Layer 1 (scripts/test.sh runs it first, alone): quant/, checkpoint/, speed/, memory/ and lora/ on plain
+# torch modules. With QUANTLORA_LAYER1=1, ComfyUI's modules cannot be imported at all, so a layer-1 test that reaches
 # for them (directly or through the pack) fails instead of passing on ComfyUI's back.
 COMFY_MODULES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server",
                  "comfyui_version", "execution")

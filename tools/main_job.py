@@ -44,11 +44,11 @@ def import_comfy_in_process() -> None:
 
 
 def pack():
-    """The repository as the package `quantlora` (as ComfyUI imports it), for quant/ (needs no ComfyUI)."""
+    """The repository as the package `quantlora` (as ComfyUI imports it), for checkpoint/ (needs no ComfyUI)."""
     import importlib
 
     bootstrap.register_pack(ROOT)
-    importlib.import_module("quantlora.quant.sources")
+    importlib.import_module("quantlora.checkpoint.sources")
     return sys.modules["quantlora"]
 
 
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     os.makedirs(base, exist_ok=True)
     extra = []
 
-    list_checkpoints = pack().quant.sources.list_checkpoints
+    list_checkpoints = pack().checkpoint.sources.list_checkpoints
 
     if a.models:
         if not os.path.isdir(a.models):

@@ -152,7 +152,7 @@ def test_wrappers_accept_what_comfy_passes(door, name):
 
 
 def test_attention_override_accepts_what_comfy_passes(door):
-    from quantlora.quant.attention import sdpa_override
+    from quantlora.speed.attention import sdpa_override
 
     sig = inspect.signature(sdpa_override)
     sig.bind(object(), "q", "k", "v", 1, mask=None, skip_reshape=True, transformer_options={},

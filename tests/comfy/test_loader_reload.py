@@ -32,7 +32,7 @@ def test_reload_gives_the_same_layer_classes(flux_path, quantization):
 def test_compiled_blocks_of_a_reloaded_model_do_not_recompile(flux_path):
     import torch._dynamo
 
-    from quantlora.quant.compile import compile_blocks
+    from quantlora.speed.compile import compile_blocks
 
     block_in = None
     torch._dynamo.reset()

@@ -195,7 +195,7 @@ def test_lora_on_layers_without_slots(flux_file, tmp_path):
 @pytest.mark.slow
 def test_compiled_swaps_never_recompile(flux_file, tmp_path):
     import torch._dynamo
-    from quantlora.quant.compile import compile_blocks
+    from quantlora.speed.compile import compile_blocks
 
     paths = {k: lora_file(tmp_path, f, seed=s)[0] for k, f, s in (("A", "kohya", 10), ("B", "diffusers", 11))}
     eager, compiled = load(flux_file), load(flux_file)

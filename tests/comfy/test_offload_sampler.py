@@ -44,7 +44,7 @@ def flux_file(comfy, tmp_path_factory):
 def lora_files(flux_file, tmp_path_factory):
     """Two BFL-layout LoRAs (rank 4 and 8) on every block linear, registered as ComfyUI 'loras'."""
     import folder_paths
-    from quantlora.quant.safetensors_io import read_header
+    from quantlora.checkpoint.safetensors_io import read_header
 
     d = tmp_path_factory.mktemp("loras")
     shapes = {k: v.shape for k, v in read_header(flux_file).tensors.items()}

@@ -84,7 +84,7 @@ def test_pack_matches_diffusers_fp32(tiny, reference, layout):
 
 @torch.no_grad()
 def test_schnell_and_inferred_arch(comfy, tmp_path):
-    from quantlora.quant.flux_config import infer_arch
+    from quantlora.checkpoint.flux_config import infer_arch
     from quantlora.tools import demo_models as dm
 
     cfg = dict(dm.demo_flux_config(), guidance_embed=False)

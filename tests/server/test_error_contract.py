@@ -165,7 +165,7 @@ def _header_file(path, header: dict, data: bytes = b""):
                                    {"dtype": 5, "shape": [4], "data_offsets": [0, 16]},
                                    {"dtype": "F32", "shape": [4], "data_offsets": [0, 8, 16]}])
 def test_malformed_header_entries(tmp_path, entry):
-    from quantlora.quant.safetensors_io import read_header
+    from quantlora.checkpoint.safetensors_io import read_header
 
     path = _header_file(tmp_path / "bad-entry.safetensors", {"w": entry}, b"\0" * 16)
     msg = _raises(read_header, path)
@@ -174,7 +174,7 @@ def test_malformed_header_entries(tmp_path, entry):
 
 def test_unknown_dtype_in_data(tmp_path):
     """A header safetensors itself refuses: its own error type, wrapped."""
-    from quantlora.quant.safetensors_io import load_state_dict
+    from quantlora.checkpoint.safetensors_io import load_state_dict
 
     path = _header_file(tmp_path / "bad-dtype.safetensors", {"w": {"dtype": "F99", "shape": [4], "data_offsets": [0, 16]}},
                         b"\0" * 16)
@@ -184,7 +184,7 @@ def test_unknown_dtype_in_data(tmp_path):
 
 def test_norm_scale_of_size_zero(comfy):
     """Was ZeroDivisionError in the architecture inference."""
-    from quantlora.quant.flux_config import infer_arch
+    from quantlora.checkpoint.flux_config import infer_arch
 
     shapes = {"img_in.weight": (64, 64), "double_blocks.0.img_attn.norm.key_norm.scale": (0,)}
     msg = _raises(infer_arch, shapes, "zero-norm.safetensors")
@@ -273,7 +273,7 @@ def test_server_bad_combo_value_and_nan_strength(server):
 # ---------------------------------------------------------------- the rest of the table in docs/errors.md (in-process)
 
 def test_checkpoint_name_is_not_a_path(tmp_path):
-    from quantlora.quant.sources import resolve_checkpoint
+    from quantlora.checkpoint.sources import resolve_checkpoint
 
     for name in ("/etc/passwd", "../secret.safetensors", "a/../../b.safetensors"):
         assert "give a name from the model list" in _raises(resolve_checkpoint, name, [str(tmp_path)])
@@ -282,7 +282,7 @@ def test_checkpoint_name_is_not_a_path(tmp_path):
 
 
 def test_source_kinds(tmp_path):
-    from quantlora.quant.sources import open_source
+    from quantlora.checkpoint.sources import open_source
 
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
@@ -300,7 +300,7 @@ def test_source_kinds(tmp_path):
 @pytest.mark.parametrize("content,expect", [(b"", "only 0 bytes"), (b"\x05\x00\x00\x00\x00\x00\x00\x00{abcd", "not valid JSON"),
                                             (b"\x00" * 16, "header length 0")])
 def test_damaged_headers(tmp_path, content, expect):
-    from quantlora.quant.safetensors_io import read_header
+    from quantlora.checkpoint.safetensors_io import read_header
 
     path = tmp_path / "damaged.safetensors"
     path.write_bytes(content)

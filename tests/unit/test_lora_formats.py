@@ -1,7 +1,7 @@
 """lora/formats.py: every LoRA format parses to exact BFL-module deltas; bad files fail with clear errors.
 
 Layer 1: no ComfyUI. The writers and name tables here are written independently of the parser
-(and of quant/flux_keys.py), so a wrong mapping in either shows up as a dense-delta mismatch.
+(and of checkpoint/flux_keys.py), so a wrong mapping in either shows up as a dense-delta mismatch.
 """
 from __future__ import annotations
 

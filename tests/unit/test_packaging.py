@@ -18,7 +18,8 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     (whl,) = tmp_path.glob("quantlora-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
     for must in ("quantlora/__init__.py", "quantlora/errors.py", "quantlora/nodes/loader_node.py", "quantlora/lora/merge.py",
-                 "quantlora/quant/weight_codecs.py", "quantlora/memory/offload.py", "quantlora/client/cli.py", "quantlora/tools/demo_models.py",
+                 "quantlora/quant/weight_codecs.py", "quantlora/checkpoint/sources.py",
+                 "quantlora/speed/compile.py", "quantlora/memory/offload.py", "quantlora/client/cli.py", "quantlora/tools/demo_models.py",
                  "quantlora/web/vram_widget.js", "quantlora/example_workflows/flux-nf4-lora.json"):
         assert must in names, must
     assert not [n for n in names if n.startswith(("quantlora/tests/", "quantlora/bench/", "tests/", "client/", "nodes/"))]
@@ -30,7 +31,7 @@ def test_wheel_builds_installs_and_runs(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     env = dict(os.environ, PYTHONPATH=str(target))
-    code = ("import quantlora.lora.merge, quantlora.quant.weight_codecs, sys; "
+    code = ("import quantlora.lora.merge, quantlora.quant.weight_codecs, quantlora.checkpoint.sources, quantlora.speed.compile, sys; "
             "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules); "
             "from quantlora.client.cli import main; sys.argv = ['quantlora-run', '--help']; main()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
@@ -47,7 +48,7 @@ def test_requirements_match_pyproject_and_imports():
     assert sorted(deps) == sorted(reqs)
     names = {re.split(r"[<>=]", d)[0].lower() for d in deps}
     imported = set()
-    for sub in ("nodes", "quant", "memory", "lora", "client", "tools"):
+    for sub in ("nodes", "quant", "checkpoint", "speed", "memory", "lora", "client", "tools"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, sub)):
             for fn in files:
                 if fn.endswith(".py"):

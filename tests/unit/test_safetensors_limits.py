@@ -8,7 +8,7 @@ import time
 import pytest
 
 from quantlora.errors import QuantLoRAError
-from quantlora.quant.safetensors_io import load_state_dict, read_header
+from quantlora.checkpoint.safetensors_io import load_state_dict, read_header
 
 
 def write_raw(path, header_text: str, data: bytes = b"\0" * 16):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .flux_keys import BFL_BLOCK_LISTS as BLOCK_LISTS
+from ..checkpoint.flux_keys import BFL_BLOCK_LISTS as BLOCK_LISTS
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:

@@ -1,0 +1,1 @@
+"""How fast a loaded Flux transformer runs: SDPA backend choice and regional torch.compile (no ComfyUI import)."""
