@@ -151,6 +151,8 @@ def test_comfy_peers_dry_run(tmp_path):
             assert len(got[tag + v]["switch_s"]) == 2 and got[tag + v]["step_lora_s"] > 0
         slotted = got[tag + "ours torchao-int8-weight-only compile (regional) + slots r64 (none active)"]
         assert len(slotted["switch_s"]) == 2 and slotted["recompiles"] == []
+        merged = got[tag + "ours torchao-int8-weight-only compile (regional) + LoRA merge (none active)"]
+        assert len(merged["switch_s"]) == 2 and merged["recompiles"] == [] and merged["lora_stats"]["merge"]["swaps"] >= 2
         assert tag + "ours torchao-int8-weight-only compile (regional)" in got
         assert got[tag + "graph bf16 -> FP8LayerwiseCast + LoRAHotswap + CPUOffloadSampler block (2 steps)"]["equal_to_none"]
     assert "v0.33 dynamic off: comfyui fp8_e4m3fn_fast, each block compiled" in got
