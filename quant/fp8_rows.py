@@ -80,14 +80,24 @@ def enabled() -> bool:
 
 
 def applies(w) -> bool:
-    """A torchao Float8Tensor with one scale per row, e4m3, on a CUDA device, kernels available."""
-    if type(w).__name__ != "Float8Tensor" or not enabled():
+    """A torchao Float8Tensor with one scale per row, e4m3, on a CUDA device, kernels available, and
+    torchao itself quantizing with its plain torch path (where its mslk kernels are installed, from_hp
+    uses those instead, with their own rounding: the eager merge then calls them)."""
+    if type(w).__name__ != "Float8Tensor" or not enabled() or _torchao_uses_mslk():
         return False
     q, s = getattr(w, "qdata", None), getattr(w, "scale", None)
     return (q is not None and q.is_cuda and q.dtype == torch.float8_e4m3fn and q.dim() == 2
             and q.is_contiguous() and s is not None and s.dtype == torch.float32 and s.numel() == q.shape[0]
             and s.is_contiguous() and w.dtype in _HP and list(getattr(w, "block_size", [])) == [1, q.shape[1]]
             and triton is not None)
+
+
+def _torchao_uses_mslk() -> bool:
+    try:
+        from torchao.utils import _is_mslk_available
+    except ImportError:  # a torchao without that switch has only the torch path
+        return False
+    return bool(_is_mslk_available())
 
 
 _BLOCK = 1024
