@@ -89,6 +89,9 @@ class MergeState:
         self._merged: dict[str, list[tuple]] = {}  # name -> _stamps of its storage after our write
         self.swaps = 0
         self.report = MergeReport(pristine_place=pristine)
+        # where host-resident layers (streamed under offload) are merged: None = the GPU the rest of
+        # the model is on, if any (tests set a device to force the copy-out path on a CPU)
+        self.compute_device: torch.device | None = None
         self._arena = HostArena()
 
     @property
@@ -118,7 +121,7 @@ class MergeState:
             return
         if self.place == "host":
             flat = [t for ts in todo.values() for t in ts]
-            copies = self._arena.copies(flat, lock=flat[0].is_cuda)
+            copies = self._arena.copies(flat, lock=any(t.is_cuda for t in flat))
             it = iter(copies)
             for name, ts in todo.items():
                 self._pristine[name] = [next(it) for _ in ts]
@@ -145,10 +148,17 @@ class MergeState:
         self._capture({n: st for (n, _), st in zip(layers, storages) if n not in self._pristine})
         self._merged = {}
         self.key = ()  # a failure half way leaves no claim about what the weights hold
-        device = storages[0][0].device if storages else torch.device("cpu")
-        # the LoRA's matrices to each layer's device (the host for streamed layers under offload) in
-        # one go before the loop queues kernels: copies from pageable memory between them stall the queue
-        where = {n: st[0].device for (n, _), st in zip(layers, storages)}
+        device = next((st[0].device for st in storages if st[0].is_cuda), None) or _cuda_device(self.root) \
+            or torch.device("cpu")
+        compute = self.compute_device or (device if device.type == "cuda" else None)
+        # host-resident layers (streamed blocks under offload) whose weights move cleanly are merged on
+        # the compute device and written back: the same arithmetic, bit for bit, as a resident layer's
+        # (a CPU merge rounds torchao's scales another way) and a GPU's speed
+        away = {n for (n, layer), st in zip(layers, storages)
+                if compute is not None and n in deltas and st[0].device.type == "cpu" and _movable(layer)}
+        # the LoRA's matrices to where each layer is merged, in one go before the loop queues kernels:
+        # copies from pageable memory between them stall the queue
+        where = {n: (compute if n in away else st[0].device) for (n, _), st in zip(layers, storages)}
         moved = {n: [(d, d.up.to(where[n], non_blocking=True), d.down.to(where[n], non_blocking=True)) for d in ds]
                  for n, ds in deltas.items()}
         with _copy_stream(device) as (side, events):
@@ -163,10 +173,14 @@ class MergeState:
                 if side is not None:
                     torch.cuda.current_stream(device).wait_event(events[i])
                 if n in moved:
-                    full = codecs.dequantize(layer)
+                    target = _OnDevice(layer, compute) if n in away else layer
+                    full = codecs.dequantize(target)
                     for d, up, down in moved[n]:
                         full[d.offset:d.offset + up.shape[0]].addmm_(up.float(), down.float(), alpha=d.scale)
-                    codecs.write(layer, full, st)
+                    codecs.write(target, full)
+                    if target is not layer:
+                        for host, new in zip(st, codecs.storage(target)):
+                            host.copy_(new)
         self._merged = {n: _stamps(codecs.storage(base_layer(self.root, n))) for n in deltas}
         self.key = key if deltas else ()
         if device.type == "cuda":
@@ -198,9 +212,34 @@ class MergeState:
         self.place = self.report.pristine_place = place
 
 
+class _OnDevice:
+    """A host-resident layer's weight (and fp8 scale) copied to the compute device, for the codecs to
+    merge there; the caller copies its storage back into the layer's."""
+
+    def __init__(self, layer: nn.Module, device: torch.device):
+        w = layer.weight
+        self.weight = w.to(device) if w.device != device else w.clone()
+        s = getattr(layer, "scale_weight", None)
+        self.scale_weight = s.to(device) if isinstance(s, torch.Tensor) else s
+
+
+def _movable(layer: nn.Module) -> bool:
+    """Weights that copy to another device as they are (bitsandbytes and quanto carry states that
+    do not: those stay merged where they live)."""
+    try:
+        return codecs.codec_of(layer).kind in ("float", "fp8", "torchao")
+    except QuantLoRAError:
+        return False
+
+
+def _cuda_device(root: nn.Module) -> torch.device | None:
+    p = next((p for p in root.parameters(recurse=False) if p.is_cuda), None) or next(
+        (p for _, c in zip(range(4), root.children()) for p in c.parameters() if p.is_cuda), None)
+    return p.device if p is not None else None
+
+
 def _on_cuda(root: nn.Module) -> bool:
-    return any(p.is_cuda for p in root.parameters(recurse=False)) or any(
-        p.is_cuda for _, c in zip(range(4), root.children()) for p in c.parameters())
+    return _cuda_device(root) is not None
 
 
 def pin_lora(lora) -> None:

@@ -344,3 +344,27 @@ def test_nf4_repacked_for_cpu_is_refused_by_merge_and_auto_keeps_slots():
     with pytest.raises(QuantLoRAError, match=r"double_blocks\.0\.proj.*repacked.*'slots'"):
         MergeState(root).check([(lora(1), 1.0)])
     assert choose("auto", root, [(lora(1), 1.0)], False, 0, None)[0] == "slots"
+
+
+@pytest.mark.parametrize("backend", ["none", "fp8-cast", "torchao-int8-weight-only", "torchao-fp8-weight-only",
+                                     "quanto-int8", "bnb-int8"])
+def test_host_layers_merged_on_a_compute_device_equal_in_place(backend):
+    """Under offload, streamed layers live on the host and are merged on the GPU the model runs on
+    (a copy of the weight, merged there, written back). Forced here on the CPU as the 'compute
+    device': the result must equal the in-place merge bit for bit for every weight kind that moves
+    (float, fp8 storage, torchao), and kinds that do not move (quanto, bitsandbytes) stay in place;
+    restores stay bit-exact."""
+    from quantlora.lora.merge import MergeState
+
+    a, b = quantize(tree(), backend), quantize(tree(), backend)
+    bare = storage_of(a)
+    lo1, lo2 = lora(1), lora(2, rank=4)
+    here, away = MergeState(a), MergeState(b)
+    away.compute_device = torch.device("cpu")
+    for key, loras in [(("a",), [(lo1, 1.0)]), (("b",), [(lo2, 0.5), (lo1, 1.0)]), (("c",), [(lo2, 1.0)])]:
+        here.activate(key, loras)
+        away.activate(key, loras)
+        assert same(storage_of(a), storage_of(b)), key
+    away.deactivate()
+    assert same(storage_of(b), bare)
+
