@@ -11,7 +11,10 @@ Rows (one JSON file, results-offload.json, in --out):
   peak_ratio_vs_no_offload, equal_to_no_offload (same inputs, bit for bit) and max_abs_diff,
   setup_s (hooks + pinning, or the move in for model), working_set_gib, strategy, stream.
 - "fp8 cast offload block + lora slots r64": a rank-64 LoRA active through the slots, swapped to a
-  rank-32 one while offloaded; both outputs against the same LoRAs without offload.
+  rank-32 one while offloaded; both outputs against the same LoRAs without offload. With
+  --node-lora-mode merge: "fp8 cast offload block + lora merge r64 card N", the LoRAs merged into
+  the weights (lora/merge.MergeState; streamed layers merged on the GPU into their pinned host
+  copies), same fields plus merge_s (the first merge, offloaded), merged_layers, pristine_gib.
 - "node CPUOffloadSampler ...": the ComfyUI path (FP8LayerwiseCast -> LoRAHotswap ->
   CPUOffloadSampler, 2 euler steps): latents of block / auto against none, the node's peak VRAM
   text, ModelPatcher.load calls during the offloaded run (0: ComfyUI did not load the weights
@@ -31,6 +34,11 @@ re-plan itself, less the ballast: blocks leaving the card are freed before other
 so it stays within max(old, new plan)) and replan_within_card; before a smaller card than the
 last, the offload is first shrunk to the new card's plan (preshrunk), as the last plan's resident
 blocks would not fit beside the new ballast.
+Kinds in --rebase-kinds (default torchao fp8, whose eager no-offload step varied by 20% within a
+run) measure the no-offload step again right after each card, in the same process state: ballast
+dropped, the offload re-planned in place with every block resident (the hooks have nothing to
+move), the same timed call, then re-planned back to the card's plan. Their step_ratio_vs_no_offload
+(and floor) is to that adjacent_base_step_s; step_ratio_vs_first_baseline is to the eager row's.
 Kinds and cards: bf16 12/16/24, fp8 cast 8/12/16, NF4 6/8, torchao fp8 8/12/16 ("pinned H2D
 bandwidth" row first: the floor's bandwidth, measured in the same run). "comfy partial" rows:
 ComfyUI's own partial loading (this process: dynamic VRAM off; comfy_peers.py has it on) sampling
@@ -217,7 +225,10 @@ class OffloadBench(Bench):
 
     def lora_row(self, p):
         """fp8 cast + LoRA slots r64 + block offload (the fp8 cast card 12 budget when measured:
-        part resident, part streamed); swap while offloaded."""
+        part resident, part streamed); swap while offloaded. --node-lora-mode merge: the same
+        with the LoRA merged into the weights (lora_merge_row)."""
+        if self.args.node_lora_mode == "merge":
+            return self.lora_merge_row(p)
         from quantlora.lora.formats import load_lora
         from quantlora.nodes import runtime
         from quantlora.memory import offload as off
@@ -238,9 +249,7 @@ class OffloadBench(Bench):
         self.unload()
         dm.to("cpu")
         self.reset_peak()
-        card = next((k for k in self.card_plans if k[0] == "fp8 cast" and k[1] == 12), None) or \
-            next((k for k in self.card_plans if k[0] == "fp8 cast"), None)
-        budget, step_nolora = self.card_plans[card] if card else (None, None)
+        card, budget, step_nolora = self.lora_card()
         state.buffers_placed_by_offload = True  # as CPUOffloadSampler sets it
         st = off.apply_offload(dm, "block", self.dev, "cpu", budget=budget)
         state.activate(("r64",), [(loras[64], 1.0)])
@@ -265,6 +274,77 @@ class OffloadBench(Bench):
         off.remove_offload(dm)
         state.deactivate()
         self.reset_peak()
+
+    def lora_card(self):
+        """(card key, weights budget, no-LoRA step) of the fp8 cast card the LoRA rows use: 12, else
+        the first fp8 cast card measured, else (None, None, None): every block streamed."""
+        card = next((k for k in self.card_plans if k[0] == "fp8 cast" and k[1] == 12), None) or \
+            next((k for k in self.card_plans if k[0] == "fp8 cast"), None)
+        budget, step_nolora = self.card_plans[card] if card else (None, None)
+        return card, budget, step_nolora
+
+    def lora_merge_row(self, p):
+        """fp8 cast + a LoRA r64 merged into the weights (lora/merge.MergeState) + block offload at
+        the same card as the slots row: the references without offload on the device (r64 timed,
+        r32), then the offload, r64 merged into the offloaded model (streamed layers merged on the
+        GPU and written back to their pinned host copies), timed steps, a swap to r32 and a forward."""
+        from quantlora.lora.formats import load_lora
+        from quantlora.lora.merge import MergeState
+        from quantlora.nodes import runtime
+        from quantlora.memory import offload as off
+
+        dm = p.model.diffusion_model
+        dims = runtime.dims_of(dm)
+        loras = {r: load_lora(self.write_lora(r, seed=r), dims) for r in (64, 32)}
+        state = MergeState(dm)
+        st = None
+        try:
+            self.to_gpu(p)
+            refs = {}
+            for r in (64, 32):
+                state.activate((f"r{r}",), [(loras[r], 1.0)])
+                self.reset_peak()
+                if r == 64:
+                    _, base_step, refs[r] = self.timed(dm, 2)
+                    base_peak = self.peak_bytes()
+                else:
+                    refs[r] = self.fwd(dm)
+            state.deactivate()
+            self.unload()
+            dm.to("cpu")
+            self.reset_peak()
+            card, budget, step_nolora = self.lora_card()
+            st = off.apply_offload(dm, "block", self.dev, "cpu", budget=budget)
+            self.sync()
+            t0 = time.perf_counter()
+            state.activate(("r64",), [(loras[64], 1.0)])
+            self.sync()
+            merge_s = time.perf_counter() - t0
+            _, step, out64 = self.timed(dm, self.args.offload_repeats)
+            self.sync()
+            t0 = time.perf_counter()
+            state.activate(("r32",), [(loras[32], 1.0)])
+            self.sync()
+            swap = time.perf_counter() - t0
+            out32 = self.fwd(dm)
+            peak = self.peak_bytes()
+            self.row(variant="fp8 cast offload block + lora merge r64" + (f" card {card[1]:g}" if card else ""),
+                     step_s=step, step_ratio_vs_no_offload=step / base_step,
+                     step_ratio_vs_no_lora_same_card=(step / step_nolora) if step_nolora else None,
+                     budget_gib=self.gib(budget), resident_blocks=st.n_resident, n_blocks=st.n_blocks,
+                     streamed_gib_per_step=self.gib(st.streamed_bytes),
+                     peak_vram_gib=self.gib(peak), peak_ratio_vs_no_offload=(peak / base_peak) if peak else None,
+                     equal_to_no_offload=bool(torch.equal(out64, refs[64])),
+                     swapped_r32_equal_to_no_offload=bool(torch.equal(out32, refs[32])),
+                     lora_effect=self.rel(refs[64], self.no_off["fp8 cast"][2]), swap_s=swap,
+                     merge_s=merge_s, merged_layers=state.report.layers,
+                     pristine_gib=self.gib(state.report.pristine_bytes), strategy=st.strategy,
+                     stream=st.spec.use_stream)
+        finally:
+            if st is not None:
+                off.remove_offload(dm)
+            state.deactivate()  # the weights as loaded, for the node rows
+            self.reset_peak()
 
     # ---------- emulated cards (issue 13) ----------
     # full-size weights per kind (BENCHMARKS.md): smaller sizes scale the cards to the same share
@@ -346,6 +426,8 @@ class OffloadBench(Bench):
         self.unload()
         dm.to("cpu")
         per_card = 4 + (self.args.offload_repeats + 2) * base_step * 3.5
+        if kind in self.args.rebase_kinds:  # the adjacent baseline: two re-plans and its forwards
+            per_card += 4 + (self.args.offload_repeats + 2) * base_step * 1.5
         try:
             for n in cards:
                 name = f"offload block {kind} card {n:g}"
@@ -384,14 +466,13 @@ class OffloadBench(Bench):
                     first, step, out = self.timed(dm, self.args.offload_repeats)
                     peak = self.peak_bytes()
                     peak_card = None if peak is None else peak - nb
-                    floor = max(1.0, st.streamed_bytes / self.bw / base_step)
                     self.card_plans[(kind, n)] = (plan.budget, step)
-                    self.row(variant=name, card_gib=round(free_target / GIB, 3), budget_gib=self.gib(plan.budget),
+                    r = dict(variant=name, card_gib=round(free_target / GIB, 3), budget_gib=self.gib(plan.budget),
                              reserve_gib=self.gib(reserve), resident_blocks=st.n_resident, n_blocks=st.n_blocks,
                              resident_share=(st.nonblock + st.residency.resident_bytes) / st.model_bytes,
                              streamed_gib_per_step=self.gib(st.streamed_bytes), step_s=step,
-                             step_ratio_vs_no_offload=step / base_step, floor_ratio=floor,
-                             vs_floor=(step / base_step) / floor, predicted_ratio=plan.predicted_ratio,
+                             step_ratio_vs_no_offload=step / base_step, floor_ratio=None, vs_floor=None,
+                             predicted_ratio=plan.predicted_ratio,
                              peak_vram_gib=self.gib(peak_card), within_card=None if peak_card is None else peak_card <= free_target,
                              peak_reserved_gib=self.gib(torch.cuda.max_memory_reserved() - nb) if self.cuda else None,
                              equal_to_no_offload=bool(torch.equal(out, base_out)),
@@ -403,6 +484,18 @@ class OffloadBench(Bench):
                              prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
                              host_waits=st.streamer.stats["waits"], pinned_gib=self.gib(st.streamer.pinned_bytes),
                              lookahead=st.residency.lookahead, plan=plan.describe())
+                    ref_step = base_step
+                    if kind in self.args.rebase_kinds:
+                        out, ballast = None, None
+                        adj = self.adjacent_base(dm, 2 * weights, plan, base_out)
+                        r.update(adj)
+                        if adj.get("adjacent_base_step_s"):
+                            ref_step = adj["adjacent_base_step_s"]
+                            r["step_ratio_vs_first_baseline"] = step / base_step
+                            r["step_ratio_vs_no_offload"] = step / ref_step
+                    floor = max(1.0, st.streamed_bytes / self.bw / ref_step)
+                    r.update(floor_ratio=floor, vs_floor=(step / ref_step) / floor)
+                    self.row(**r)
                 except Exception as e:  # one card failing (an OOM) must not lose the others
                     peak = self.peak_bytes()
                     self.error_row(name, e, replanned=replanned, preshrunk=preshrunk,
@@ -418,6 +511,40 @@ class OffloadBench(Bench):
             except Exception as e:
                 self.error_row(f"remove offload {kind}", e)
             self.reset_peak()
+
+    def adjacent_base(self, dm, all_budget: int, plan, base_out) -> dict:
+        """The no-offload step measured right after a card's (--rebase-kinds), in the same state of
+        the process: the card's ballast is gone (the caller dropped it), the offload is re-planned
+        in place with every block resident (a budget of all_budget: the stream hooks stay but have
+        nothing to move, so the forward is the plain model's on the device), timed with the same
+        call as the card, then re-planned back to the card's plan, so the next card re-plans from
+        this one's as without the baseline. Fields for the card's row; an error is recorded there."""
+        from quantlora.memory import offload as off
+
+        try:
+            self.reset_peak()
+            t0 = time.perf_counter()
+            st = off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=all_budget, timing=plan.timing)
+            self.sync()
+            promote = time.perf_counter() - t0
+            if st.streamed_bytes:
+                raise RuntimeError(f"the baseline re-plan still streams {st.streamed_bytes} bytes")
+            _, adj_step, adj_out = self.timed(dm, self.args.offload_repeats)
+            equal = bool(torch.equal(adj_out, base_out))
+            adj_out = None
+            peak = self.peak_bytes()
+            t0 = time.perf_counter()
+            off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=plan.budget, timing=plan.timing)
+            self.sync()
+            return dict(adjacent_base_step_s=adj_step, adjacent_base_equal_to_first=equal,
+                        adjacent_base_peak_vram_gib=self.gib(peak), adjacent_base_replan_s=promote,
+                        adjacent_back_replan_s=time.perf_counter() - t0)
+        except Exception as e:  # the card's row keeps its first-baseline ratio
+            import traceback
+
+            traceback.print_exc()
+            log(f"FAILED adjacent baseline: {type(e).__name__}: {e}")
+            return dict(adjacent_base_error=f"{type(e).__name__}: {str(e)[:300]}")
 
     def comfy_rows(self, weight_dtype: str, kind: str, cards):
         """ComfyUI's own partial loading (v0.33's ModelPatcher, dynamic VRAM off in this process)
@@ -565,8 +692,13 @@ def main():
     ap.add_argument("--offload-repeats", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds from the process start (default: 190 at full size, else none)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--rebase-kinds", default="torchao fp8",
+                    help="cards section: kinds whose no-offload step is measured again right after each card "
+                         "(every block resident, no ballast, same process state); their step_ratio_vs_no_offload "
+                         "is to that adjacent baseline (step_ratio_vs_first_baseline: to the eager row's)")
     ap.add_argument("--node-lora-mode", default="slots", choices=("slots", "merge"),
-                    help="node section: LoRAHotswap's mode before CPUOffloadSampler")
+                    help="node section: LoRAHotswap's mode before CPUOffloadSampler; lora section: the lora row's "
+                         "mode (slots: LoRA slots r64; merge: merged into the weights, lora/merge.MergeState)")
     args = ap.parse_args()
     if args.sections is None:
         args.sections = "cards,lora,node,comfy" if args.size == "full" else "cast,offload,lora,node,cards"
@@ -574,6 +706,7 @@ def main():
     args.variants = args.variants.split(",")
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     args.cards = parse_cards(args.cards)
+    args.rebase_kinds = {k.strip() for k in args.rebase_kinds.split(",") if k.strip()}
     args.modes = [m for m in args.modes.split(",") if m]
     if args.time_limit is None:
         args.time_limit = 190.0 if args.size == "full" else 1e9

@@ -367,7 +367,8 @@ class Peers:
         del p
         self.free()
 
-    def section_ours_fp8(self, slots: bool, merge: bool = False):
+    def section_ours_fp8(self, slots: bool, merge: bool = False, attention: str = "auto", profile: bool = False,
+                         tune: bool = False):
         """The example workflow (b)'s core: QuantizedFluxLoader(fp8 dynamic, lora_max_rank 64 or 0, compile
         regional) -> [LoRAHotswap] -> KSampler. Slots come before the compile (the loader's lora_max_rank),
         so swaps should never recompile; recompiles are counted (torch._dynamo's error_on_recompile).
@@ -384,11 +385,18 @@ class Peers:
         loads0 = dict(self.loads)
         before = self.used()
         t0 = time.perf_counter()
-        p = QuantizedFluxLoader.execute(os.path.basename(self.b.path), q, "auto", lora_max_rank=64 if slots else 0,
-                                        compile="regional").args[0]
+        if tune:
+            os.environ["QUANTLORA_INDUCTOR_TUNE"] = "1"
+        try:
+            p = QuantizedFluxLoader.execute(os.path.basename(self.b.path), q, "auto", lora_max_rank=64 if slots else 0,
+                                            compile="regional",
+                                            attention=attention).args[0]
+        finally:
+            os.environ.pop("QUANTLORA_INDUCTOR_TUNE", None)
         load_s = time.perf_counter() - t0
         rep = p.model_options.get("quantlora", {}).get("report")
-        name = f"ours {q} compile (regional)" + (" + slots r64" if slots else "") + (" + LoRA merge" if merge else "")
+        name = (f"ours {q} compile (regional)" + (" + slots r64" if slots else "") + (" + LoRA merge" if merge else "")
+                + (f", attention {attention}" if attention != "auto" else "") + (", inductor tuning" if tune else ""))
         r = self.sample(p, self.args.steps, t_apply=t0, label=name + (" (none active)" if slots or merge else ""))
         r2 = self.sample(p, self.args.steps)
         r["steady"] = min(r["steady"], r2["steady"])
@@ -423,8 +431,45 @@ class Peers:
                  used_loaded_gib=used_loaded, nvidia_smi_used_gib=self.nvidia_smi_used(), comfy_listed=listed,
                  patcher=type(p).__name__, loads={k: self.loads[k] - loads0[k] for k in self.loads},
                  lora_stats=runtime.stats() if slots or merge else None)
+        if profile and self.cuda:
+            self.profile_sampling(p, name)
         del p
         self.free()
+
+    def profile_sampling(self, model, name, steps=3):
+        """Kernel time per sampled step by kind (GEMMs, attention, Triton, copies, other) against the
+        wall step: what the base step is made of, and how long the GPU waits on the host."""
+        from torch.profiler import ProfilerActivity, profile
+
+        torch = self.torch
+        self.sample(model, 2)  # a LoRA merged by an earlier sampling is restored here, not in the profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            r = self.sample(model, steps)
+            torch.cuda.synchronize()
+        kinds = {"gemm": 0.0, "attention": 0.0, "triton": 0.0, "copy": 0.0, "other": 0.0}
+        table = []
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", 0) or 0
+            if t <= 0 or not str(getattr(e, "device_type", "")).endswith("CUDA"):
+                continue
+            k = e.key.lower()
+            kind = ("attention" if any(w in k for w in ("flash", "fmha", "attention", "cudnn", "sdpa")) else
+                    "gemm" if any(w in k for w in ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "sm90_", "_mm")) else
+                    "triton" if k.startswith("triton") else
+                    "copy" if "memcpy" in k or "copy" in k else "other")
+            kinds[kind] += t / 1e3 / steps
+            table.append((t / 1e3 / steps, e.count // steps, e.key[:140]))
+        table.sort(reverse=True)
+        slug = "".join(c if c.isalnum() else "-" for c in name)[:80]
+        os.makedirs(self.args.out, exist_ok=True)
+        with open(os.path.join(self.args.out, f"profile-{slug}.txt"), "w") as f:
+            f.write(f"{name}: per sampled step (mean of {steps})\n")
+            for ms, n, key in table:
+                f.write(f"{ms:9.3f} ms {n:6d}x  {key}\n")
+        kernel_ms = sum(kinds.values())
+        self.row(name + ": profile", wall_step_ms=r["steady"] * 1e3, kernel_ms=kernel_ms,
+                 gpu_busy_share=kernel_ms / (r["steady"] * 1e3) if r["steady"] else None,
+                 **{f"{k}_ms": v for k, v in kinds.items()}, top=[(round(a, 3), n, k[:90]) for a, n, k in table[:12]])
 
     def section_graph(self):
         """The example workflows' cores through the pack's nodes, fixed seed: latents kept for on vs off."""
@@ -504,7 +549,13 @@ class Peers:
                 ("comfy default", lambda: self.section_comfy("default"), 45 if off else 35)]
         if off:
             plan.append(("comfy fp8_e4m3fn_fast compiled", lambda: self.section_comfy("fp8_e4m3fn_fast", compiled=True), 45))
-        plan += [("ours fp8 compile + merge", lambda: self.section_ours_fp8(False, merge=True), 40),
+        for v in (v for v in self.args.merge_variants.split(",") if v):
+            att, *extra = v.split("+")
+            plan.append((f"ours fp8 compile + merge" + (f", {v}" if v != "auto" else ""),
+                         lambda att=att, extra=extra: self.section_ours_fp8(
+                             False, merge=True, attention=att, profile=self.args.profile_merge,
+                             tune="tune" in extra), 80 if "tune" in extra else 40))
+        plan += [
                  ("ours fp8 compile + slots", lambda: self.section_ours_fp8(True), 40),
                  ("graph", self.section_graph, 45),
                  ("ours fp8 compile, no slots", lambda: self.section_ours_fp8(False), 25)]
@@ -645,6 +696,9 @@ def main():
     ap.add_argument("--sections", default="", help="comma-separated name prefixes (default: all)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for everything; sections that do not fit are skipped")
     ap.add_argument("--on-share", type=float, default=0.47, help="share of the time left after the model is written for 'on'")
+    ap.add_argument("--merge-variants", default="auto", help="merge sections, comma-separated: an attention choice "
+                    "(speed/attention.py), optionally +tune (QUANTLORA_INDUCTOR_TUNE=1)")
+    ap.add_argument("--profile-merge", action="store_true", help="profile a sampled step of each merge section")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--grace", type=float, default=25.0, help="seconds past a process's deadline before it is killed")
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)

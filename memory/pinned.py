@@ -11,12 +11,17 @@ No ComfyUI import.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
+import time
 import weakref
 
 import torch
 
 log = logging.getLogger("quantlora")
 _ALIGN = 256
+_HUGE_MIN = 64 << 20
+_FAST = os.environ.get("QUANTLORA_PIN_METHOD", "fast") != "plain"  # plain: torch.empty, registered as it is
 
 
 class HostArena:
@@ -27,6 +32,7 @@ class HostArena:
         self._registered: list[int] = []
         self.nbytes = 0
         self.locked = 0
+        self.last_lock: dict | None = None
         weakref.finalize(self, _unregister, self._registered)
 
     def copies(self, tensors: list[torch.Tensor], lock: bool) -> list[torch.Tensor]:
@@ -36,11 +42,17 @@ class HostArena:
         for n in sizes:
             offsets.append(total)
             total += -(-n // _ALIGN) * _ALIGN
-        buf = torch.empty(max(total, 1), dtype=torch.uint8)
+        t0 = time.perf_counter()
+        buf, keep = _allocate(total, lock)
+        t1 = time.perf_counter()
         if lock and total and _register(buf):
             self._registered.append(buf.data_ptr())
             self.locked += total
+        self.last_lock = dict(gib=round(total / 2**30, 3), method="huge" if keep is not None else "plain",
+                              alloc_touch_s=round(t1 - t0, 3), register_s=round(time.perf_counter() - t1, 3))
         self._buffers.append(buf)
+        if keep is not None:
+            self._buffers.append(keep)  # the mapping outlives the tensor view (unregistered first)
         self.nbytes += total
         out = []
         for t, off, n in zip(tensors, offsets, sizes):
@@ -48,6 +60,25 @@ class HostArena:
             view.copy_(t)
             out.append(view)
         return out
+
+
+def _allocate(total: int, lock: bool):
+    """A host buffer of `total` bytes, and the mapping behind it (None: torch's allocator).
+    To be locked: an anonymous mapping asking for 2 MiB pages, its pages faulted in by torch's
+    threaded fill. cudaHostRegister faults untouched pages in one thread, 4 KiB at a time: that,
+    not the locking, made the first merge's 8 GiB copy take ~4 s (bench/pin_probe.py)."""
+    if not (lock and total >= _HUGE_MIN and _FAST and hasattr(mmap, "MAP_ANONYMOUS")):
+        return torch.empty(max(total, 1), dtype=torch.uint8), None
+    try:
+        mapping = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        buf = torch.frombuffer(mapping, dtype=torch.uint8)
+        buf.zero_()
+        return buf, mapping
+    except (OSError, ValueError) as e:  # no such mapping here: torch's allocator
+        log.debug("QuantLoRA: anonymous mapping of %d bytes failed (%s)", total, e)
+        return torch.empty(max(total, 1), dtype=torch.uint8), None
 
 
 def _register(buf: torch.Tensor) -> bool:

@@ -126,7 +126,7 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
             patcher = dm = None
             oom.release()
             raise
-    if compile == "regional":
+    if compile != "off":
         compile_blocks(dm)
     runtime.install(patcher)
     runtime.set_attention(patcher, attention)

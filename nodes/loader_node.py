@@ -12,6 +12,7 @@ from ..errors import QuantLoRAError, check_choice
 from ..lora.hotswap import SLOT_LAYOUTS, TARGET_SETS
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
 from ..speed.attention import ATTENTION_CHOICES
+from ..speed.compile import COMPILE_CHOICES
 from .bridge import COMPUTE_DTYPE_NAMES, build_model
 from .search_aliases import search_aliases
 
@@ -56,11 +57,13 @@ class QuantizedFluxLoader(io.ComfyNode):
                                tooltip="per-projection: any LoRA up to max_rank fits in any format. shared: one pool of "
                                        "max_rank per layer, lower step-time cost; diffusers-format q/k/v LoRAs count 3-4x "
                                        "their rank on fused layers (see BENCHMARKS.md)."),
-                io.Combo.Input("compile", options=["off", "regional"], default="off", optional=True,
+                io.Combo.Input("compile", options=COMPILE_CHOICES, default="off", optional=True,
                                tooltip="regional: torch.compile each transformer block (first image waits for the compile; "
                                        "LoRA swaps and strength changes never recompile)."),
                 io.Combo.Input("attention", options=ATTENTION_CHOICES, default="auto", optional=True,
-                               tooltip="auto: cuDNN attention on Hopper/Blackwell GPUs, PyTorch's default elsewhere."),
+                               tooltip="auto: FlashAttention-3 on Hopper where the optional fa3-fwd package is installed, else cuDNN "
+                                       "attention on Hopper/Blackwell GPUs, PyTorch's default elsewhere. fa3: FlashAttention-3 "
+                                       "(Hopper + fa3-fwd only)."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -72,7 +75,7 @@ class QuantizedFluxLoader(io.ComfyNode):
         check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPE_NAMES)
         check_choice("lora_targets", lora_targets, TARGET_SETS)
         check_choice("lora_slot_layout", lora_slot_layout, SLOT_LAYOUTS)
-        check_choice("compile", compile, ["off", "regional"])
+        check_choice("compile", compile, COMPILE_CHOICES)
         check_choice("attention", attention, ATTENTION_CHOICES)
         if not isinstance(model_name, str):
             raise QuantLoRAError(f"model_name {model_name!r}: give a file name from the model list.")

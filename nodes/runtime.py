@@ -18,7 +18,7 @@ from ..lora.formats import FluxDims
 from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
 from ..lora.merge import MergeState
 from ..memory import oom
-from ..speed.attention import resolve, sdpa_context, sdpa_override
+from ..speed.attention import override_for, sdpa_context, sdpa_override, unavailable
 
 OPTS_KEY = "quantlora"
 STATE_ATTR = "_quantlora_hotswap"
@@ -214,6 +214,7 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
         state = hotswap_state(dm) if dm is not None else None
         if state is not None:
             state.deactivate()
+
     # Out of the except block: the activations the failed sampling held are unreferenced now.
     noise = args[0] if args else kwargs.get("noise")
     raise sampling_oom(executor.class_obj.model_patcher, getattr(noise, "shape", None), failed)
@@ -256,13 +257,22 @@ def sampling_oom(patcher, shape, why: str, offload_mode: str | None = None) -> Q
 
 
 def set_attention(patcher, choice: str) -> None:
-    """The SDPA backend order for this MODEL; with cuDNN, also ComfyUI's public attention override
-    (unless another pack already set one) so q/k/v reach SDPA contiguous."""
+    """The attention of this MODEL: the SDPA backend order, and ComfyUI's public attention override
+    for cuDNN (q/k/v made contiguous so SDPA picks it) or FlashAttention-3. An override another pack
+    set stays, unless 'fa3' is asked for by name."""
     options(patcher)["attention"] = choice
     import comfy.model_management as mm
 
-    if resolve(choice, mm.get_torch_device()) == "cudnn":
-        patcher.model_options["transformer_options"].setdefault("optimized_attention_override", sdpa_override)
+    device = mm.get_torch_device()
+    why = unavailable(choice, device)
+    if why:
+        raise QuantLoRAError(f"attention {choice!r}: {why}. Choose 'auto' (the fastest attention this GPU has) or 'default'.")
+    override = override_for(choice, device)
+    topts = patcher.model_options["transformer_options"]
+    if override is not None and (choice == "auto" or override is sdpa_override):  # another pack's override wins
+        topts.setdefault("optimized_attention_override", override)
+    elif override is not None:  # asked for by name
+        topts["optimized_attention_override"] = override
 
 
 def _full_load_wrapper(executor, model, *args, **kwargs):

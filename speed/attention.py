@@ -3,6 +3,8 @@
 On Linux PyTorch tries FlashAttention-2 first; cuDNN's attention is faster on Hopper for
 Flux's shapes (24 heads x 128, 4.6k tokens), measured in bench/. ComfyUI itself puts cuDNN
 first only on Windows. The choice is made per call, so it also holds while torch.compile traces.
+`auto` on Hopper takes FlashAttention-3 (speed/fa3.py) where the optional fa3-fwd package loads:
+faster again than cuDNN there (BENCHMARKS.md, issue 12).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import contextlib
 
 import torch
 
-ATTENTION_CHOICES = ["auto", "default", "cudnn", "flash"]
+# fa3: FlashAttention-3 (speed/fa3.py) through ComfyUI's attention override, Hopper only.
+ATTENTION_CHOICES = ["auto", "default", "cudnn", "flash", "fa3"]
 
 
 def _order(name: str):
@@ -27,7 +30,9 @@ def resolve(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
-        return "cudnn"
+        from .fa3 import unavailable as fa3_unavailable
+
+        return "fa3" if fa3_unavailable(device) is None else "cudnn"
     return "default"
 
 
@@ -38,6 +43,27 @@ def sdpa_context(name: str, device: torch.device):
     from torch.nn.attention import sdpa_kernel
 
     return sdpa_kernel(order, set_priority=True)
+
+
+def override_for(name: str, device: torch.device):
+    """The function for transformer_options["optimized_attention_override"] that `name` needs, or None."""
+    name = resolve(name, device)
+    if name == "cudnn":
+        return sdpa_override
+    if name == "fa3":
+        from .fa3 import make_override
+
+        return make_override()
+    return None
+
+
+def unavailable(name: str, device: torch.device) -> str | None:
+    """Why the attention choice `name` cannot run on `device` (None: it can)."""
+    if resolve(name, device) == "fa3":
+        from .fa3 import unavailable as fa3_unavailable
+
+        return fa3_unavailable(device)
+    return None
 
 
 def sdpa_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,

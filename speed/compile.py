@@ -6,12 +6,26 @@ every graph valid (nothing recompiles across swaps or strength changes).
 """
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from ..checkpoint.flux_keys import BFL_BLOCK_LISTS as BLOCK_LISTS
 
 
+COMPILE_CHOICES = ["off", "regional"]
+
+
+def inductor_options() -> dict:
+    """QUANTLORA_INDUCTOR_TUNE=1: inductor tunes the block sizes of its own fused quantize/norm/
+    activation kernels (H200, fp8 step: their 10.2 ms -> 7.9 ms), at a much longer first compile
+    (~70 s instead of ~15 s; cached for later starts). BENCHMARKS.md, issue 12."""
+    return {"coordinate_descent_tuning": True} if os.environ.get("QUANTLORA_INDUCTOR_TUNE") == "1" else {}
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    if inductor_options() and "options" not in compile_kwargs:
+        compile_kwargs["options"] = inductor_options()
     n = 0
     for name in BLOCK_LISTS:
         for block in getattr(model, name, ()):

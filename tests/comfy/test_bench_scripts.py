@@ -79,6 +79,19 @@ def test_soak_dry_run(tmp_path, compile_mode):
     assert len(checks) == 5 and all(r["ok"] for r in checks.values()), checks
 
 
+def test_probes_dry_run(tmp_path):
+    """The two probes of issue 12's base step and restart (bench/pin_probe.py, bench/graph_probe.py):
+    on CPU nothing is locked or captured, but every variant runs and writes its row."""
+    bench("pin_probe.py", tmp_path, "--gib", "0.02", "--chunks", "2")
+    got = rows(tmp_path / "results-pin.json")
+    assert len(got) == 6 and not any("error" in r for r in got.values()), got  # hostalloc: CUDA only
+    assert not any(r["locked"] for r in got.values())
+    bench("graph_probe.py", tmp_path, "--size", "tiny", "--attention", "default", "--workdir", str(tmp_path / "work"),
+          timeout=400)
+    (row,) = rows(tmp_path / "results-graph-default-cpu.json").values()
+    assert row["captured"] is False and "cpu" in row["note"]
+
+
 def test_oom_check_dry_run(tmp_path):
     out = bench("oom_check.py", tmp_path)
     assert "dry run on cpu" in out and "skipped: needs a CUDA device" in out
@@ -138,6 +151,7 @@ def test_comfy_peers_dry_run(tmp_path):
     """Both processes (dynamic VRAM 'on' runs with it off on a CPU), every section, the merged rows
     and the on-vs-off comparison; and (bench()) nothing imported that the device lacks."""
     out = bench("comfy_peers.py", tmp_path, "--size", "tiny", "--fast-quant", "torchao-int8-weight-only",
+                "--profile-merge",
                 "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2", "--switches", "2",
                 "--workdir", str(tmp_path / "work"), timeout=600)
     assert "all done" in out

@@ -48,6 +48,17 @@ def test_loader_combo_values(comfy, name, value):
     assert name in msg and repr(value) in msg, msg
 
 
+def test_fa3_where_it_cannot_run(comfy):
+    """attention 'fa3' on a machine without a Hopper GPU (or without the fa3-fwd package): the
+    loader says why and what to pick instead, before loading anything."""
+    from quantlora.nodes.loader_node import QuantizedFluxLoader
+    from quantlora.tools.demo_models import DEMO_FLUX
+
+    msg = _raises(QuantizedFluxLoader.execute, model_name=DEMO_FLUX, quantization="none", compute_dtype="auto",
+                  attention="fa3")
+    assert "attention 'fa3'" in msg and ("NVIDIA" in msg or "Hopper" in msg or "fa3-fwd" in msg) and "'auto'" in msg, msg
+
+
 def test_compute_dtype_of_the_bridge(comfy):
     from quantlora.nodes.bridge import resolve_compute_dtype
 

@@ -1,0 +1,45 @@
+"""speed/attention.py and speed/fa3.py without a GPU: what `auto` resolves to, why FlashAttention-3
+cannot run here, and that its override hands every call it cannot take to ComfyUI's own function
+unchanged (the fa3-fwd package is optional: a machine without it must sample as before)."""
+import torch
+
+from quantlora.speed import attention, fa3
+
+
+def test_auto_without_a_gpu_is_pytorchs_default():
+    assert attention.resolve("auto", torch.device("cpu")) == "default"
+    assert attention.override_for("auto", torch.device("cpu")) is None
+
+
+def test_fa3_says_why_it_cannot_run_here():
+    why = attention.unavailable("fa3", torch.device("cpu"))
+    assert why and "NVIDIA" in why
+    assert attention.unavailable("cudnn", torch.device("cpu")) is None
+
+
+def test_fa3_override_passes_what_it_cannot_take_to_comfy(monkeypatch):
+    calls = []
+
+    def comfy_attention(q, k, v, heads, **kwargs):
+        calls.append((q, k, v, heads, kwargs))
+        return "comfy"
+
+    q = k = v = torch.zeros(1, 2, 8, 4)
+    for load in ((None, "no package"), (object(), None)):  # without the kernel; with one, on CPU tensors
+        monkeypatch.setattr(fa3, "_load", lambda load=load: load)
+        over = fa3.make_override()
+        assert over(comfy_attention, q, k, v, 2, mask=None, skip_reshape=True, transformer_options={}) == "comfy"
+        q_, k_, v_, heads, kwargs = calls[-1]
+        assert q_ is q and k_ is k and v_ is v and heads == 2
+        assert kwargs["skip_reshape"] is True and kwargs["transformer_options"] == {}
+    assert len(calls) == 2
+
+
+def test_fa3_load_failure_is_a_sentence():
+    fa3._load.cache_clear()
+    try:
+        kernel, why = fa3._load()
+    finally:
+        fa3._load.cache_clear()
+    if kernel is None:  # the CI machine has no fa3-fwd (no CUDA build of it for CPU wheels)
+        assert "fa3-fwd" in why and "pip install" in why
