@@ -719,6 +719,11 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         parent(args, argv)
     else:
+        if args.dynamic == "on" and not args.prepare_only and args.deadline is None:
+            # run on its own: the model and LoRAs are written first with dynamic VRAM off, as the parent
+            # does (written under comfy-aimdo the checkpoint came out empty: H200, 2026-12-01)
+            subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--dynamic", "off", "--prepare-only"],
+                           check=True)
         if args.deadline is None:
             args.deadline = T0 + args.budget
         if args.device == "cpu" and args.dynamic == "on":
