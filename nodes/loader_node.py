@@ -13,6 +13,7 @@ from ..lora.hotswap import SLOT_LAYOUTS, TARGET_SETS
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
 from ..speed.attention import ATTENTION_CHOICES
 from ..speed.compile import COMPILE_CHOICES
+from .runtime import check_attention
 from .bridge import COMPUTE_DTYPE_NAMES, build_model
 from .search_aliases import search_aliases
 
@@ -77,6 +78,7 @@ class QuantizedFluxLoader(io.ComfyNode):
         check_choice("lora_slot_layout", lora_slot_layout, SLOT_LAYOUTS)
         check_choice("compile", compile, COMPILE_CHOICES)
         check_choice("attention", attention, ATTENTION_CHOICES)
+        check_attention(attention)  # before loading anything
         if not isinstance(model_name, str):
             raise QuantLoRAError(f"model_name {model_name!r}: give a file name from the model list.")
         path = resolve_checkpoint(model_name, model_roots())

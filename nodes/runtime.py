@@ -256,17 +256,23 @@ def sampling_oom(patcher, shape, why: str, offload_mode: str | None = None) -> Q
                               offload_mode)
 
 
-def set_attention(patcher, choice: str) -> None:
-    """The attention of this MODEL: the SDPA backend order, and ComfyUI's public attention override
-    for cuDNN (q/k/v made contiguous so SDPA picks it) or FlashAttention-3. An override another pack
-    set stays, unless 'fa3' is asked for by name."""
-    options(patcher)["attention"] = choice
+def check_attention(choice: str):
+    """Raise now if the attention `choice` cannot run on ComfyUI's device; returns that device."""
     import comfy.model_management as mm
 
     device = mm.get_torch_device()
     why = unavailable(choice, device)
     if why:
         raise QuantLoRAError(f"attention {choice!r}: {why}. Choose 'auto' (the fastest attention this GPU has) or 'default'.")
+    return device
+
+
+def set_attention(patcher, choice: str) -> None:
+    """The attention of this MODEL: the SDPA backend order, and ComfyUI's public attention override
+    for cuDNN (q/k/v made contiguous so SDPA picks it) or FlashAttention-3. An override another pack
+    set stays, unless 'fa3' is asked for by name."""
+    options(patcher)["attention"] = choice
+    device = check_attention(choice)
     override = override_for(choice, device)
     topts = patcher.model_options["transformer_options"]
     if override is not None and (choice == "auto" or override is sdpa_override):  # another pack's override wins

@@ -79,17 +79,14 @@ def test_soak_dry_run(tmp_path, compile_mode):
     assert len(checks) == 5 and all(r["ok"] for r in checks.values()), checks
 
 
-def test_probes_dry_run(tmp_path):
-    """The two probes of issue 12's base step and restart (bench/pin_probe.py, bench/graph_probe.py):
-    on CPU nothing is locked or captured, but every variant runs and writes its row."""
+def test_pin_probe_dry_run(tmp_path):
+    """Issue 12's page-locking probe: on CPU nothing is locked, but every variant runs and writes its
+    row. (bench/graph_probe.py, the other probe of that round, only adds a CUDA capture to
+    bench_flux's loading and forward: nothing of it runs on a CPU, so CI leaves it out.)"""
     bench("pin_probe.py", tmp_path, "--gib", "0.02", "--chunks", "2")
     got = rows(tmp_path / "results-pin.json")
     assert len(got) == 6 and not any("error" in r for r in got.values()), got  # hostalloc: CUDA only
     assert not any(r["locked"] for r in got.values())
-    bench("graph_probe.py", tmp_path, "--size", "tiny", "--attention", "default", "--workdir", str(tmp_path / "work"),
-          timeout=400)
-    (row,) = rows(tmp_path / "results-graph-default-cpu.json").values()
-    assert row["captured"] is False and "cpu" in row["note"]
 
 
 def test_oom_check_dry_run(tmp_path):
@@ -152,7 +149,7 @@ def test_comfy_peers_dry_run(tmp_path):
     and the on-vs-off comparison; and (bench()) nothing imported that the device lacks."""
     out = bench("comfy_peers.py", tmp_path, "--size", "tiny", "--fast-quant", "torchao-int8-weight-only",
                 "--profile-merge",
-                "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2", "--switches", "2",
+                "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2", "--switches", "1",
                 "--workdir", str(tmp_path / "work"), timeout=600)
     assert "all done" in out
     got = rows(tmp_path / "results-peers.json")
@@ -162,11 +159,11 @@ def test_comfy_peers_dry_run(tmp_path):
         tag = f"v0.33 dynamic {mode}: "
         assert got[tag + "ours bf16 eager"]["step_ratio"] == 1.0
         for v in ("comfyui default", "comfyui fp8_e4m3fn_fast"):
-            assert len(got[tag + v]["switch_s"]) == 2 and got[tag + v]["step_lora_s"] > 0
+            assert len(got[tag + v]["switch_s"]) == 1 and got[tag + v]["step_lora_s"] > 0
         slotted = got[tag + "ours torchao-int8-weight-only compile (regional) + slots r64 (none active)"]
-        assert len(slotted["switch_s"]) == 2 and slotted["recompiles"] == []
+        assert len(slotted["switch_s"]) == 1 and slotted["recompiles"] == []
         merged = got[tag + "ours torchao-int8-weight-only compile (regional) + LoRA merge (none active)"]
-        assert len(merged["switch_s"]) == 2 and merged["recompiles"] == [] and merged["lora_stats"]["merge"]["swaps"] >= 2
+        assert len(merged["switch_s"]) == 1 and merged["recompiles"] == [] and merged["lora_stats"]["merge"]["swaps"] >= 1
         assert tag + "ours torchao-int8-weight-only compile (regional)" in got
         assert got[tag + "graph bf16 -> FP8LayerwiseCast + LoRAHotswap + CPUOffloadSampler block (2 steps)"]["equal_to_none"]
     assert "v0.33 dynamic off: comfyui fp8_e4m3fn_fast, each block compiled" in got
