@@ -26,10 +26,9 @@ fi
 mkdir -p "$HARNESS"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # pip's notes about index locations this machine's pip config names but lacks are noise: drop them,
-# keep pip's exit status. --no-compile: pip would byte-compile every installed file (torch alone: 27 of its
-# 36 s on 2 cores); Python compiles what is imported, once, on first use.
+# keep pip's exit status.
 pip_install() {
-  "$VENV/bin/python" -m pip install -q --no-compile --disable-pip-version-check -c "$ROOT/constraints.txt" "$@" 2>&1 \
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$ROOT/constraints.txt" "$@" 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   return "${PIPESTATUS[0]}"
 }
