@@ -75,6 +75,14 @@ describe() {  # pytest exit status -> words
   esac
 }
 
+# the suite needs a few GB under the temporary folder (model files for many fresh loads): say what is free
+tmpdir="${TMPDIR:-/tmp}"
+free_gb=$(df -Pk "$tmpdir" 2>/dev/null | awk 'NR==2 {printf "%d", $4/1048576}')
+echo "test.sh: ${free_gb:-?} GiB free under $tmpdir"
+if [ -n "${free_gb:-}" ] && [ "$free_gb" -lt 8 ]; then
+  echo "test.sh: WARNING: under 8 GiB free under $tmpdir; old runs' folders are in $tmpdir/pytest-of-$(id -un)" >&2
+fi
+
 start=$(date +%s)
 rc0=skipped
 pass1_args=("$@")

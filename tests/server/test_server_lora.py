@@ -1,33 +1,42 @@
 """Layer 3: LoRAHotswap in a real ComfyUI server. Prompts alternating LoRAs and strengths on one
 loaded model give the same latents as fresh loads with that LoRA; two branches of one graph each
 get their own LoRA; a prompt without LoRA gets the bare base."""
+import hashlib
 import os
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
 from graphs import loader, txt2img
-from harness.server import execution_error
+from harness.server import execution_error, fresh_names
 from quantlora.tools.demo_models import DEMO_FLUX, write_demo_lora
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def models(server):
+def models(server, demo_digest):
     root = os.path.join(server.base, "models")
     flux = os.path.join(root, "diffusion_models", DEMO_FLUX)
     write_demo_lora(os.path.join(root, "loras", "qlt-a.safetensors"), flux, rank=8, seed=1, fmt="bfl")
     write_demo_lora(os.path.join(root, "loras", "qlt-b.safetensors"), flux, rank=4, seed=2, fmt="kohya")
     write_demo_lora(os.path.join(root, "loras", "qlt-big.safetensors"), flux, rank=128, seed=3)
-    copies = []
-    for i in range(18):  # one file per reference: each reference is a fresh load that never swapped
-        name = f"qlt-fresh-{i}.safetensors"
-        shutil.copy(flux, os.path.join(root, "diffusion_models", name))
-        copies.append(name)
-    return copies
+    # one name per reference: each reference is a fresh load that never swapped
+    return fresh_names(flux, "qlt-fresh", 18)
+
+
+@pytest.fixture(scope="module")
+def demo_digest(server):
+    return file_digest(os.path.join(server.base, "models", "diffusion_models", DEMO_FLUX))
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def graph(model_name, loras, seed, prefix, max_rank=16, mode=None):
@@ -132,3 +141,9 @@ def test_merged_lora_never_reaches_a_model_without_it(server, models):
     entry = server.run(g)
     assert torch.equal(latents(server, entry, "bare_save"), run(server, unet_graph(models[14], [], 62, "unet-bare-ref2")))
     assert torch.equal(latents(server, entry, "save"), run(server, unet_graph(models[15], lora, 62, "unet-merged-ref2")))
+
+
+def test_model_file_unchanged_by_swaps_and_merges(server, models, demo_digest):
+    """Runs last in this module: after every swap and merge above, the base file (which the fresh
+    references share by hard link) still has the bytes it had before the first prompt."""
+    assert file_digest(os.path.join(server.base, "models", "diffusion_models", DEMO_FLUX)) == demo_digest

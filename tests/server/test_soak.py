@@ -18,7 +18,6 @@ A compile-enabled soak (lora_max_rank set, compile=regional, swaps never recompi
 GPU: bench/bench_flux.py's lora/compile sections have the GPU figures.
 """
 import os
-import shutil
 import time
 
 import pytest
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from graphs import loader, txt2img
-from harness.server import execution_error
+from harness.server import execution_error, fresh_names
 from quantlora.tools.demo_models import DEMO_FLUX, write_demo_lora
 
 pytestmark = pytest.mark.server
@@ -47,12 +46,7 @@ def soak_models(server):
     write_demo_lora(os.path.join(loras, A), flux, rank=8, seed=101, fmt="bfl")
     write_demo_lora(os.path.join(loras, B), flux, rank=4, seed=102, fmt="kohya")
     write_demo_lora(os.path.join(loras, C), flux, rank=4, seed=103, fmt="bfl", modules=(".qkv", ".proj", ".linear1"))
-    refs = []
-    for i in range(len(SETTINGS)):
-        name = f"soak-fresh-{i}.safetensors"
-        shutil.copy(flux, os.path.join(root, "diffusion_models", name))
-        refs.append(name)
-    return refs
+    return fresh_names(flux, "soak-fresh", len(SETTINGS))
 
 
 def graph(model_name, loras, seed, prefix):
