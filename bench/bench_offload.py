@@ -39,7 +39,13 @@ run) measure the no-offload step again right after each card, in the same proces
 dropped, the offload re-planned in place with every block resident (the hooks have nothing to
 move), the same timed call, then re-planned back to the card's plan. Their step_ratio_vs_no_offload
 (and floor) is to that adjacent_base_step_s; step_ratio_vs_first_baseline is to the eager row's.
-Kinds and cards: bf16 12/16/24, fp8 cast 8/12/16, NF4 6/8, torchao fp8 8/12/16 ("pinned H2D
+Kind "torchao fp8 compiled" (not in the default --kinds: one call of its own) is torchao fp8 with
+every block compiled in place (speed/compile.compile_blocks, the loader's `regional`) before its
+no-offload row ("torchao fp8 compiled no offload", compile_s = its first call), then the same cards
+on the compiled blocks (the eager fp8-dynamic step is host-bound, so its cards had no valid ratio);
+its rows add graphs_compiled (dynamo graphs made during the card: 0 when streaming keeps every
+compiled block valid). --compile-backend aot_eager checks that plumbing on a CPU without inductor.
+Kinds and cards: bf16 12/16/24, fp8 cast 8/12/16, NF4 6/8, torchao fp8 (compiled) 8/12/16 ("pinned H2D
 bandwidth" row first: the floor's bandwidth, measured in the same run). "comfy partial" rows:
 ComfyUI's own partial loading (this process: dynamic VRAM off; comfy_peers.py has it on) sampling
 through comfy.sample at the same cards, ratio to its fully loaded step. Below full size the cards
@@ -52,6 +58,7 @@ process start at full size: with device_run.sh's unpacking the run stays under 4
     python bench/bench_offload.py --size tiny --device cpu           # a CPU check of the script (offload moves nothing)
     python bench/bench_offload.py --size tiny --device cpu --sections cards,comfy --kinds bf16  # the cards logic on CPU
     python bench/bench_offload.py --size smoke --sections cards --cards "bf16=12;nf4=6"       # a quick GPU check
+    bash bench/device_run.sh bench_offload.py --size full --sections cards --kinds "torchao fp8 compiled" --out $OUT/tc
 """
 from __future__ import annotations
 
@@ -164,13 +171,14 @@ class OffloadBench(Bench):
 
         dm = p.model.diffusion_model
         self.reset_peak()
-        _, step, out = self.timed(dm)
+        first, step, out = self.timed(dm)
         peak = self.peak_bytes()
         if self.ref is None:
             self.ref, self.base_step = out, step
         self.no_off[name] = (step, peak, out)
-        self.row(variant=f"{name} eager" if name != "nf4" else "nf4 eager", step_s=step,
-                 step_ratio=step / self.base_step, weights_gib=self.gib(module_bytes(dm)),
+        compiled = name.endswith(" compiled")
+        self.row(variant=f"{name} no offload" if compiled else f"{name} eager", step_s=step,
+                 step_ratio=step / self.base_step, **({"compile_s": first} if compiled else {}), weights_gib=self.gib(module_bytes(dm)),
                  peak_vram_gib=self.gib(peak), rel_err=self.rel(out, self.ref))
         return out
 
@@ -348,7 +356,7 @@ class OffloadBench(Bench):
 
     # ---------- emulated cards (issue 13) ----------
     # full-size weights per kind (BENCHMARKS.md): smaller sizes scale the cards to the same share
-    FULL_WEIGHTS_GIB = {"bf16": 22.17, "fp8 cast": 11.9, "torchao fp8": 11.16, "nf4": 5.81}
+    FULL_WEIGHTS_GIB = {"bf16": 22.17, "fp8 cast": 11.9, "torchao fp8": 11.16, "torchao fp8 compiled": 11.16, "nf4": 5.81}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
@@ -455,6 +463,7 @@ class OffloadBench(Bench):
                     plan = node.plan_offload(p, "block", 1, 0.0, lat, cfg=1.0, card=card)
                     auto = node.plan_offload(p, "auto", 1, 0.0, lat, cfg=1.0, card=card)
                     self.reset_peak()
+                    graphs0 = graphs_compiled()
                     t0 = time.perf_counter()
                     st = off.apply_offload(dm, "block", self.dev, "cpu", 1, budget=plan.budget, timing=plan.timing)
                     self.sync()
@@ -484,6 +493,8 @@ class OffloadBench(Bench):
                              prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
                              host_waits=st.streamer.stats["waits"], pinned_gib=self.gib(st.streamer.pinned_bytes),
                              lookahead=st.residency.lookahead, plan=plan.describe())
+                    if kind.endswith(" compiled"):
+                        r["graphs_compiled"] = graphs_compiled() - graphs0
                     ref_step = base_step
                     if kind in self.args.rebase_kinds:
                         out, ballast = None, None
@@ -659,7 +670,15 @@ class OffloadBench(Bench):
             self.unload()
 
 
-CARDS = {"bf16": (12, 16, 24), "fp8 cast": (8, 12, 16), "nf4": (6, 8), "torchao fp8": (8, 12, 16)}
+CARDS = {"bf16": (12, 16, 24), "fp8 cast": (8, 12, 16), "nf4": (6, 8), "torchao fp8": (8, 12, 16),
+         "torchao fp8 compiled": (8, 12, 16)}
+
+
+def graphs_compiled() -> int:
+    """Dynamo graphs made so far in this process (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 COMFY_CARDS = {"default": ("bf16", (12, 16, 24)), "fp8_e4m3fn": ("fp8 cast", (8, 12, 16))}
 
 
@@ -692,7 +711,9 @@ def main():
     ap.add_argument("--offload-repeats", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds from the process start (default: 190 at full size, else none)")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--rebase-kinds", default="torchao fp8",
+    ap.add_argument("--compile-backend", default="inductor",
+                    help='"torchao fp8 compiled": torch.compile backend (aot_eager: the plumbing on a CPU, no codegen)')
+    ap.add_argument("--rebase-kinds", default="torchao fp8,torchao fp8 compiled",
                     help="cards section: kinds whose no-offload step is measured again right after each card "
                          "(every block resident, no ballast, same process state); their step_ratio_vs_no_offload "
                          "is to that adjacent baseline (step_ratio_vs_first_baseline: to the eager row's)")
@@ -779,7 +800,8 @@ def main():
         b.unload()
     else:
         p8_keep = None
-    for kind, quant in (("nf4", "bnb-nf4"), ("torchao fp8", "torchao-fp8-dynamic" if b.cuda else "torchao-int8-weight-only")):
+    fast_quant = "torchao-fp8-dynamic" if b.cuda else "torchao-int8-weight-only"
+    for kind, quant in (("nf4", "bnb-nf4"), ("torchao fp8", fast_quant), ("torchao fp8 compiled", fast_quant)):
         want_cards = kind in kinds
         want_modes = kind == "nf4" and "offload" in sections and "nf4" in args.variants
         if not (want_cards or want_modes) or not b.time_ok(40, f"{kind} load"):
@@ -787,6 +809,11 @@ def main():
         try:
             pq, load_s = b.load(quant)
             log(f"{kind} ({quant}) loaded in {load_s:.0f} s")
+            if kind.endswith(" compiled"):
+                from quantlora.speed.compile import compile_blocks
+
+                log(f"compiled {compile_blocks(pq.model.diffusion_model, backend=args.compile_backend)} blocks in place "
+                    f"({args.compile_backend}; the first call below compiles)")
             b.eager_row(kind, pq)
             if want_modes:
                 guarded(f"{kind} offload", b.offload_rows, kind, pq)

@@ -63,17 +63,22 @@ def test_bench_offload(tmp_path):
     # that imports setuptools' vendored packages (backports, jaraco, more_itertools), which the
     # device-import check cannot map to a distribution; the row is five lines over torch.compile
     # (the soak's dry run compiles), and an uncached CPU compile costs CI time
-    # fewer cards than the GPU run (each kind still re-plans down and up), LoRA rows in merge mode
+    # fewer cards than the GPU run (each kind still re-plans down and up), LoRA rows in merge mode; the
+    # torchao cards on compiled blocks, compiled by aot_eager (dynamo and the stream hooks, no codegen)
     bench("bench_offload.py", tmp_path, "--size", "tiny", "--no-compile", "--workdir", str(tmp_path / "work"),
-          "--cards", "bf16=12/16;fp8 cast=8/12;nf4=6;torchao fp8=8/16", "--node-lora-mode", "merge")
+          "--cards", "bf16=12/16;fp8 cast=8/12;nf4=6;torchao fp8 compiled=8/16", "--node-lora-mode", "merge",
+          "--kinds", "bf16,fp8 cast,nf4,torchao fp8 compiled", "--compile-backend", "aot_eager")
     got = rows(tmp_path / "results-offload.json")
-    assert not any("compile" in v for v in got)
+    assert not any("compile (regional)" in v for v in got)
+    assert got["torchao fp8 compiled no offload"]["compile_s"] > 0
     modes = [v for v in got if " offload " in v and v.split()[-1] in ("model", "block", "leaf")]
     assert len(modes) == 9 and all(got[v]["equal_to_no_offload"] for v in modes)
     merged = got["fp8 cast offload block + lora merge r64 card 12"]
     assert merged["equal_to_no_offload"] and merged["swapped_r32_equal_to_no_offload"]
-    rebased = [r for v, r in got.items() if v.startswith("offload block torchao fp8 card")]
+    rebased = [r for v, r in got.items() if v.startswith("offload block torchao fp8 compiled card")]
     assert len(rebased) == 2 and all("adjacent_base_step_s" in r and r["equal_to_no_offload"] for r in rebased)
+    # the second card re-plans in place: the compiled blocks stay valid (the first installs the hooks)
+    assert rebased[1]["graphs_compiled"] == 0, rebased
 
 
 @pytest.mark.parametrize("compile_mode", ["regional"])  # the eager soak is the same code without compile (CI time)
