@@ -368,7 +368,7 @@ class Peers:
         self.free()
 
     def section_ours_fp8(self, slots: bool, merge: bool = False, attention: str = "auto", profile: bool = False,
-                         tune: bool = False):
+                         tune: bool = False, cpp_wrapper: bool = False):
         """The example workflow (b)'s core: QuantizedFluxLoader(fp8 dynamic, lora_max_rank 64 or 0, compile
         regional) -> [LoRAHotswap] -> KSampler. Slots come before the compile (the loader's lora_max_rank),
         so swaps should never recompile; recompiles are counted (torch._dynamo's error_on_recompile).
@@ -387,16 +387,20 @@ class Peers:
         t0 = time.perf_counter()
         if tune:
             os.environ["QUANTLORA_INDUCTOR_TUNE"] = "1"
+        if cpp_wrapper:
+            os.environ["QUANTLORA_INDUCTOR_CPP_WRAPPER"] = "1"
         try:
             p = QuantizedFluxLoader.execute(os.path.basename(self.b.path), q, "auto", lora_max_rank=64 if slots else 0,
                                             compile="regional",
                                             attention=attention).args[0]
         finally:
             os.environ.pop("QUANTLORA_INDUCTOR_TUNE", None)
+            os.environ.pop("QUANTLORA_INDUCTOR_CPP_WRAPPER", None)
         load_s = time.perf_counter() - t0
         rep = p.model_options.get("quantlora", {}).get("report")
         name = (f"ours {q} compile (regional)" + (" + slots r64" if slots else "") + (" + LoRA merge" if merge else "")
-                + (f", attention {attention}" if attention != "auto" else "") + (", inductor tuning" if tune else ""))
+                + (f", attention {attention}" if attention != "auto" else "") + (", inductor tuning" if tune else "")
+                + (", inductor cpp_wrapper" if cpp_wrapper else ""))
         r = self.sample(p, self.args.steps, t_apply=t0, label=name + (" (none active)" if slots or merge else ""))
         r2 = self.sample(p, self.args.steps)
         r["steady"] = min(r["steady"], r2["steady"])
@@ -554,7 +558,8 @@ class Peers:
             plan.append((f"ours fp8 compile + merge" + (f", {v}" if v != "auto" else ""),
                          lambda att=att, extra=extra: self.section_ours_fp8(
                              False, merge=True, attention=att, profile=self.args.profile_merge,
-                             tune="tune" in extra), 80 if "tune" in extra else 40))
+                             tune="tune" in extra, cpp_wrapper="cppwrap" in extra),
+                         80 if {"tune", "cppwrap"} & set(extra) else 40))
         plan += [
                  ("ours fp8 compile + slots", lambda: self.section_ours_fp8(True), 40),
                  ("graph", self.section_graph, 45),
@@ -697,7 +702,8 @@ def main():
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for everything; sections that do not fit are skipped")
     ap.add_argument("--on-share", type=float, default=0.47, help="share of the time left after the model is written for 'on'")
     ap.add_argument("--merge-variants", default="auto", help="merge sections, comma-separated: an attention choice "
-                    "(speed/attention.py), optionally +tune (QUANTLORA_INDUCTOR_TUNE=1)")
+                    "(speed/attention.py), optionally +tune (QUANTLORA_INDUCTOR_TUNE=1) and/or +cppwrap "
+                    "(QUANTLORA_INDUCTOR_CPP_WRAPPER=1), e.g. auto,auto+cppwrap")
     ap.add_argument("--profile-merge", action="store_true", help="profile a sampled step of each merge section")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--grace", type=float, default=25.0, help="seconds past a process's deadline before it is killed")

@@ -19,8 +19,16 @@ COMPILE_CHOICES = ["off", "regional"]
 def inductor_options() -> dict:
     """QUANTLORA_INDUCTOR_TUNE=1: inductor tunes the block sizes of its own fused quantize/norm/
     activation kernels (H200, fp8 step: their 10.2 ms -> 7.9 ms), at a much longer first compile
-    (~70 s instead of ~15 s; cached for later starts). BENCHMARKS.md, issue 12."""
-    return {"coordinate_descent_tuning": True} if os.environ.get("QUANTLORA_INDUCTOR_TUNE") == "1" else {}
+    (~70 s instead of ~15 s; cached for later starts). BENCHMARKS.md, issue 12.
+    QUANTLORA_INDUCTOR_CPP_WRAPPER=1 (experimental, not yet measured on a GPU): inductor launches each
+    block's kernels from generated C++ instead of Python, for steps whose host time shows between the
+    kernels (the sampled fp8 step ran 7-13% above its kernel sum); a longer first compile."""
+    opts = {}
+    if os.environ.get("QUANTLORA_INDUCTOR_TUNE") == "1":
+        opts["coordinate_descent_tuning"] = True
+    if os.environ.get("QUANTLORA_INDUCTOR_CPP_WRAPPER") == "1":
+        opts["cpp_wrapper"] = True
+    return opts
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
