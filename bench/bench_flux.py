@@ -227,9 +227,10 @@ class Bench:
         self.flush()
 
     @staticmethod
-    def compile_blocks(dm):
-        for b in [*dm.double_blocks, *dm.single_blocks]:
-            b.compile()
+    def compile_blocks(dm):  # the loader's regional compile (QUANTLORA_COMPILE_BACKEND: the CPU dry run's aot_eager)
+        from quantlora.speed.compile import compile_blocks
+
+        compile_blocks(dm)
 
     # ---------- sections ----------
     def section_base(self):

@@ -187,8 +187,9 @@ class OffloadBench(Bench):
 
         dm = p.model.diffusion_model
         blocks = [*dm.double_blocks, *dm.single_blocks]
-        for b in blocks:
-            b.compile()
+        from quantlora.speed.compile import compile_blocks
+
+        compile_blocks(dm)
         self.reset_peak()
         first, step, out = self.timed(dm)
         self.row(variant=f"{name} compile (regional)", step_s=step, step_ratio=step / self.base_step,
@@ -711,8 +712,9 @@ def main():
     ap.add_argument("--offload-repeats", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds from the process start (default: 190 at full size, else none)")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--compile-backend", default="inductor",
-                    help='"torchao fp8 compiled": torch.compile backend (aot_eager: the plumbing on a CPU, no codegen)')
+    ap.add_argument("--compile-backend", default=None,
+                    help='"torchao fp8 compiled": torch.compile backend (default: QUANTLORA_COMPILE_BACKEND, else '
+                         'inductor; aot_eager: the plumbing on a CPU, no codegen)')
     ap.add_argument("--rebase-kinds", default="torchao fp8,torchao fp8 compiled",
                     help="cards section: kinds whose no-offload step is measured again right after each card "
                          "(every block resident, no ballast, same process state); their step_ratio_vs_no_offload "
@@ -812,8 +814,9 @@ def main():
             if kind.endswith(" compiled"):
                 from quantlora.speed.compile import compile_blocks
 
-                log(f"compiled {compile_blocks(pq.model.diffusion_model, backend=args.compile_backend)} blocks in place "
-                    f"({args.compile_backend}; the first call below compiles)")
+                kw = {"backend": args.compile_backend} if args.compile_backend else {}
+                log(f"compiled {compile_blocks(pq.model.diffusion_model, **kw)} blocks in place "
+                    f"({args.compile_backend or 'default backend'}; the first call below compiles)")
             b.eager_row(kind, pq)
             if want_modes:
                 guarded(f"{kind} offload", b.offload_rows, kind, pq)

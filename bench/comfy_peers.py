@@ -347,7 +347,7 @@ class Peers:
             dm = p.model.diffusion_model
             keys = [f"diffusion_model.double_blocks.{i}" for i in range(len(dm.double_blocks))] + \
                    [f"diffusion_model.single_blocks.{i}" for i in range(len(dm.single_blocks))]
-            set_torch_compile_wrapper(model=p, backend="inductor", options={"guard_filter_fn": skip_torch_compile_dict}, keys=keys)
+            set_torch_compile_wrapper(model=p, backend=os.environ.get("QUANTLORA_COMPILE_BACKEND") or "inductor", options={"guard_filter_fn": skip_torch_compile_dict}, keys=keys)
             name += ", each block compiled"
         r = self.sample(p, self.args.steps, t_apply=t0, label=name)
         r2 = self.sample(p, self.args.steps)

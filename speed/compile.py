@@ -31,8 +31,18 @@ def inductor_options() -> dict:
     return opts
 
 
+def compile_backend() -> str | None:
+    """QUANTLORA_COMPILE_BACKEND names another torch.compile backend (default: torch's, inductor).
+    For checks on a CPU, e.g. the test suite's dry runs of the GPU scripts: `aot_eager` traces the
+    same graphs with the same guards (graph breaks, recompiles) without generating code."""
+    return os.environ.get("QUANTLORA_COMPILE_BACKEND") or None
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
-    if inductor_options() and "options" not in compile_kwargs:
+    if compile_backend() and "backend" not in compile_kwargs:
+        compile_kwargs["backend"] = compile_backend()
+    inductor = compile_kwargs.get("backend", "inductor") == "inductor"
+    if inductor and inductor_options() and "options" not in compile_kwargs:
         compile_kwargs["options"] = inductor_options()
     n = 0
     for name in BLOCK_LISTS:

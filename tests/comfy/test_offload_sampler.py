@@ -288,6 +288,50 @@ def test_prefetch_depth_and_auto_budget(flux_file, forced):
     assert torch.equal(out, ref) and st2.streamer is st.streamer and st2.spec.budget != st.spec.budget
 
 
+def test_compiled_blocks_under_block_offload(flux_file, forced):
+    """The loader's regional compile under CPUOffloadSampler's block streaming (issue 13: the torchao
+    fp8 cards need the compiled step): KSampler's latent on the same compiled model bit for bit, part
+    of the blocks resident and the rest streamed; the stream hooks cost at most one more graph per
+    block kind (not one per block: 57 would pass dynamo's recompile limit and fall back to eager);
+    a second sampling and a re-plan compile nothing."""
+    import comfy.model_management as mm
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from quantlora.memory import offload as off
+    from quantlora.speed.compile import compile_blocks, is_compiled
+
+    node = forced
+    model = load(flux_file)
+    dm = model.model.diffusion_model
+    # aot_eager: dynamo's graphs and guards, which the hooks could break, without inductor's C++ builds
+    # on this CPU (48 s cold); inductor under offload runs in bench_offload's compiled cards on a GPU
+    compile_blocks(dm, backend="aot_eager")
+    graphs = lambda: int(counters["stats"]["unique_graphs"])  # noqa: E731
+    g0 = graphs()
+    ref = ksample(model, steps=2)  # compiles here
+    kinds = graphs() - g0
+    assert 1 <= kinds <= 4, kinds  # double and single blocks (their first call may split in two)
+    mm.unload_all_models()
+    sizes = off.tree_sizes(dm)
+    reserve = node.sampling_reserve(model, LATENT, 1.5)
+    gb = (reserve + sizes.nonblock + 3 * sizes.block_max) / 2 ** 30
+    g1 = graphs()
+    out, text = osample(model, "block", steps=2, budget=gb)
+    st = off.offload_state(dm)
+    assert torch.equal(out, ref), text
+    resident = st.n_resident
+    assert is_compiled(dm) and 0 < resident < st.n_blocks and st.strategy == "stream", text
+    assert graphs() - g1 <= kinds, (graphs() - g1, kinds)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        again, _ = osample(model, "block", steps=2, budget=gb)
+        more, _ = osample(model, "block", steps=2, budget=(reserve + sizes.nonblock + 5 * sizes.block_max) / 2 ** 30)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert torch.equal(again, ref) and torch.equal(more, ref)
+    assert off.offload_state(dm).n_resident > resident  # the re-plan really moved blocks
+
+
 def test_stock_lora_patches_under_offload(flux_file, lora_files, forced):
     """ComfyUI's own LoRA (LoraLoader's weight patches) is baked into the host weights and undone."""
     import comfy.sd

@@ -39,3 +39,20 @@ def test_blocks_compiled_once_with_the_opt_in_options(monkeypatch, env, want):
     assert seen == [want] * 5
     assert model.final_layer._compiled_call_impl is None  # only transformer blocks
     assert comp.compile_blocks(model) == 0 and len(seen) == 5  # already compiled: nothing done twice
+
+
+def test_another_backend_gets_no_inductor_options(monkeypatch):
+    """QUANTLORA_COMPILE_BACKEND (the CPU dry runs' aot_eager): that backend, and inductor's settings
+    are not handed to it (torch.compile would pass them on as the backend's own options)."""
+    monkeypatch.setenv("QUANTLORA_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setenv("QUANTLORA_INDUCTOR_TUNE", "1")
+    seen = []
+    real = nn.Module.compile
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", recording)
+    comp.compile_blocks(FluxShaped())
+    assert seen == [{"backend": "aot_eager"}] * 5
