@@ -94,7 +94,7 @@ if [ "$#" -eq 0 ]; then
 fi
 took0=$(( $(date +%s) - start ))
 echo "========== pass 1: the whole suite on ComfyUI $V1 ($COMFY) =========="
-QUANTLORA_COMFYUI="$COMFY" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" --durations=15 "${pass1_args[@]}"
+QUANTLORA_COMFYUI="$COMFY" "$VENV/bin/python" -m pytest -q --timeout "$TIMEOUT" --durations=40 "${pass1_args[@]}"
 rc1=$?
 took1=$(( $(date +%s) - start - took0 ))
 [ "$rc0" != skipped ] && [ "$rc0" -ne 0 ] && rc1=$rc0  # a layer-1 failure fails the whole run
