@@ -58,7 +58,7 @@ process start at full size: with device_run.sh's unpacking the run stays under 4
     python bench/bench_offload.py --size tiny --device cpu           # a CPU check of the script (offload moves nothing)
     python bench/bench_offload.py --size tiny --device cpu --sections cards,comfy --kinds bf16  # the cards logic on CPU
     python bench/bench_offload.py --size smoke --sections cards --cards "bf16=12;nf4=6"       # a quick GPU check
-    bash bench/device_run.sh bench_offload.py --size full --sections cards --kinds "torchao fp8 compiled" --out $OUT/tc
+    bash bench/device_run.sh bench_offload.py --size full --sections cards --kinds "torchao fp8 compiled" --time-limit 420 --out $OUT/tc
 """
 from __future__ import annotations
 
