@@ -57,6 +57,7 @@ class VramService:
         self.loop = server.loop
         self._wake = asyncio.Event()
         self._push_now = False
+        self._idle_sent = True  # the idle snapshot goes out once per busy spell (a prompt's end pokes twice)
         self._status = None
         self._task = None
         self._errors = 0
@@ -129,6 +130,7 @@ class VramService:
             self._status = None
             self._emit(self.tracker.begin_prompt(data.get("prompt_id")), sid)
             self._push_now = True  # a snapshot naming this prompt at once, even if it runs < 1 s
+            self._idle_sent = False
             self._poke()
         elif event == "executing":
             node = data.get("node")
@@ -178,8 +180,13 @@ class VramService:
             await self._wake.wait()          # idle: no wake-ups at all until the queue gets work
             self._wake.clear()
             if not self._busy():
-                await self._push()
+                # a prompt that ended before the pump saw it busy still gets its one snapshot; a late
+                # poke (execution_success, then "executing" {node: null}) after the idle one gets none
+                if not self._idle_sent:
+                    self._idle_sent = True
+                    await self._push()
                 continue
+            self._idle_sent = False
             next_at, last = loop.time(), -1.0
             while True:
                 now = loop.time()
@@ -195,6 +202,7 @@ class VramService:
                     pass
                 if not self._busy():
                     break
+            self._idle_sent = True
             await self._push()  # the idle numbers, once
 
 
