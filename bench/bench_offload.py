@@ -388,7 +388,9 @@ class OffloadBench(Bench):
         if self.cuda:
             self.bw = streaming.pinned_bandwidth(self.dev, nbytes=1 << 30, repeats=5)
             self.flops = streaming.matmul_rate(self.dev)
-            self.row(variant="pinned H2D bandwidth", gb_s=self.bw / 1e9, matmul_tflops=self.flops / 1e12)
+            fp8 = streaming.fp8_matmul_rate(self.dev)
+            self.row(variant="pinned H2D bandwidth", gb_s=self.bw / 1e9, matmul_tflops=self.flops / 1e12,
+                     fp8_matmul_tflops=None if fp8 is None else fp8 / 1e12)
         else:  # injected numbers: the logic runs, nothing is measured
             self.bw, self.flops = 10e9, 1e12
             self.row(variant="pinned H2D bandwidth", gb_s=self.bw / 1e9, matmul_tflops=self.flops / 1e12,

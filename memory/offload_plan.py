@@ -3,7 +3,8 @@ predicts.
 
 Inputs are plain: the diffusion model (a module tree: its block lists and sizes), the node's
 settings, the device bytes sampling needs beside the weights (the caller's reserve) and a "card"
-(free_bytes, bandwidth: pinned host-to-device bytes/s, flops: matmul rate), measured on CUDA or
+(free_bytes, bandwidth: pinned host-to-device bytes/s, flops: bf16 matmul rate, fp8_flops: the
+row-scaled fp8 GEMM rate, used for torchao fp8 dynamic linears), measured on CUDA or
 injected (tests, the benchmark's emulated cards). ComfyUI is read by the caller
 (nodes/offload_run.py); nothing here imports it, so every choice is unit-testable on the CPU.
 """
@@ -108,8 +109,10 @@ def resident_step(dm, latent_shape, card: dict) -> float | None:
     if not card.get("bandwidth") or not flops or not isinstance(hidden, int) or not latent_shape:
         return None
     img, txt = streaming.flux_tokens(latent_shape)
+    fp8_flops = card.get("fp8_flops")
+    fp8 = streaming.fp8_compute_params(dm) if fp8_flops else 0
     return streaming.resident_step_seconds(streaming.linear_params(dm), img + txt, hidden,
-                                           len(off.flat_blocks(dm)), latent_shape[0], flops)
+                                           len(off.flat_blocks(dm)), latent_shape[0], flops, fp8, fp8_flops)
 
 
 def block_timing(dm, latent_shape, card: dict) -> tuple | None:

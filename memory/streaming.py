@@ -738,12 +738,31 @@ def linear_params(module: nn.Module) -> int:
     return n
 
 
+def fp8_compute_params(module: nn.Module) -> int:
+    """Of linear_params, those whose GEMM runs in fp8: torchao Float8Tensor weights that quantize
+    their activations too (the loader's torchao fp8 dynamic). FP8LayerwiseCast and fp8 storage
+    compute in bf16 and do not count."""
+    n = 0
+    for m in module.modules():
+        i, o = getattr(m, "in_features", None), getattr(m, "out_features", None)
+        w = m._parameters.get("weight")
+        if isinstance(i, int) and isinstance(o, int) and type(w).__name__ == "Float8Tensor" \
+                and getattr(w, "act_quant_kwargs", None) is not None:
+            n += i * o
+    return n
+
+
 def resident_step_seconds(n_linear_params: int, tokens: int, hidden: int, n_blocks: int, batch: int,
-                          flops_per_s: float) -> float:
+                          flops_per_s: float, fp8_params: int = 0, fp8_flops_per_s: float | None = None) -> float:
     """A forward's time with everything resident, from its FLOPs (linears over every token, plus
-    attention) at a measured matmul rate."""
-    flops = batch * (2 * n_linear_params * tokens + 4 * tokens * tokens * hidden * n_blocks)
-    return flops / max(flops_per_s, 1.0)
+    attention) at a measured matmul rate; fp8_params of the linears at the measured fp8 rate when
+    given (torchao fp8 dynamic with compiled blocks ran 0.71x the bf16 step on an H200, which the
+    bf16 rate alone predicted as 1.0x: the planner then ranked plans against the wrong step)."""
+    rate = max(flops_per_s, 1.0)
+    fp8 = min(max(fp8_params, 0), n_linear_params) if fp8_flops_per_s else 0
+    linear = 2 * tokens * ((n_linear_params - fp8) / rate + (fp8 / fp8_flops_per_s if fp8 else 0.0))
+    attention = 4 * tokens * tokens * hidden * n_blocks / rate
+    return batch * (linear + attention)
 
 
 def predicted_ratio(streamed_bytes: int, bandwidth: float, resident_s: float) -> float:
@@ -773,6 +792,36 @@ def pinned_bandwidth(device, nbytes: int = 256 << 20, repeats: int = 4) -> float
         torch.cuda.synchronize(dev)
         _MEASURED[key] = nbytes * repeats / (time.perf_counter() - t0)
         del h, d
+    return _MEASURED[key]
+
+
+def fp8_matmul_rate(device, n: int = 4096, repeats: int = 5) -> float | None:
+    """Row-scaled e4m3 GEMM FLOP/s (torch._scaled_mm, what torchao's fp8 dynamic linears run),
+    measured once. None without CUDA or where the device has no fp8 GEMM."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    key = ("fp8mm", str(dev))
+    if key not in _MEASURED:
+        try:
+            a = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
+            b = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+            sa = torch.ones(n, 1, device=dev)
+            sb = torch.ones(1, n, device=dev)
+
+            def mm():
+                return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
+            mm()
+            torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                mm()
+            torch.cuda.synchronize(dev)
+            _MEASURED[key] = 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+        except Exception as e:  # no fp8 GEMM on this device (pre-Ada) or in this torch build
+            log.debug("no fp8 matmul rate: %s", e)
+            _MEASURED[key] = None
     return _MEASURED[key]
 
 

@@ -140,7 +140,8 @@ def _card(dev, patcher) -> dict:
             pass
     if off.offload_state(_diffusion_model(patcher)) is not None:
         free += _device_bytes_at_rest(patcher)
-    return dict(free_bytes=free, bandwidth=streaming.pinned_bandwidth(dev), flops=streaming.matmul_rate(dev))
+    return dict(free_bytes=free, bandwidth=streaming.pinned_bandwidth(dev), flops=streaming.matmul_rate(dev),
+                fp8_flops=streaming.fp8_matmul_rate(dev) if streaming.fp8_compute_params(_diffusion_model(patcher)) else None)
 
 
 def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: float, latent: dict | None = None,
