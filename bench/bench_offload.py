@@ -477,6 +477,10 @@ class OffloadBench(Bench):
                         replan_peak = self.peak_bytes() - nb
                     first, step, out = self.timed(dm, self.args.offload_repeats)
                     peak = self.peak_bytes()
+                    h0 = st.streamer.stats["host_s"]  # one more forward: the hooks' host time in a step
+                    self.fwd(dm)
+                    self.sync()
+                    hook_host_ms = (st.streamer.stats["host_s"] - h0) * 1e3
                     peak_card = None if peak is None else peak - nb
                     self.card_plans[(kind, n)] = (plan.budget, step)
                     r = dict(variant=name, card_gib=round(free_target / GIB, 3), budget_gib=self.gib(plan.budget),
@@ -494,7 +498,8 @@ class OffloadBench(Bench):
                              auto_mode=auto.mode, activation_est_gib=self.gib(act_est),
                              activation_measured_gib=self.gib(act_measured), setup_s=setup, first_s=first,
                              prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
-                             host_waits=st.streamer.stats["waits"], pinned_gib=self.gib(st.streamer.pinned_bytes),
+                             host_waits=st.streamer.stats["waits"], hook_host_ms_per_step=hook_host_ms,
+                             pinned_gib=self.gib(st.streamer.pinned_bytes),
                              lookahead=st.residency.lookahead, plan=plan.describe())
                     if kind.endswith(" compiled"):
                         r["graphs_compiled"] = graphs_compiled() - graphs0

@@ -440,7 +440,9 @@ class BlockStreamer:
         self.order: list[int] = []
         self._done: collections.deque = collections.deque()
         self._live = 0  # units holding device copies
-        self.stats = {"prefetched": 0, "on_the_spot": 0, "waits": 0}
+        # host_s: seconds of host time inside the hooks (begin/enter/leave/end), what a short
+        # compiled step cannot hide; the benchmark reports it per step
+        self.stats = {"prefetched": 0, "on_the_spot": 0, "waits": 0, "host_s": 0.0}
         self.root_index: int | None = None  # leaf mode: the root's own tensors, moved by the root's hook
         # block index -> the pinned leaves it had when it was last streamed, kept while it is
         # resident: demoted again, it copies its weights back into them instead of pinning more
@@ -710,18 +712,22 @@ def _stream_hook_class():
 
         @torch.compiler.disable()
         def pre_forward(self, module, *args, **kwargs):
+            t0 = time.perf_counter()
             if self.index is None:
                 self.streamer.begin()
             else:
                 self.streamer.enter(self.index)
+            self.streamer.stats["host_s"] += time.perf_counter() - t0
             return args, kwargs
 
         @torch.compiler.disable()
         def post_forward(self, module, output):
+            t0 = time.perf_counter()
             if self.index is None:
                 self.streamer.end()
             else:
                 self.streamer.leave(self.index)
+            self.streamer.stats["host_s"] += time.perf_counter() - t0
             return output
 
     return _StreamHook

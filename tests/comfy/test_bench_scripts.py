@@ -78,6 +78,9 @@ def test_bench_offload(tmp_path):
     assert merged["equal_to_no_offload"] and merged["swapped_r32_equal_to_no_offload"]
     rebased = [r for v, r in got.items() if v.startswith("offload block torchao fp8 compiled card")]
     assert len(rebased) == 2 and all("adjacent_base_step_s" in r and r["equal_to_no_offload"] for r in rebased)
+    assert all(r["card_equal_to_adjacent_base"] for r in rebased)
+    cards = [r for v, r in got.items() if v.startswith("offload block ") and " card " in v and "lora" not in v]
+    assert cards and all(r["hook_host_ms_per_step"] > 0 for r in cards)  # the hooks' host time, per step
     # the second card re-plans in place: the compiled blocks stay valid (the first installs the hooks)
     assert rebased[1]["graphs_compiled"] == 0, rebased
 
