@@ -31,6 +31,8 @@ _DTYPES = {
 class TensorInfo:
     dtype: str
     shape: tuple
+    start: int = -1  # byte offsets of its data, from the start of the data section
+    end: int = -1
 
 
 @dataclass
@@ -38,6 +40,7 @@ class SafetensorsHeader:
     path: str
     tensors: dict  # name -> TensorInfo
     metadata: dict
+    data_start: int = 0  # file offset of the data section (8 + header length)
 
 
 def _refuse_pickle(path: str, head: bytes, by_content: bool = True) -> None:
@@ -107,14 +110,14 @@ def read_header(path: str, max_header: int = _MAX_HEADER, max_entries: int = _MA
         except (KeyError, TypeError, ValueError, OverflowError):
             raise QuantLoRAError(f"{name}: tensor entry {key!r} is malformed; the file is corrupt. Re-download it.") from None
         data_end = max(data_end, int(end))
-        tensors[key] = TensorInfo(dtype, shape)
+        tensors[key] = TensorInfo(dtype, shape, start, end)
     expected = 8 + n + data_end
     if size < expected:
         raise QuantLoRAError(
             f"{name}: truncated: the header promises {expected} bytes but the file has {size} "
             f"({100 * size / max(expected, 1):.1f}%). The download or copy did not finish; re-download it."
         )
-    return SafetensorsHeader(path, tensors, metadata)
+    return SafetensorsHeader(path, tensors, metadata, 8 + n)
 
 
 class TensorReader:
@@ -135,6 +138,9 @@ class TensorReader:
 
     def keys(self):
         return self._where.keys()
+
+    def path_of(self, key: str) -> str:
+        return self._where[key]
 
     def get(self, key: str) -> torch.Tensor:
         path = self._where[key]

@@ -9,12 +9,14 @@ the pack as they are loaded and block layers are quantized there and then.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 import comfy.model_management as mm
 
 from ..checkpoint.flux_config import infer_arch
+from ..checkpoint.direct_read import DirectReader
 from ..checkpoint.safetensors_io import TensorReader
 from ..checkpoint.sources import open_source
 from ..errors import QuantLoRAError, check_choice
@@ -39,11 +41,24 @@ def resolve_compute_dtype(name: str, parameters: int) -> torch.dtype:
     return mm.unet_dtype(model_params=parameters, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
 
 
-def _state_dict(src) -> dict:
+# QUANTLORA_DIRECT_READS=0: weights go to the GPU through the memory mapping, as before.
+DIRECT_READS = os.environ.get("QUANTLORA_DIRECT_READS", "1") != "0"
+
+
+def _state_dict(src, direct: DirectReader | None = None) -> dict:
     """Every tensor of the file(s), memory-mapped: nothing is read until ComfyUI hands it to a layer.
-    The 'scaled_fp8' marker goes: the pack's Linear applies the per-layer scales itself."""
+    The 'scaled_fp8' marker goes: the pack's Linear applies the per-layer scales itself. With
+    `direct`, each tensor is registered there, so the weights quantized on the GPU are read with
+    pread rather than through the mapping (checkpoint/direct_read.py)."""
     reader = TensorReader(src.headers)
-    return {k: reader.get(k) for k in reader.keys() if k != "scaled_fp8" and not k.endswith(".scaled_fp8")}
+    sd = {}
+    for k in reader.keys():
+        if k == "scaled_fp8" or k.endswith(".scaled_fp8"):
+            continue
+        sd[k] = t = reader.get(k)
+        if direct is not None:
+            direct.register(reader.path_of(k), k, t)
+    return sd
 
 
 def _metadata(src) -> dict | None:
@@ -69,12 +84,13 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     load_device = mm.get_torch_device()
     backend = require_backend(quantization, load_device)
     n_linears = sum(1 for k, s in src.shapes().items() if k.endswith(".weight") and len(s) == 2)
-    loader = LayerLoader(backend, dtype, load_device, src.name, n_linears, progress)
+    direct = DirectReader(src.headers) if DIRECT_READS else None
+    loader = LayerLoader(backend, dtype, load_device, src.name, n_linears, progress, direct=direct)
     ops = operations_for(cast=mm.unet_manual_cast(dtype, load_device) is not None)
     model_options = {"dtype": dtype, "custom_operations": ops}
 
     failed = patcher = None
-    sd = _state_dict(src)
+    sd = _state_dict(src, direct)
     try:
         with loading_with(loader):
             patcher = comfy_door.load_diffusion_model_state_dict(sd, model_options, _metadata(src))
@@ -88,6 +104,8 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
                              "'Load Diffusion Model' node, report this to QuantLoRA; otherwise the file is damaged.") from None
     finally:
         sd = None
+        if direct is not None:
+            direct.close()
     if failed is not None:
         # Out of the except block: the OOM's traceback (and the frames holding the partly loaded
         # model) is gone; hand the memory back.

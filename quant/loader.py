@@ -46,8 +46,9 @@ class LayerLoader:
     """Receives each Linear's tensors from ComfyUI's load_state_dict call and places them."""
 
     def __init__(self, backend: Backend, compute_dtype: torch.dtype, device: torch.device, name: str,
-                 total_linears: int = 0, progress: Callable[[int, int], None] | None = None):
+                 total_linears: int = 0, progress: Callable[[int, int], None] | None = None, direct=None):
         self.backend, self.dtype, self.device, self.name = backend, compute_dtype, torch.device(device), name
+        self.direct = direct  # checkpoint.direct_read.DirectReader: weights read for the device, not mapped
         self.total, self.progress = total_linears, progress
         self.seen = self.quantized = 0
         self.missing: list[str] | None = None  # torch's list for the whole load_state_dict call
@@ -80,7 +81,11 @@ class LayerLoader:
             missing_keys.append(prefix + "bias")
         quantize = self.quantizes(prefix)
         device = self.device if quantize else None
-        module.weight = nn.Parameter(w.to(device=device, dtype=self.dtype), requires_grad=False)
+        if device is not None and self.direct is not None and scale is None:
+            w = self.direct.to(w, device, self.dtype)
+        else:
+            w = w.to(device=device, dtype=self.dtype)
+        module.weight = nn.Parameter(w, requires_grad=False)
         if b is not None:
             module.bias = nn.Parameter(b.to(device=device, dtype=self.dtype), requires_grad=False)
         if quantize:

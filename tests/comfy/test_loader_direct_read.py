@@ -1,0 +1,48 @@
+"""Layer 2: the weights the loader quantizes on the load device are read from the file with pread
+(checkpoint/direct_read.py) instead of through the memory mapping: the model ComfyUI builds is the
+same, bit for bit, as with the mapping (QUANTLORA_DIRECT_READS=0). On this CPU machine the load
+device is the CPU; DirectReader.on_cpu makes it read there as it does for a GPU."""
+import pytest
+import torch
+
+from test_oracle_diffusers import comfy_forward, flux_inputs
+
+
+@pytest.fixture(scope="module")
+def flux_bf16(comfy, tmp_path_factory):
+    from quantlora.tools import demo_models as dm
+
+    cfg = dm.demo_flux_config()
+    sd = dm.flux_bfl_state_dict(cfg, seed=23, dtype=torch.bfloat16)
+    return cfg, dm.write_bfl(str(tmp_path_factory.mktemp("direct") / "flux.safetensors"), sd)
+
+
+def _load(path, quantization, monkeypatch, direct: bool):
+    from quantlora.checkpoint.direct_read import DirectReader
+    from quantlora.nodes import bridge
+
+    seen = []
+    real_close = DirectReader.close
+    monkeypatch.setattr(DirectReader, "on_cpu", True)
+    monkeypatch.setattr(DirectReader, "close", lambda self: seen.append(dict(self.stats)) or real_close(self))
+    monkeypatch.setattr(bridge, "DIRECT_READS", direct)
+    dm = bridge.load_flux_model_patcher(path, quantization, "bf16")[0].model.diffusion_model.eval()
+    return dm, (seen[0] if seen else None)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("quantization", ["torchao-int8-weight-only", "quanto-int8"])
+def test_direct_reads_build_the_same_model(flux_bf16, monkeypatch, quantization):
+    cfg, path = flux_bf16
+    mapped, none = _load(path, quantization, monkeypatch, direct=False)
+    direct, stats = _load(path, quantization, monkeypatch, direct=True)
+    assert none is None
+    n_block_linears = len([m for n, m in direct.named_modules() if hasattr(m, "in_features") and "blocks." in n])
+    assert stats["direct"] >= n_block_linears > 0, stats  # every quantized block Linear was read directly
+    inp = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+           for k, v in flux_inputs(cfg, seed=2).items()}  # the model's dtype, as ComfyUI hands it
+    assert torch.equal(comfy_forward(direct, inp), comfy_forward(mapped, inp))
+    for (k, a), (k2, b) in zip(mapped.state_dict().items(), direct.state_dict().items()):
+        assert k == k2
+        if type(a) is torch.Tensor and type(b) is torch.Tensor:
+            assert torch.equal(a, b), k

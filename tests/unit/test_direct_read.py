@@ -1,0 +1,101 @@
+"""checkpoint/direct_read.py: checkpoint weights read with pread for the device instead of through
+the memory mapping (layer 1: plain torch and safetensors, no ComfyUI). With the CPU as the device,
+DirectReader.on_cpu runs the same reads into ordinary memory (no pinned buffers, no streams)."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from quantlora.checkpoint import direct_read
+from quantlora.checkpoint.direct_read import DirectReader
+from quantlora.checkpoint.safetensors_io import TensorReader, read_header
+from quantlora.errors import QuantLoRAError
+
+
+@pytest.fixture
+def weights(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(96, 64, generator=g).to(torch.bfloat16),
+        "b.weight": torch.randn(33, 17, generator=g),                      # odd sizes, fp32
+        "c.weight": (torch.randn(64, 64, generator=g) * 8).to(torch.float8_e4m3fn),
+        "d.bias": torch.randn(5, generator=g).to(torch.float16),
+    }
+    path = str(tmp_path / "w.safetensors")
+    save_file(tensors, path, metadata={"note": "x" * 1000})  # a longer header moves the data section
+    return path, tensors
+
+
+def mapped(path):
+    h = read_header(path)
+    reader = TensorReader([h])
+    direct = DirectReader([h], threads=3)
+    sd = {}
+    for k in reader.keys():
+        sd[k] = reader.get(k)
+        direct.register(reader.path_of(k), k, sd[k])
+    return sd, direct
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 100])  # one read per tensor; many chunks over the threads
+def test_direct_reads_equal_the_mapping(weights, monkeypatch, chunk):
+    monkeypatch.setattr(DirectReader, "on_cpu", True)
+    monkeypatch.setattr(direct_read, "CHUNK", chunk)
+    path, tensors = weights
+    sd, direct = mapped(path)
+    try:
+        outs = {}
+        for k, t in sd.items():
+            outs[k] = direct.to(t, torch.device("cpu"), torch.bfloat16 if k != "c.weight" else t.dtype)
+        for k, t in tensors.items():
+            want = t if k == "c.weight" else t.to(torch.bfloat16)
+            assert outs[k].dtype == want.dtype and torch.equal(outs[k].view(torch.uint8), want.view(torch.uint8)), k
+            assert outs[k].data_ptr() != sd[k].data_ptr()  # read, not the mapping itself
+        assert direct.stats["direct"] == 4 and direct.stats["fallback"] == 0
+        assert direct.stats["direct_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    finally:
+        direct.close()
+
+
+def test_anything_else_takes_the_ordinary_path(weights, monkeypatch):
+    """A tensor the state dict changed (a view, a converted copy, another tensor) is not the file's
+    bytes: it goes through .to() as before."""
+    monkeypatch.setattr(DirectReader, "on_cpu", True)
+    path, _ = weights
+    sd, direct = mapped(path)
+    try:
+        a = sd["a.weight"]
+        for t in (a[1:], a.t(), a.float(), a.clone(), torch.zeros(3)):
+            out = direct.to(t, torch.device("cpu"), torch.bfloat16)
+            assert torch.equal(out, t.to(torch.bfloat16))
+        assert direct.stats == {"direct": 0, "direct_bytes": 0, "fallback": 5}
+    finally:
+        direct.close()
+
+
+def test_without_the_flag_a_cpu_device_reads_nothing_itself(weights):
+    path, _ = weights
+    sd, direct = mapped(path)
+    try:
+        out = direct.to(sd["a.weight"], torch.device("cpu"), torch.bfloat16)
+        assert torch.equal(out, sd["a.weight"]) and direct.stats["fallback"] == 1
+    finally:
+        direct.close()
+
+
+def test_a_file_cut_short_after_opening_names_the_file(weights, monkeypatch):
+    monkeypatch.setattr(DirectReader, "on_cpu", True)
+    path, _ = weights
+    sd, direct = mapped(path)
+    try:
+        a = sd.pop("a.weight")
+        last = max(sd.values(), key=lambda t: direct._entries[t.data_ptr()][1])
+        end = direct._entries[last.data_ptr()][1]
+        with open(path, "r+b") as f:  # cut into the last tensor's bytes
+            f.truncate(end + 4)
+        with pytest.raises(QuantLoRAError, match=os.path.basename(path)):
+            direct.to(last, torch.device("cpu"), last.dtype)
+        del a
+    finally:
+        direct.close()
