@@ -63,7 +63,7 @@ class DirectReader:
         device = torch.device(device)
         e = self._entry(t)
         cuda = device.type == "cuda" and torch.cuda.is_available()
-        if e is None or not (cuda or (device.type == "cpu" and self.on_cpu)):
+        if e is None or not (cuda or (device.type == "cpu" and self.on_cpu)) or not hasattr(os, "preadv"):
             self.stats["fallback"] += 1
             return t.to(device=device, dtype=dtype)
         path, offset, nbytes, file_dtype, shape = e

@@ -41,8 +41,9 @@ def resolve_compute_dtype(name: str, parameters: int) -> torch.dtype:
     return mm.unet_dtype(model_params=parameters, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
 
 
-# QUANTLORA_DIRECT_READS=0: weights go to the GPU through the memory mapping, as before.
-DIRECT_READS = os.environ.get("QUANTLORA_DIRECT_READS", "1") != "0"
+# QUANTLORA_DIRECT_READS=0: weights go to the GPU through the memory mapping, as before (also where
+# the OS has no pread: Windows).
+DIRECT_READS = os.environ.get("QUANTLORA_DIRECT_READS", "1") != "0" and hasattr(os, "preadv")
 
 
 def _state_dict(src, direct: DirectReader | None = None) -> dict:
