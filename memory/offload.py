@@ -447,6 +447,9 @@ def remove_offload(root: nn.Module, release_pinned: bool = True) -> bool:
         for name in (*_DIFFUSERS_HOOKS, _MOVE_HOOK, *_STREAM_HOOKS):
             reg.remove_hook(name, recurse=True)
         _strip_empty_registries(root)
+        from . import streaming
+
+        streaming.remove_compiled_wrappers(root)
         if state.streamer is not None:
             state.streamer.to_pageable(release_pinned)
         elif state.spec.use_stream:

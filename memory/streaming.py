@@ -751,7 +751,44 @@ def install_hooks(root: nn.Module, blocks: list[nn.Module], streamer: BlockStrea
         if b is root:  # one hook per module: the root's own tensors go in with begin(), out with end()
             streamer.root_index = i
             continue
+        if getattr(b, "_compiled_call_impl", None) is not None:
+            _wrap_compiled_call(b, streamer, i)
+            continue
         HookRegistry.check_if_exists_or_initialize(b).register_hook(hook(streamer, i), HOOK)
+
+
+def _wrap_compiled_call(block: nn.Module, streamer: BlockStreamer, index: int) -> None:
+    """A block compiled in place (nn.Module.compile: its __call__ runs _compiled_call_impl) gets the
+    streaming around that call, not a diffusers hook on its forward: a hook replaces the forward the
+    compiled code traced, so dynamo compiled a second graph per block kind, whose kernels once
+    rounded differently from the first (H200, BENCHMARKS.md issue 13), and took seconds on the first
+    offloaded step. Around the call, the compiled code and its graphs stay the same."""
+    inner = block._compiled_call_impl
+
+    def streamed_call(*args, **kwargs):
+        t0 = time.perf_counter()
+        streamer.enter(index)
+        streamer.stats["host_s"] += time.perf_counter() - t0
+        out = inner(*args, **kwargs)
+        t0 = time.perf_counter()
+        streamer.leave(index)
+        streamer.stats["host_s"] += time.perf_counter() - t0
+        return out
+
+    streamed_call.quantlora_inner = inner
+    block._compiled_call_impl = streamed_call
+
+
+def remove_compiled_wrappers(root: nn.Module) -> int:
+    """Undo _wrap_compiled_call everywhere under root. Returns how many."""
+    n = 0
+    for m in root.modules():
+        call = m.__dict__.get("_compiled_call_impl")
+        inner = getattr(call, "quantlora_inner", None)
+        if inner is not None:
+            m._compiled_call_impl = inner
+            n += 1
+    return n
 
 
 # ---------------------------------------------------------------- what sampling needs, what it will cost

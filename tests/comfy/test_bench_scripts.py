@@ -81,8 +81,9 @@ def test_bench_offload(tmp_path):
     assert all(r["card_equal_to_adjacent_base"] for r in rebased)
     cards = [r for v, r in got.items() if v.startswith("offload block ") and " card " in v and "lora" not in v]
     assert cards and all(r["hook_host_ms_per_step"] > 0 for r in cards)  # the hooks' host time, per step
-    # the second card re-plans in place: the compiled blocks stay valid (the first installs the hooks)
-    assert rebased[1]["graphs_compiled"] == 0, rebased
+    # streaming runs around the compiled calls: no card compiles anything (the first installs the
+    # streaming, the second re-plans in place)
+    assert all(r["graphs_compiled"] == 0 for r in rebased), rebased
 
 
 @pytest.mark.parametrize("compile_mode", ["regional"])  # the eager soak is the same code without compile (CI time)

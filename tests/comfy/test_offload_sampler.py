@@ -291,9 +291,10 @@ def test_prefetch_depth_and_auto_budget(flux_file, forced):
 def test_compiled_blocks_under_block_offload(flux_file, forced):
     """The loader's regional compile under CPUOffloadSampler's block streaming (issue 13: the torchao
     fp8 cards need the compiled step): KSampler's latent on the same compiled model bit for bit, part
-    of the blocks resident and the rest streamed; the stream hooks cost at most one more graph per
-    block kind (not one per block: 57 would pass dynamo's recompile limit and fall back to eager);
-    a second sampling and a re-plan compile nothing."""
+    of the blocks resident and the rest streamed; streaming compiles nothing (it runs around each
+    block's compiled call, which it leaves as it is: a hook on the forward made dynamo compile a
+    second graph per block kind, which once rounded differently on an H200); a second sampling and
+    a re-plan compile nothing; taking the offload off restores the compiled calls."""
     import comfy.model_management as mm
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -321,7 +322,7 @@ def test_compiled_blocks_under_block_offload(flux_file, forced):
     assert torch.equal(out, ref), text
     resident = st.n_resident
     assert is_compiled(dm) and 0 < resident < st.n_blocks and st.strategy == "stream", text
-    assert graphs() - g1 <= kinds, (graphs() - g1, kinds)
+    assert graphs() - g1 == 0, (graphs() - g1, kinds)
     torch._dynamo.config.error_on_recompile = True
     try:
         again, _ = osample(model, "block", steps=2, budget=gb)
@@ -330,6 +331,15 @@ def test_compiled_blocks_under_block_offload(flux_file, forced):
         torch._dynamo.config.error_on_recompile = False
     assert torch.equal(again, ref) and torch.equal(more, ref)
     assert off.offload_state(dm).n_resident > resident  # the re-plan really moved blocks
+    wrapped = [b for b in off.flat_blocks(dm) if hasattr(b._compiled_call_impl, "quantlora_inner")]
+    assert len(wrapped) == st.n_blocks
+    off.remove_offload(dm)
+    assert not any(hasattr(b._compiled_call_impl, "quantlora_inner") for b in off.flat_blocks(dm)) and is_compiled(dm)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        assert torch.equal(ksample(model, steps=2), ref)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
 
 
 def test_stock_lora_patches_under_offload(flux_file, lora_files, forced):
