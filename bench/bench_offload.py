@@ -475,12 +475,20 @@ class OffloadBench(Bench):
                     # it must stay within the card like the forwards (free first, then promote)
                     if replanned and self.peak_bytes() is not None:
                         replan_peak = self.peak_bytes() - nb
-                    first, step, out = self.timed(dm, self.args.offload_repeats)
-                    peak = self.peak_bytes()
-                    h0 = st.streamer.stats["host_s"]  # one more forward: the hooks' host time in a step
-                    self.fwd(dm)
-                    self.sync()
-                    hook_host_ms = (st.streamer.stats["host_s"] - h0) * 1e3
+                    # as CPUOffloadSampler samples: copies carried across forwards within the run
+                    with off.carrying(dm):
+                        first, step, out = self.timed(dm, self.args.offload_repeats)
+                        peak = self.peak_bytes()
+                        # one more forward: the hooks' host time in a step, the part of it waiting for
+                        # the compute stream, and the host-to-device copies it issued
+                        h0, w0, c0 = (st.streamer.stats[k] for k in ("host_s", "wait_s", "copies"))
+                        self.fwd(dm)
+                        self.sync()
+                        hook_host_ms = (st.streamer.stats["host_s"] - h0) * 1e3
+                        hook_wait_ms = (st.streamer.stats["wait_s"] - w0) * 1e3
+                        copies = st.streamer.stats["copies"] - c0
+                    # the same card without carrying (each forward's copies start with it), same process
+                    _, step_no_carry, out_no_carry = self.timed(dm, self.args.offload_repeats)
                     peak_card = None if peak is None else peak - nb
                     self.card_plans[(kind, n)] = (plan.budget, step)
                     r = dict(variant=name, card_gib=round(free_target / GIB, 3), budget_gib=self.gib(plan.budget),
@@ -499,6 +507,10 @@ class OffloadBench(Bench):
                              activation_measured_gib=self.gib(act_measured), setup_s=setup, first_s=first,
                              prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
                              host_waits=st.streamer.stats["waits"], hook_host_ms_per_step=hook_host_ms,
+                             hook_wait_ms_per_step=hook_wait_ms, copies_per_step=copies,
+                             carried=st.streamer.stats["carried"], step_s_no_carry=step_no_carry,
+                             no_carry_ratio_vs_no_offload=step_no_carry / base_step,
+                             no_carry_equal=bool(torch.equal(out_no_carry, base_out)),
                              pinned_gib=self.gib(st.streamer.pinned_bytes),
                              lookahead=st.residency.lookahead, plan=plan.describe())
                     if kind.endswith(" compiled"):
@@ -513,6 +525,7 @@ class OffloadBench(Bench):
                             ref_step = adj["adjacent_base_step_s"]
                             r["step_ratio_vs_first_baseline"] = step / base_step
                             r["step_ratio_vs_no_offload"] = step / ref_step
+                            r["no_carry_ratio_vs_no_offload"] = step_no_carry / ref_step
                     floor = max(1.0, st.streamed_bytes / self.bw / ref_step)
                     r.update(floor_ratio=floor, vs_floor=(step / ref_step) / floor)
                     self.row(**r)
