@@ -425,6 +425,7 @@ class OffloadBench(Bench):
         import comfy.model_management as mm
         from quantlora.nodes import offload_run as node
         from quantlora.memory import offload as off
+        from quantlora.memory import streaming as s_mod
         from quantlora.memory.sizes import module_bytes
 
         dm = p.model.diffusion_model
@@ -476,6 +477,7 @@ class OffloadBench(Bench):
                     if replanned and self.peak_bytes() is not None:
                         replan_peak = self.peak_bytes() - nb
                     # as CPUOffloadSampler samples: copies carried across forwards within the run
+                    a0 = self.alloc_counts()
                     with off.carrying(dm):
                         first, step, out = self.timed(dm, self.args.offload_repeats)
                         peak = self.peak_bytes()
@@ -487,6 +489,7 @@ class OffloadBench(Bench):
                         hook_host_ms = (st.streamer.stats["host_s"] - h0) * 1e3
                         hook_wait_ms = (st.streamer.stats["wait_s"] - w0) * 1e3
                         copies = st.streamer.stats["copies"] - c0
+                    allocs = {k: v - a0.get(k, 0) for k, v in self.alloc_counts().items()}
                     # the same card without carrying (each forward's copies start with it), same process
                     _, step_no_carry, out_no_carry = self.timed(dm, self.args.offload_repeats)
                     peak_card = None if peak is None else peak - nb
@@ -509,6 +512,7 @@ class OffloadBench(Bench):
                              host_waits=st.streamer.stats["waits"], hook_host_ms_per_step=hook_host_ms,
                              hook_wait_ms_per_step=hook_wait_ms, copies_per_step=copies,
                              carried=st.streamer.stats["carried"], step_s_no_carry=step_no_carry,
+                             stream_runs=s_mod.RUNS, **{f"allocator_{k}": v for k, v in allocs.items()},
                              no_carry_ratio_vs_no_offload=step_no_carry / base_step,
                              no_carry_equal=bool(torch.equal(out_no_carry, base_out)),
                              pinned_gib=self.gib(st.streamer.pinned_bytes),
@@ -544,6 +548,15 @@ class OffloadBench(Bench):
             except Exception as e:
                 self.error_row(f"remove offload {kind}", e)
             self.reset_peak()
+
+    def alloc_counts(self) -> dict:
+        """The caching allocator's cumulative counters that mean device-wide stalls: retries (a
+        failed allocation frees cached blocks, synchronizing) and segments taken from the driver."""
+        if not self.cuda:
+            return {}
+        st = torch.cuda.memory_stats()
+        return {"retries": st.get("num_alloc_retries", 0), "segments": st.get("segment.all.allocated", 0),
+                "segments_freed": st.get("segment.all.freed", 0), "syncs": st.get("num_sync_all_streams", 0)}
 
     def adjacent_base(self, dm, all_budget: int, plan, base_out, card_out=None) -> dict:
         """The no-offload step measured right after a card's (--rebase-kinds), in the same state of

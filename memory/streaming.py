@@ -44,6 +44,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -362,12 +363,16 @@ class _PinnedArena:
 RUN_ALIGN = 16  # a leaf joins a run only at an offset this aligned (vector loads, any dtype's size)
 
 
+# QUANTLORA_STREAM_RUNS=0: a copy per leaf, as before runs (the benchmark's A/B on the GPU)
+RUNS = os.environ.get("QUANTLORA_STREAM_RUNS", "1") != "0"
+
+
 def _copy_runs(host: list[torch.Tensor]) -> tuple[list, list]:
     """See _Unit.copy_runs."""
     spots, alone = [], []
     for i, h in enumerate(host):
         n = h.numel() * h.element_size()
-        if n == 0 or h.device.type != "cpu" or not h.is_contiguous():
+        if not RUNS or n == 0 or h.device.type != "cpu" or not h.is_contiguous():
             alone.append(i)
             continue
         st = h.untyped_storage()
