@@ -425,7 +425,6 @@ class OffloadBench(Bench):
         import comfy.model_management as mm
         from quantlora.nodes import offload_run as node
         from quantlora.memory import offload as off
-        from quantlora.memory import streaming as s_mod
         from quantlora.memory.sizes import module_bytes
 
         dm = p.model.diffusion_model
@@ -476,22 +475,18 @@ class OffloadBench(Bench):
                     # it must stay within the card like the forwards (free first, then promote)
                     if replanned and self.peak_bytes() is not None:
                         replan_peak = self.peak_bytes() - nb
-                    # as CPUOffloadSampler samples: copies carried across forwards within the run
                     a0 = self.alloc_counts()
-                    with off.carrying(dm):
-                        first, step, out = self.timed(dm, self.args.offload_repeats)
-                        peak = self.peak_bytes()
-                        # one more forward: the hooks' host time in a step, the part of it waiting for
-                        # the compute stream, and the host-to-device copies it issued
-                        h0, w0, c0 = (st.streamer.stats[k] for k in ("host_s", "wait_s", "copies"))
-                        self.fwd(dm)
-                        self.sync()
-                        hook_host_ms = (st.streamer.stats["host_s"] - h0) * 1e3
-                        hook_wait_ms = (st.streamer.stats["wait_s"] - w0) * 1e3
-                        copies = st.streamer.stats["copies"] - c0
+                    first, step, out = self.timed(dm, self.args.offload_repeats)
+                    peak = self.peak_bytes()
+                    # one more forward: the hooks' host time in a step, the part of it waiting for the
+                    # compute stream, and the host-to-device copies it issued
+                    h0, w0, c0 = (st.streamer.stats[k] for k in ("host_s", "wait_s", "copies"))
+                    self.fwd(dm)
+                    self.sync()
+                    hook_host_ms = (st.streamer.stats["host_s"] - h0) * 1e3
+                    hook_wait_ms = (st.streamer.stats["wait_s"] - w0) * 1e3
+                    copies = st.streamer.stats["copies"] - c0
                     allocs = {k: v - a0.get(k, 0) for k, v in self.alloc_counts().items()}
-                    # the same card without carrying (each forward's copies start with it), same process
-                    _, step_no_carry, out_no_carry = self.timed(dm, self.args.offload_repeats)
                     peak_card = None if peak is None else peak - nb
                     self.card_plans[(kind, n)] = (plan.budget, step)
                     r = dict(variant=name, card_gib=round(free_target / GIB, 3), budget_gib=self.gib(plan.budget),
@@ -511,10 +506,7 @@ class OffloadBench(Bench):
                              prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
                              host_waits=st.streamer.stats["waits"], hook_host_ms_per_step=hook_host_ms,
                              hook_wait_ms_per_step=hook_wait_ms, copies_per_step=copies,
-                             carried=st.streamer.stats["carried"], step_s_no_carry=step_no_carry,
-                             stream_runs=s_mod.RUNS, **{f"allocator_{k}": v for k, v in allocs.items()},
-                             no_carry_ratio_vs_no_offload=step_no_carry / base_step,
-                             no_carry_equal=bool(torch.equal(out_no_carry, base_out)),
+                             **{f"allocator_{k}": v for k, v in allocs.items()},
                              pinned_gib=self.gib(st.streamer.pinned_bytes),
                              lookahead=st.residency.lookahead, plan=plan.describe())
                     if kind.endswith(" compiled"):
@@ -529,7 +521,6 @@ class OffloadBench(Bench):
                             ref_step = adj["adjacent_base_step_s"]
                             r["step_ratio_vs_first_baseline"] = step / base_step
                             r["step_ratio_vs_no_offload"] = step / ref_step
-                            r["no_carry_ratio_vs_no_offload"] = step_no_carry / ref_step
                     floor = max(1.0, st.streamed_bytes / self.bw / ref_step)
                     r.update(floor_ratio=floor, vs_floor=(step / ref_step) / floor)
                     self.row(**r)

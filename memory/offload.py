@@ -459,27 +459,6 @@ def remove_offload(root: nn.Module, release_pinned: bool = True) -> bool:
     return True
 
 
-def set_carry(root: nn.Module, on: bool) -> bool:
-    """Block mode: prefetch across forwards (streaming.BlockStreamer.set_carry) for one sampling
-    run, on while nothing rewrites the weights between its forwards; off at its end. Returns
-    whether it is on."""
-    state = offload_state(root)
-    if state is None or state.streamer is None:
-        return False
-    state.streamer.set_carry(on)
-    return state.streamer.carry
-
-
-@contextlib.contextmanager
-def carrying(root: nn.Module, on: bool = True):
-    """set_carry for the duration of a with-block (off again at its end, also on an error)."""
-    set_carry(root, on)
-    try:
-        yield
-    finally:
-        set_carry(root, False)
-
-
 @contextlib.contextmanager
 def offloaded(root: nn.Module, mode: str, onload, offload="cpu", **kw):
     """apply_offload for the duration of a with-block."""

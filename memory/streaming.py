@@ -14,10 +14,8 @@ How one streamed block moves (a `_Unit`):
 - The host copies ("leaves") are packed into pinned arena chunks (CUDA only; no per-tensor
   power-of-two rounding of torch's pinned allocator) and become the block's tensors at rest, so a
   write while offloaded (a LoRA swap into slot buffers) lands where the next copy reads.
-- Onload: on the side stream, one device allocation and one `copy_(non_blocking=True)` per run
-  of neighbouring pinned leaves (a block's leaves sit back to back in the arena), the leaves being
-  views of it at their host offsets (`_copy_runs`), then an event; the compute stream waits on
-  that event and `record_stream`s the allocations.
+- Onload: empty device tensors on the side stream, `copy_(non_blocking=True)` from the pinned
+  leaves, an event; the compute stream waits on that event and `record_stream`s the copies.
   Offload: the references go back to the pinned leaves, the device copies are dropped (their
   memory is reused once the compute stream is past them) and a "done" event is recorded. Before a
   new prefetch allocates, the host waits until the compute stream is done with the previous
@@ -32,9 +30,8 @@ How one streamed block moves (a `_Unit`):
 Prefetch order is the blocks' order in their lists (Flux: double then single blocks). Streamed
 blocks are spread evenly over that order (`plan_residency`), so each copy has the compute of the
 resident blocks before it to hide behind. A forward's first streamed block is prefetched when the
-forward starts, or, while `carry` is on (one sampling run, set by the sampler: nothing rewrites the
-host copies between its forwards), during the previous forward's last streamed blocks. A block
-reached out of the planned order is loaded on the spot.
+forward starts (never across forwards: the host copies may be rewritten between forwards). A
+block reached out of the planned order is loaded on the spot.
 """
 from __future__ import annotations
 
@@ -44,7 +41,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -360,40 +356,6 @@ class _PinnedArena:
 
 
 # ---------------------------------------------------------------- one streamed block
-RUN_ALIGN = 16  # a leaf joins a run only at an offset this aligned (vector loads, any dtype's size)
-
-
-# QUANTLORA_STREAM_RUNS=0: a copy per leaf, as before runs (the benchmark's A/B on the GPU)
-RUNS = os.environ.get("QUANTLORA_STREAM_RUNS", "1") != "0"
-
-
-def _copy_runs(host: list[torch.Tensor]) -> tuple[list, list]:
-    """See _Unit.copy_runs."""
-    spots, alone = [], []
-    for i, h in enumerate(host):
-        n = h.numel() * h.element_size()
-        if not RUNS or n == 0 or h.device.type != "cpu" or not h.is_contiguous():
-            alone.append(i)
-            continue
-        st = h.untyped_storage()
-        spots.append((st.data_ptr(), h.data_ptr() - st.data_ptr(), n, i, st))
-    spots.sort(key=lambda x: (x[0], x[1]))
-    groups: list[list] = []  # [storage pointer, storage, first byte, end byte, members]
-    for base, at, n, i, st in spots:
-        g = groups[-1] if groups else None
-        # neighbours: the same buffer, no overlap, at most the arena's alignment padding between
-        if g is not None and g[0] == base and g[3] <= at <= g[3] + ALIGN and (at - g[2]) % RUN_ALIGN == 0:
-            g[4].append((i, at - g[2], n))
-            g[3] = at + n
-        else:
-            groups.append([base, st, at, at + n, [(i, 0, n)]])
-    runs = []
-    for _, st, lo, hi, members in groups:
-        src = torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,))
-        runs.append((src, members))
-    return runs, alone
-
-
 class _Unit:
     def __init__(self, index: int, module: nn.Module, onload=torch.device("cpu"), recurse: bool = True):
         self.index, self.module = index, module
@@ -401,32 +363,17 @@ class _Unit:
         self.refs = _refs(module, leaves, torch.device(onload), recurse)
         self.host = leaves.tensors
         self.dev: list[torch.Tensor] | None = None
-        self.bufs: list[torch.Tensor] | None = None  # the device allocations the copies live in
         self.ready = None     # CUDA event: the copies are done
         self.installed = False
         self.bytes = sum(t.numel() * t.element_size() for t in self.host)
-        self._runs = None
 
     def rehome(self, make) -> None:
         """Replace every host leaf with make(leaf) (pinning, or back to pageable memory) and point
         the module at the new leaves."""
         self.host = [make(t) for t in self.host]
-        self._runs = None
         for r in self.refs:
             r.dev_obj = None  # it may hold the old host leaves
         self._install(self.host, host=True)
-
-    def copy_runs(self) -> tuple[list, list]:
-        """(runs, alone): the host leaves grouped for copying. A block's leaves sit back to back in
-        the pinned arena, so each run of neighbours in one host buffer is copied with one copy
-        into one device allocation, the leaves being views of it at the same offsets: a Flux
-        block has 10-35 leaves, many of them small (biases, scales), and a copy each cost launch
-        and allocator time on the host and per-copy gaps on the copy engine. A run: (host bytes,
-        [(leaf index, byte offset in the run, bytes)]); alone: leaves copied by themselves
-        (non-contiguous, empty, or not in host memory)."""
-        if self._runs is None:
-            self._runs = _copy_runs(self.host)
-        return self._runs
 
     def _install(self, leaves, host: bool) -> None:
         for r in self.refs:
@@ -496,18 +443,12 @@ class BlockStreamer:
         # host_s: seconds of host time inside the hooks (begin/enter/leave/end), what a short
         # compiled step cannot hide; the benchmark reports it per step
         # (wait_s: the part of it spent waiting for the compute stream; copies: host-to-device copies)
-        # carried: blocks a forward found already copied in by the forward before it (carry)
-        self.stats = {"prefetched": 0, "on_the_spot": 0, "waits": 0, "host_s": 0.0, "wait_s": 0.0, "copies": 0,
-                      "carried": 0}
+        self.stats = {"prefetched": 0, "on_the_spot": 0, "waits": 0, "host_s": 0.0, "wait_s": 0.0, "copies": 0}
         self.root_index: int | None = None  # leaf mode: the root's own tensors, moved by the root's hook
         # block index -> the pinned leaves it had when it was last streamed, kept while it is
         # resident: demoted again, it copies its weights back into them instead of pinning more
         # (pinned bytes stay at one host copy per block whatever the sequence of budgets)
         self._parked: dict[int, list[torch.Tensor]] = {}
-        # carry: prefetch across forwards (the next forward's first streamed blocks are copied in
-        # during this one's last ones, not after it starts). Only while nothing writes the host
-        # copies between forwards: the sampler turns it on for one sampling run (set_carry).
-        self.carry = False
         self.set_streamed(streamed)
 
     # ----- residency
@@ -594,7 +535,6 @@ class BlockStreamer:
         tensor the module holds at rest: after a write into that host tensor (a LoRA merge) the
         leaves are made again from it. Returns how many tensors were refreshed."""
         self.sync()
-        self._drop_prefetched()  # copies of the old values
         n = 0
         for u in self.units.values():
             for r in u.refs:
@@ -634,35 +574,21 @@ class BlockStreamer:
                 self.stats["waits"] += 1
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with ctx:
-            if self.onload.type == "cpu" and not self.copy_on_cpu:
-                u.dev, u.bufs = list(u.host), []  # CPU onload: the leaves themselves
-            else:
-                u.dev, u.bufs = self._copy_in(u)
+            dev = []
+            same = self.onload.type == "cpu" and not self.copy_on_cpu
+            for h in u.host:
+                if same and h.device.type == "cpu":
+                    dev.append(h)
+                    continue
+                d = torch.empty_like(h, device=self.onload)
+                d.copy_(h, non_blocking=self.stream is not None)
+                dev.append(d)
+                self.stats["copies"] += 1
+            u.dev = dev
             self._live += 1
             if self.stream is not None:
                 u.ready = torch.cuda.Event()
                 u.ready.record(self.stream)
-
-    def _copy_in(self, u: _Unit) -> tuple[list, list]:
-        """(device leaves, device allocations): one copy per run of neighbouring host leaves."""
-        nb = self.stream is not None
-        dev: list = [None] * len(u.host)
-        bufs = []
-        runs, alone = u.copy_runs()
-        for src, members in runs:
-            buf = torch.empty(src.numel(), dtype=torch.uint8, device=self.onload)
-            buf.copy_(src, non_blocking=nb)
-            bufs.append(buf)
-            for i, at, n in members:
-                h = u.host[i]
-                dev[i] = buf[at:at + n].view(h.dtype).view(h.shape)
-        for i in alone:
-            d = torch.empty_like(u.host[i], device=self.onload)
-            d.copy_(u.host[i], non_blocking=nb)
-            dev[i] = d
-            bufs.append(d)
-        self.stats["copies"] += len(bufs)
-        return dev, bufs
 
     def _install(self, u: _Unit) -> None:
         if u.dev is None:
@@ -674,7 +600,7 @@ class BlockStreamer:
             cur = torch.cuda.current_stream(self.onload)
             if u.ready is not None:
                 cur.wait_event(u.ready)
-            for d in u.bufs:
+            for d in u.dev:
                 d.record_stream(cur)
         u._install(u.dev, host=False)
         u.installed = True
@@ -685,7 +611,7 @@ class BlockStreamer:
             u.installed = False
         if u.dev is not None:
             self._live -= 1
-        u.dev, u.bufs, u.ready = None, None, None
+        u.dev, u.ready = None, None
         if self.stream is not None:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.onload))
@@ -697,24 +623,7 @@ class BlockStreamer:
 
     def _next_streamed(self, after: int, k: int) -> list[_Unit]:
         at = bisect.bisect_right(self.order, after)
-        nxt = self.order[at:at + k]
-        if self.carry and len(nxt) < k:  # on into the next forward's first streamed blocks
-            nxt += self.order[:min(k - len(nxt), at)]
-        return [self.units[i] for i in nxt]
-
-    def set_carry(self, on: bool) -> None:
-        """Prefetch across forwards on or off (block mode only: leaf mode's root unit goes in at
-        begin()). Off drops copies made for a forward that will not come: memory at rest is the
-        resident blocks only, and a write into the host copies after this (a LoRA swap) is what
-        the next forward's copies read."""
-        self.carry = bool(on) and not self.own_only
-        if not self.carry:
-            self._drop_prefetched()
-
-    def _drop_prefetched(self) -> None:
-        for u in self.units.values():
-            if u.dev is not None and not u.installed:
-                self._release(u)
+        return [self.units[i] for i in self.order[at:at + k]]
 
     # ----- hook entry points
     def begin(self) -> None:
@@ -722,11 +631,8 @@ class BlockStreamer:
         side stream starts after whatever the compute stream did so far (e.g. LoRA writes into the
         host copies); the first streamed blocks are prefetched."""
         for u in self.units.values():
-            # prefetched during the last forward (carry) and still valid: kept
-            if u.installed or (u.dev is not None and not self.carry):
+            if u.installed or u.dev is not None:
                 self._release(u)
-            elif u.dev is not None:
-                self.stats["carried"] += 1
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.onload))
         for u in self._next_streamed(-1, self.lookahead):

@@ -448,12 +448,6 @@ def mark_resident(patcher, working_set: int) -> None:
     patcher.size = working_set
 
 
-def has_weight_hooks(patcher) -> bool:
-    """ComfyUI hooks (comfy/hooks.py: keyframed LoRA and the like) registered for this sampling run:
-    they may patch the weights between steps."""
-    return bool(getattr(patcher, "hook_patches", None))
-
-
 def weights_patched_for(patcher) -> bool:
     """The model's weights carry exactly this patcher's weight patches."""
     return getattr(patcher.model, "current_weight_patches_uuid", None) == patcher.patches_uuid

@@ -318,10 +318,6 @@ def _offload_wrapper(holder):
         model, model_options = _prepare_args(args, kwargs)
         _install(model, holder["plan"])
         _sync_lora(model, model_options)
-        # from here to the end of this sampling run nothing rewrites the weights between forwards
-        # (the LoRA set was just written), unless ComfyUI weight hooks patch them per step: then
-        # each forward's copies start with that forward
-        off.set_carry(_diffusion_model(model), not comfy_door.has_weight_hooks(model))
         _LOADING.add(model)
         try:
             return executor(*args, **kwargs)
@@ -386,8 +382,6 @@ def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
     finally:
         if plan.active and plan.mode == "model":
             unload(patcher)
-        elif plan.active:
-            off.set_carry(_diffusion_model(patcher), False)  # no copies kept for a forward that will not come
     if failed is not None:
         from .runtime import sampling_oom
 

@@ -81,9 +81,6 @@ def test_bench_offload(tmp_path):
     assert all(r["card_equal_to_adjacent_base"] for r in rebased)
     cards = [r for v, r in got.items() if v.startswith("offload block ") and " card " in v and "lora" not in v]
     assert cards and all(r["hook_host_ms_per_step"] > 0 for r in cards)  # the hooks' host time, per step
-    # the cards sample as the node does, copies carried across forwards, and once without (A/B)
-    assert all(r["carried"] > 0 for r in cards if r["resident_blocks"] < r["n_blocks"]), cards
-    assert all(r["no_carry_equal"] for r in cards)
     # streaming runs around the compiled calls: no card compiles anything (the first installs the
     # streaming, the second re-plans in place)
     assert all(r["graphs_compiled"] == 0 for r in rebased), rebased
