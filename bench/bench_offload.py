@@ -59,6 +59,7 @@ process start at full size: with device_run.sh's unpacking the run stays under 4
     python bench/bench_offload.py --size tiny --device cpu --sections cards,comfy --kinds bf16  # the cards logic on CPU
     python bench/bench_offload.py --size smoke --sections cards --cards "bf16=12;nf4=6"       # a quick GPU check
     bash bench/device_run.sh bench_offload.py --size full --sections cards --kinds "torchao fp8 compiled" --time-limit 420 --out $OUT/tc
+    ... --profile-cards "torchao fp8 compiled=8"   # + one profiled forward of that card (bench/timeline.py)
 """
 from __future__ import annotations
 
@@ -487,6 +488,7 @@ class OffloadBench(Bench):
                     hook_wait_ms = (st.streamer.stats["wait_s"] - w0) * 1e3
                     copies = st.streamer.stats["copies"] - c0
                     allocs = {k: v - a0.get(k, 0) for k, v in self.alloc_counts().items()}
+                    profiled = self.profile_card(dm, name) if n in self.args.profile_cards.get(kind, ()) else {}
                     peak_card = None if peak is None else peak - nb
                     self.card_plans[(kind, n)] = (plan.budget, step)
                     r = dict(variant=name, card_gib=round(free_target / GIB, 3), budget_gib=self.gib(plan.budget),
@@ -506,7 +508,7 @@ class OffloadBench(Bench):
                              prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
                              host_waits=st.streamer.stats["waits"], hook_host_ms_per_step=hook_host_ms,
                              hook_wait_ms_per_step=hook_wait_ms, copies_per_step=copies,
-                             **{f"allocator_{k}": v for k, v in allocs.items()},
+                             **{f"allocator_{k}": v for k, v in allocs.items()}, **profiled,
                              pinned_gib=self.gib(st.streamer.pinned_bytes),
                              lookahead=st.residency.lookahead, plan=plan.describe())
                     if kind.endswith(" compiled"):
@@ -539,6 +541,30 @@ class OffloadBench(Bench):
             except Exception as e:
                 self.error_row(f"remove offload {kind}", e)
             self.reset_peak()
+
+    def profile_card(self, dm, name: str) -> dict:
+        """One offloaded forward under torch.profiler (after one warm-up forward): its Chrome trace
+        goes to the output folder and bench/timeline.py's summary into the card's row: compute and
+        copy engine busy time, and the compute engine's idle time split into waiting for a copy and
+        waiting for the host (issue 13's card 8)."""
+        import re
+
+        import timeline
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=1)) as prof:
+            for _ in range(2):
+                self.fwd(dm)
+                self.sync()
+                prof.step()
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+        path = os.path.join(self.args.out, f"trace-{slug}.json")
+        os.makedirs(self.args.out, exist_ok=True)
+        prof.export_chrome_trace(path)
+        got = timeline.summarize(path) or {}
+        log(f"profile {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()) if got else f"profile {name}: no GPU events")
+        return {"profile_trace": os.path.basename(path), **{f"profile_{k}": v for k, v in got.items()}}
 
     def alloc_counts(self) -> dict:
         """The caching allocator's cumulative counters that mean device-wide stalls: retries (a
@@ -733,6 +759,8 @@ def main():
     ap.add_argument("--variants", default="bf16,fp8,nf4", help="offload section: the per-mode rows' weight kinds")
     ap.add_argument("--kinds", default="bf16,fp8 cast,nf4,torchao fp8", help="cards section: weight kinds, in this order")
     ap.add_argument("--cards", default="", help='cards per kind, e.g. "bf16=12/16/24;nf4=6/8" (default: issue 13\'s)')
+    ap.add_argument("--profile-cards", default="", help='cards to profile one forward of, same form as --cards '
+                    '(e.g. "torchao fp8 compiled=8"): a Chrome trace and bench/timeline.py\'s summary in the row')
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--blocks-per-group", type=int, default=1)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
@@ -758,6 +786,7 @@ def main():
     args.variants = args.variants.split(",")
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     args.cards = parse_cards(args.cards)
+    args.profile_cards = parse_cards(args.profile_cards) if args.profile_cards else {}
     args.rebase_kinds = {k.strip() for k in args.rebase_kinds.split(",") if k.strip()}
     args.modes = [m for m in args.modes.split(",") if m]
     if args.time_limit is None:
