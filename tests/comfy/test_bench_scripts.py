@@ -67,7 +67,8 @@ def test_bench_offload(tmp_path):
     # torchao cards on compiled blocks (aot_eager, as every dry run here: dynamo and the stream hooks)
     bench("bench_offload.py", tmp_path, "--size", "tiny", "--workdir", str(tmp_path / "work"),
           "--cards", "bf16=12/16;fp8 cast=8/12;nf4=6;torchao fp8 compiled=8/16", "--node-lora-mode", "merge",
-          "--kinds", "bf16,fp8 cast,nf4,torchao fp8 compiled", "--profile-cards", "torchao fp8 compiled=8")
+          "--kinds", "bf16,fp8 cast,nf4,torchao fp8 compiled", "--profile-cards", "torchao fp8 compiled=8",
+          "--reserve-vram-gib", "0")
     got = rows(tmp_path / "results-offload.json")
     compiled, eager = got["fp8 cast compile (regional)"], got["fp8 cast eager"]
     assert abs(compiled["rel_err"] - eager["rel_err"]) < 1e-3, (compiled, eager)
@@ -77,12 +78,18 @@ def test_bench_offload(tmp_path):
     merged = got["fp8 cast offload block + lora merge r64 card 12"]
     assert merged["equal_to_no_offload"] and merged["swapped_r32_equal_to_no_offload"]
     rebased = [r for v, r in got.items() if v.startswith("offload block torchao fp8 compiled card")]
-    assert len(rebased) == 2 and all("adjacent_base_step_s" in r and r["equal_to_no_offload"] for r in rebased)
+    assert len(rebased) == 4 and all("adjacent_base_step_s" in r and r["equal_to_no_offload"] for r in rebased)
     assert all(r["card_equal_to_adjacent_base"] for r in rebased)
     # one profiled forward of the card asked for: its trace written (no GPU events on a CPU: no summary)
     traced = got["offload block torchao fp8 compiled card 8"]
     assert (tmp_path / traced["profile_trace"]).stat().st_size > 0
     assert "profile_trace" not in got["offload block torchao fp8 compiled card 16"]
+    # each card also as if ComfyUI ran with --reserve-vram 0: 0.4 GiB less reserve, the rest equal
+    for v in ("offload block bf16 card 12", "offload block torchao fp8 compiled card 8"):
+        dflt, lean = got[v], got[v + " reserve-vram 0"]
+        assert dflt["reserve_vram_gib"] is None and lean["reserve_vram_gib"] == 0
+        assert abs(dflt["reserve_gib"] - lean["reserve_gib"] - 400 / 1024) < 0.01  # ComfyUI's 400 MiB on Linux
+        assert lean["equal_to_no_offload"]
     cards = [r for v, r in got.items() if v.startswith("offload block ") and " card " in v and "lora" not in v]
     assert cards and all(r["hook_host_ms_per_step"] > 0 for r in cards)  # the hooks' host time, per step
     # streaming runs around the compiled calls: no card compiles anything (the first installs the
