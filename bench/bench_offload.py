@@ -433,22 +433,25 @@ class OffloadBench(Bench):
         weights = module_bytes(dm)
         lat = self.latent_dict()
         reserve = node.sampling_reserve(p, lat, cfg=1.0)
-        act_est = reserve - int(mm.minimum_inference_memory())
+        act_est = node.sampling_reserve(p, lat, cfg=1.0, rule="sum") - int(mm.minimum_inference_memory())
         act_measured = (base_peak - weights) if base_peak is not None else None
         self.unload()
         dm.to("cpu")
         per_card = 4 + (self.args.offload_repeats + 2) * base_step * 3.5
         if kind in self.args.rebase_kinds:  # the adjacent baseline: two re-plans and its forwards
             per_card += 4 + (self.args.offload_repeats + 2) * base_step * 1.5
-        default_extra = mm.extra_reserved_memory()
+        default_extra, default_rule = mm.extra_reserved_memory(), node.RESERVE_RULE
         try:
-            for n, rv in [(n, rv) for n in cards for rv in self.args.reserve_vram]:
-                name = f"offload block {kind} card {n:g}" + ("" if rv is None else f" reserve-vram {rv:g}")
+            for n, rv, rule in [(n, rv, rule) for n in cards for rule in self.args.reserve_rules
+                                for rv in self.args.reserve_vram]:
+                name = (f"offload block {kind} card {n:g}" + ("" if rv is None else f" reserve-vram {rv:g}")
+                        + ("" if rule == self.args.reserve_rules[0] else f" reserve {rule}"))
                 if not self.time_ok(per_card + (10 if n == cards[0] else 0), name):
                     continue
                 # as if ComfyUI ran with --reserve-vram rv (its headroom beside the model, which the
                 # node's reserve includes through minimum_inference_memory); None: as started
                 mm.EXTRA_RESERVED_VRAM = default_extra if rv is None else int(rv * GIB)
+                node.RESERVE_RULE = rule  # offload_plan.RESERVE_RULES: the node's rule, or the old one beside it
                 reserve = node.sampling_reserve(p, lat, cfg=1.0)
                 ballast, nb, replanned, preshrunk, replan_peak = None, 0, False, False, None
                 try:
@@ -495,10 +498,10 @@ class OffloadBench(Bench):
                     allocs = {k: v - a0.get(k, 0) for k, v in self.alloc_counts().items()}
                     profiled = self.profile_card(dm, name) if n in self.args.profile_cards.get(kind, ()) else {}
                     peak_card = None if peak is None else peak - nb
-                    if rv is None:  # the LoRA rows compare with the card as ComfyUI was started
+                    if rv is None and rule == self.args.reserve_rules[0]:  # the LoRA rows compare with the card as started
                         self.card_plans[(kind, n)] = (plan.budget, step)
                     r = dict(variant=name, card_gib=round(free_target / GIB, 3), budget_gib=self.gib(plan.budget),
-                             reserve_gib=self.gib(reserve), reserve_vram_gib=rv,
+                             reserve_gib=self.gib(reserve), reserve_vram_gib=rv, reserve_rule=rule,
                              resident_blocks=st.n_resident, n_blocks=st.n_blocks,
                              resident_share=(st.nonblock + st.residency.resident_bytes) / st.model_bytes,
                              streamed_gib_per_step=self.gib(st.streamed_bytes), step_s=step,
@@ -543,6 +546,7 @@ class OffloadBench(Bench):
                     self.reset_peak()
         finally:
             mm.EXTRA_RESERVED_VRAM = default_extra
+            node.RESERVE_RULE = default_rule
             try:
                 if keep_model:
                     off.remove_offload(dm, release_pinned=False)
@@ -769,6 +773,9 @@ def main():
     ap.add_argument("--cards", default="", help='cards per kind, e.g. "bf16=12/16/24;nf4=6/8" (default: issue 13\'s)')
     ap.add_argument("--profile-cards", default="", help='cards to profile one forward of, same form as --cards '
                     '(e.g. "torchao fp8 compiled=8"): a Chrome trace and bench/timeline.py\'s summary in the row')
+    ap.add_argument("--reserve-rules", default="comfy", help='cards section: the reserve rules to run each card '
+                    'with (memory/offload_plan.RESERVE_RULES), the first as the node has it; e.g. "comfy,sum" adds '
+                    'rows " reserve sum" with the pre-2026-12 rule, same process')
     ap.add_argument("--reserve-vram-gib", default="", help='cards section: each card also as if ComfyUI ran with '
                     '--reserve-vram X, e.g. "0" (a row per value after the default one, same process)')
     ap.add_argument("--modes", default=",".join(MODES))
@@ -797,6 +804,7 @@ def main():
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     args.cards = parse_cards(args.cards)
     args.profile_cards = parse_cards(args.profile_cards) if args.profile_cards else {}
+    args.reserve_rules = [r.strip() for r in args.reserve_rules.split(",") if r.strip()]
     args.reserve_vram = [None] + [float(x) for x in args.reserve_vram_gib.split(",") if x.strip()]
     args.rebase_kinds = {k.strip() for k in args.rebase_kinds.split(",") if k.strip()}
     args.modes = [m for m in args.modes.split(",") if m]

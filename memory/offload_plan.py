@@ -79,6 +79,24 @@ def sampling_shape(latent_shape, cfg: float | None) -> list:
     return shape
 
 
+# How the device bytes beside the weights are counted. "comfy": ComfyUI's own headroom for a
+# partially loaded model (load_models_gpu: the larger of its minimum inference memory and the
+# activations plus its extra reserve, --reserve-vram); "sum": the minimum inference memory plus the
+# activations (the pack's rule until 2026-12: ~0.6 GiB more than ComfyUI keeps at 1024x1024, which
+# at an 8 GiB card was weights streamed that need not be; the node re-plans with that margin
+# added if sampling runs out of memory).
+RESERVE_RULES = ("comfy", "sum")
+
+
+def reserve_bytes(min_inference: int, extra_reserved: int, activations: int, rule: str = "comfy") -> int:
+    """Device bytes sampling needs beside the weights, by `rule` (RESERVE_RULES)."""
+    if rule == "sum":
+        return int(min_inference + activations)
+    if rule != "comfy":
+        raise ValueError(f"reserve rule {rule!r} is not one of {RESERVE_RULES}")
+    return int(max(min_inference, activations + extra_reserved))
+
+
 def activation_estimate(dm, shape, fallback: int = 0) -> int:
     """Activation bytes of one forward at `shape` (the sampling batch): the pack's Flux estimate
     (streaming.flux_activation_bytes, checked against measured peaks by bench/bench_offload.py)

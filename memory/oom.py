@@ -153,6 +153,11 @@ def _resolution_hint(shape, weights: int, free: int | None, memory_required) -> 
     return text
 
 
+class SamplingOutOfMemory(QuantLoRAError):
+    """Out of GPU memory while sampling (the models were unloaded): the offload sampler re-plans
+    with a larger reserve and tries once more on this one."""
+
+
 def sampling_error(shape, device, why: str, weights: int = 0, quantization: str | None = None,
                    memory_required=None, offload_mode: str | None = None) -> QuantLoRAError:
     """shape: the latent's (batch, channels, height, width) or None; weights: the model's bytes on the GPU when loaded."""
@@ -171,7 +176,7 @@ def sampling_error(shape, device, why: str, weights: int = 0, quantization: str 
     elif offload_mode in ("model", "block"):
         fixes.append("offload_mode leaf (the least VRAM) or a lower vram_budget_gb")
     msg.append("Settings that would fit: " + "; or ".join(fixes) + ".")
-    return QuantLoRAError(" ".join(msg))
+    return SamplingOutOfMemory(" ".join(msg))
 
 
 def slots_error(max_rank: int, targets: str, why: str) -> QuantLoRAError:

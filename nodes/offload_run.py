@@ -9,9 +9,10 @@ memory/streaming.py), leaf (each layer: lowest VRAM), auto (none if the weights 
 if its resident parts and in-flight copies fit, else leaf). The budget is vram_budget_gb, or when
 0 the GPU's free memory (plus what loaded models ComfyUI would unload for this one hold, plus what
 our offload of this model keeps resident), less what sampling needs at this latent's size and
-batch (sampling_reserve: ComfyUI's minimum inference memory plus the larger of ComfyUI's and the
-pack's Flux activation estimates). The node's text and log say what was chosen, the resident
-share, the bytes streamed per step and the predicted step ratio (streamed bytes over the pinned
+batch (sampling_reserve: the headroom ComfyUI keeps beside a partially loaded model, the larger of
+its minimum inference memory and the activations plus its --reserve-vram; if sampling still runs
+out of memory, the node re-plans once with twice that reserve). The node's text and log say what
+was chosen, the resident share, the bytes streamed per step and the predicted step ratio (streamed bytes over the pinned
 bandwidth measured once, against a resident step estimated from the model's FLOPs at a measured
 matmul rate). Without a CUDA device every mode is a no-op and the node samples exactly like
 KSampler. The plan from those numbers is memory/offload_plan.py, the moving itself
@@ -83,6 +84,7 @@ KEY = "quantlora.offload"
 # machine, with the CPU as both the onload and the offload device.
 FORCE_ON_CPU = False
 _CLONES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # input patcher -> (settings, our clone)
+RESERVE_RULE = "comfy"  # offload_plan.RESERVE_RULES; the benchmark compares both in one process
 
 
 def _diffusion_model(patcher):
@@ -102,22 +104,25 @@ def _latent_shape(patcher, latent) -> list | None:
         return list(latent["samples"].shape)
 
 
-def sampling_reserve(patcher, latent: dict | None, cfg: float | None = None) -> int:
-    """Device bytes sampling needs beside the weights: ComfyUI's minimum inference memory plus
-    the activations at this latent's size and batch (cond + uncond unless cfg is 1): the pack's
-    Flux estimate (streaming.flux_activation_bytes, checked against measured peaks by
-    bench/bench_offload.py) for a Flux model, ComfyUI's own estimate otherwise."""
-    reserve = int(mm.minimum_inference_memory())
+def sampling_reserve(patcher, latent: dict | None, cfg: float | None = None, rule: str | None = None) -> int:
+    """Device bytes sampling needs beside the weights, the headroom ComfyUI itself keeps beside a
+    partially loaded model (offload_plan.reserve_bytes, RESERVE_RULE): the larger of its minimum
+    inference memory and the activations at this latent's size and batch (cond + uncond unless cfg
+    is 1) plus its extra reserve (--reserve-vram). Activations: the pack's Flux estimate
+    (streaming.flux_activation_bytes, checked against measured peaks by bench/bench_offload.py)
+    for a Flux model, ComfyUI's own estimate otherwise."""
+    floor = int(mm.minimum_inference_memory())
     shape = _latent_shape(patcher, latent)
     if shape is None:
-        return reserve
+        return floor
     shape = offload_plan.sampling_shape(shape, cfg)
     est = 0
     try:
         est = int(patcher.model.memory_required(shape))
     except Exception:  # an architecture without an estimate: the pack's Flux one, or the minimum
         pass
-    return reserve + offload_plan.activation_estimate(getattr(patcher.model, "diffusion_model", None), shape, est)
+    act = offload_plan.activation_estimate(getattr(patcher.model, "diffusion_model", None), shape, est)
+    return offload_plan.reserve_bytes(floor, int(mm.extra_reserved_memory()), act, rule or RESERVE_RULE)
 
 
 def _device_bytes_at_rest(patcher) -> int:
@@ -145,7 +150,7 @@ def _card(dev, patcher) -> dict:
 
 
 def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: float, latent: dict | None = None,
-                 cfg: float | None = None, card: dict | None = None) -> Plan:
+                 cfg: float | None = None, card: dict | None = None, extra_reserve: int = 0) -> Plan:
     """Resolve the node's inputs into a Plan (memory/offload_plan.py chooses from the numbers read
     here). `card` (free_bytes, bandwidth, flops) is measured on CUDA and can be injected (tests,
     the benchmark's emulated cards)."""
@@ -160,7 +165,7 @@ def plan_offload(patcher, mode: str, blocks_per_group: int, vram_budget_gb: floa
     dm = _diffusion_model(patcher)
     if card is None and cuda:
         card = _card(dev, patcher)
-    reserve = sampling_reserve(patcher, latent, cfg)
+    reserve = sampling_reserve(patcher, latent, cfg) + int(extra_reserve)
     return offload_plan.budget_plan(dm, mode, blocks_per_group, vram_budget_gb, reserve, card,
                                     _latent_shape(patcher, latent))
 
@@ -362,22 +367,22 @@ def offload_patcher(model, plan: Plan):
     return p
 
 
-def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0,
-           offload_mode="auto", blocks_per_group=1, vram_budget_gb=0.0):
-    """(latent dict, report text)."""
+def _sample_once(model, plan: Plan, args: tuple):
+    """(patcher, latent): one stock KSampler run (nodes.common_ksampler) under `plan`. A torch OOM
+    from a MODEL not from the pack's loader becomes the pack's error (models unloaded), as the
+    loader's own sampling wrapper does for its MODELs."""
     import nodes  # ComfyUI's nodes.py
 
-    plan = plan_offload(model, offload_mode, blocks_per_group, vram_budget_gb, latent_image, cfg=cfg)
     dev = torch.device(model.load_device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     patcher = offload_patcher(model, plan)
+    *ksampler_args, latent_image, denoise = args
     failed = None
     try:
-        latent = nodes.common_ksampler(patcher, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                       latent_image, denoise=denoise)[0]
-    except torch.OutOfMemoryError as e:  # a MODEL not from the pack's loader (the pack's own raise QuantLoRAError)
+        latent = nodes.common_ksampler(patcher, *ksampler_args, latent_image, denoise=denoise)[0]
+    except torch.OutOfMemoryError as e:
         failed = oom.detail(e)
     finally:
         if plan.active and plan.mode == "model":
@@ -386,6 +391,37 @@ def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
         from .runtime import sampling_oom
 
         raise sampling_oom(patcher, tuple(latent_image["samples"].shape), failed, plan.mode if plan.active else None)
+    return patcher, latent
+
+
+def _retry_after_oom(plan: Plan, vram_budget_gb: float) -> bool:
+    """Block offload whose budget came from the card's free memory: a larger reserve can fit."""
+    return plan.active and plan.mode == "block" and vram_budget_gb <= 0
+
+
+def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0,
+           offload_mode="auto", blocks_per_group=1, vram_budget_gb=0.0):
+    """(latent dict, report text)."""
+    plan = plan_offload(model, offload_mode, blocks_per_group, vram_budget_gb, latent_image, cfg=cfg)
+    args = (seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
+    dev = torch.device(model.load_device)
+    retried = ""
+    try:
+        patcher, latent = _sample_once(model, plan, args)
+    except oom.SamplingOutOfMemory:
+        if not _retry_after_oom(plan, vram_budget_gb):
+            raise
+        # The reserve beside a budget read from the card was too small for this model and
+        # resolution (an activation peak above the estimate, fragmentation, another process's
+        # allocation): once more with twice the reserve, streaming more. A second OOM is the error
+        # (the models were unloaded and the memory returned before either).
+        reserve = sampling_reserve(model, latent_image, cfg)
+        retried = (f"out of GPU memory with {reserve / GIB:.2f} GiB for sampling; re-planned with "
+                   f"{2 * reserve / GIB:.2f} GiB")
+        log.warning("CPUOffloadSampler: %s (was: %s)", retried, plan.describe())
+        plan = plan_offload(model, offload_mode, blocks_per_group, vram_budget_gb, latent_image, cfg=cfg,
+                            extra_reserve=reserve)
+        patcher, latent = _sample_once(model, plan, args)
     mode = f"{plan.mode}{' (auto)' if plan.auto else ''}" if plan.active else offload_mode
     if plan.mode == "block" and plan.active:
         st = _STATE.get(patcher)
@@ -400,6 +436,8 @@ def sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
         text += f" [{plan.describe()}]"
     elif plan.auto and plan.reason and dev.type == "cuda":
         text += f" [{plan.reason}]"
+    if retried:
+        text += f" ({retried})"
     log.info("CPUOffloadSampler: %s", text)
     return latent, text
 

@@ -68,7 +68,7 @@ def test_bench_offload(tmp_path):
     bench("bench_offload.py", tmp_path, "--size", "tiny", "--workdir", str(tmp_path / "work"),
           "--cards", "bf16=12/16;fp8 cast=8/12;nf4=6;torchao fp8 compiled=8/16", "--node-lora-mode", "merge",
           "--kinds", "bf16,fp8 cast,nf4,torchao fp8 compiled", "--profile-cards", "torchao fp8 compiled=8",
-          "--reserve-vram-gib", "0")
+          "--reserve-vram-gib", "0", "--reserve-rules", "comfy,sum")
     got = rows(tmp_path / "results-offload.json")
     compiled, eager = got["fp8 cast compile (regional)"], got["fp8 cast eager"]
     assert abs(compiled["rel_err"] - eager["rel_err"]) < 1e-3, (compiled, eager)
@@ -78,7 +78,7 @@ def test_bench_offload(tmp_path):
     merged = got["fp8 cast offload block + lora merge r64 card 12"]
     assert merged["equal_to_no_offload"] and merged["swapped_r32_equal_to_no_offload"]
     rebased = [r for v, r in got.items() if v.startswith("offload block torchao fp8 compiled card")]
-    assert len(rebased) == 4 and all("adjacent_base_step_s" in r and r["equal_to_no_offload"] for r in rebased)
+    assert len(rebased) == 8 and all("adjacent_base_step_s" in r and r["equal_to_no_offload"] for r in rebased)
     assert all(r["card_equal_to_adjacent_base"] for r in rebased)
     # one profiled forward of the card asked for: its trace written (no GPU events on a CPU: no summary)
     traced = got["offload block torchao fp8 compiled card 8"]
@@ -90,6 +90,12 @@ def test_bench_offload(tmp_path):
         assert dflt["reserve_vram_gib"] is None and lean["reserve_vram_gib"] == 0
         assert abs(dflt["reserve_gib"] - lean["reserve_gib"] - 400 / 1024) < 0.01  # ComfyUI's 400 MiB on Linux
         assert lean["equal_to_no_offload"]
+        # the rule before 2026-12 (minimum inference memory + activations) beside the node's (ComfyUI's
+        # max of the two), same process: more reserve, the rest equal
+        old = got[v + " reserve sum"]
+        assert dflt["reserve_rule"] == "comfy" and old["reserve_rule"] == "sum"
+        assert abs(old["reserve_gib"] - dflt["reserve_gib"] - old["activation_est_gib"]) < 0.01, (old, dflt)
+        assert old["equal_to_no_offload"] and old["budget_gib"] <= dflt["budget_gib"]
     cards = [r for v, r in got.items() if v.startswith("offload block ") and " card " in v and "lora" not in v]
     assert cards and all(r["hook_host_ms_per_step"] > 0 for r in cards)  # the hooks' host time, per step
     # streaming runs around the compiled calls: no card compiles anything (the first installs the

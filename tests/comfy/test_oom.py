@@ -309,3 +309,63 @@ def test_overflowing_lora_is_reported_by_name(flux_file, tmp_path):
     assert "'huge-lora.safetensors' at strength 0.7" in msg and "non-finite" in msg and "lower its strength" in msg, msg
     assert not runtime.hotswap_state(patcher.model.diffusion_model).active
     assert torch.isfinite(ksample(patcher)).all()  # the bare model, untouched
+
+
+def _inject_oom_times(monkeypatch, n: int) -> dict:
+    """The first n forwards raise a CUDA OOM; later ones run. Returns the call counter."""
+    import comfy.ldm.flux.model as flux
+
+    orig, calls = flux.Flux.forward_orig, {"n": 0}
+
+    def forward_orig(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= n:
+            raise torch.OutOfMemoryError(OOM_TEXT)
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(flux.Flux, "forward_orig", forward_orig)
+    return calls
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["pack-loader", "bridge-only"])
+def test_offload_block_oom_replans_once_with_twice_the_reserve(flux_file, monkeypatch, caplog, wrapped):
+    """The budget read from the card leaves ComfyUI's headroom for sampling; when that was too
+    little (an OOM) the node re-plans once with twice the reserve and samples again: the result is
+    the clean run's, the node's text says so. A second OOM is the error; an explicit
+    vram_budget_gb is not second-guessed."""
+    from quantlora.nodes import offload_run as node
+    from quantlora.nodes import runtime
+    monkeypatch.setattr(node, "FORCE_ON_CPU", True)
+    patcher, _ = load(flux_file)
+    if wrapped:
+        runtime.install(patcher)  # the loader's sampling wrapper turns the OOM into the pack's error
+    pos, neg = conds()
+    reserves = []
+    plan_offload = node.plan_offload
+    monkeypatch.setattr(node, "plan_offload", lambda *a, **k: reserves.append(k.get("extra_reserve", 0))
+                        or plan_offload(*a, **k))
+
+    def run(budget=0.0):  # what CPUOffloadSampler.execute calls: (latent, the node's text)
+        return node.sample(patcher, 5, 2, 1.5, "euler", "simple", pos, neg, LATENT, 1.0, "block", 1, budget)
+
+    want = run()[0]["samples"]
+    reserves.clear()
+    calls = _inject_oom_times(monkeypatch, 1)
+    with caplog.at_level("WARNING", logger="quantlora"):
+        out, text = run()
+    assert torch.equal(out["samples"], want)
+    first = node.sampling_reserve(patcher, LATENT, 1.5)
+    assert reserves == [0, first] and calls["n"] > 1
+    assert "re-planned with" in text, text
+    assert any("re-planned with" in r.getMessage() for r in caplog.records)
+
+    calls = _inject_oom_times(monkeypatch, 10 ** 6)
+    reserves.clear()
+    err = raised(run)
+    assert "out of GPU memory while sampling" in str(err) and calls["n"] == 2 and len(reserves) == 2
+    del err
+    calls["n"], reserves[:] = 0, []
+    err = raised(run, 3.0)  # an explicit budget: no second try
+    assert calls["n"] == 1 and len(reserves) == 1
+    del err
+    monkeypatch.undo()

@@ -67,3 +67,16 @@ def test_prediction_and_reserve_arithmetic():
     assert bw == 1e9 and t > 0 and ratio >= 1.0
     assert op.predict(tree, res, [1, 16, 8, 8], {}) == (None, None, None)
     assert op.device_bytes_at_rest(None) == 0
+
+
+def test_reserve_rules():
+    G = op.GIB
+    mi, extra = int(0.8 * G) + (400 << 20), 400 << 20
+    act = int(0.633 * G)
+    # ComfyUI's headroom (load_models_gpu): max(minimum inference memory, activations + extra reserve)
+    assert op.reserve_bytes(mi, extra, act) == mi
+    assert op.reserve_bytes(mi, extra, 2 * G) == 2 * G + extra
+    assert op.reserve_bytes(mi, 0, act, "comfy") == mi  # --reserve-vram 0
+    assert op.reserve_bytes(mi, extra, act, "sum") == mi + act
+    with pytest.raises(ValueError, match="reserve rule 'x'"):
+        op.reserve_bytes(mi, extra, act, "x")
