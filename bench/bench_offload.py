@@ -562,14 +562,14 @@ class OffloadBench(Bench):
         import re
 
         import timeline
-        from torch.profiler import ProfilerActivity, profile, schedule
+        from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=1)) as prof:
-            for _ in range(2):
-                self.fwd(dm)
-                self.sync()
-                prof.step()
+        self.fwd(dm)  # warm-up outside the profiler (a schedule's cycle dropped the GPU events on the H200)
+        self.sync()
+        with profile(activities=acts) as prof:
+            self.fwd(dm)
+            self.sync()
         slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
         path = os.path.join(self.args.out, f"trace-{slug}.json")
         os.makedirs(self.args.out, exist_ok=True)
