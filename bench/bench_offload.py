@@ -437,7 +437,7 @@ class OffloadBench(Bench):
         act_measured = (base_peak - weights) if base_peak is not None else None
         self.unload()
         dm.to("cpu")
-        per_card = 4 + (self.args.offload_repeats + 2) * base_step * 3.5
+        per_card = 4 + (self.args.offload_repeats + 2) * base_step * 5
         if kind in self.args.rebase_kinds:  # the adjacent baseline: two re-plans and its forwards
             per_card += 4 + (self.args.offload_repeats + 2) * base_step * 1.5
         default_extra, default_rule = mm.extra_reserved_memory(), node.RESERVE_RULE
@@ -496,6 +496,15 @@ class OffloadBench(Bench):
                     hook_wait_ms = (st.streamer.stats["wait_s"] - w0) * 1e3
                     copies = st.streamer.stats["copies"] - c0
                     allocs = {k: v - a0.get(k, 0) for k, v in self.alloc_counts().items()}
+                    # the same plan with the room counted as lookahead + 1 whole buffers (the streamer
+                    # before its byte window), timed right after, same state: the window's own gain
+                    window, st.streamer.window = st.streamer.window, None
+                    try:
+                        _, whole_step, whole_out = self.timed(dm, self.args.offload_repeats)
+                    finally:
+                        st.streamer.window = window
+                    whole = dict(whole_buffers_step_s=whole_step, whole_buffers_equal=bool(torch.equal(whole_out, out)))
+                    whole_out = None
                     profiled = self.profile_card(dm, name) if n in self.args.profile_cards.get(kind, ()) else {}
                     peak_card = None if peak is None else peak - nb
                     if rv is None and rule == self.args.reserve_rules[0]:  # the LoRA rows compare with the card as started
@@ -518,7 +527,7 @@ class OffloadBench(Bench):
                              prefetched=st.streamer.stats["prefetched"], on_the_spot=st.streamer.stats["on_the_spot"],
                              host_waits=st.streamer.stats["waits"], hook_host_ms_per_step=hook_host_ms,
                              hook_wait_ms_per_step=hook_wait_ms, copies_per_step=copies,
-                             **{f"allocator_{k}": v for k, v in allocs.items()}, **profiled,
+                             **{f"allocator_{k}": v for k, v in allocs.items()}, **profiled, **whole,
                              pinned_gib=self.gib(st.streamer.pinned_bytes),
                              lookahead=st.residency.lookahead, plan=plan.describe())
                     if kind.endswith(" compiled"):
@@ -533,6 +542,7 @@ class OffloadBench(Bench):
                             ref_step = adj["adjacent_base_step_s"]
                             r["step_ratio_vs_first_baseline"] = step / base_step
                             r["step_ratio_vs_no_offload"] = step / ref_step
+                    r["whole_buffers_ratio_vs_no_offload"] = whole_step / ref_step
                     floor = max(1.0, st.streamed_bytes / self.bw / ref_step)
                     r.update(floor_ratio=floor, vs_floor=(step / ref_step) / floor)
                     self.row(**r)

@@ -349,6 +349,7 @@ def _apply_stream(root: nn.Module, spec: OffloadSpec, sizes: TreeSizes) -> Offlo
     root._apply(lambda t: t.to(spec.onload), recurse=False)
     blocks = flat_blocks(root)
     streamer = streaming.BlockStreamer(blocks, res.streamed, spec.onload, res.lookahead, spec.pin)
+    streamer.window = res.inflight_bytes  # the plan's room, counted in bytes (memory/pipeline.py models the same)
     streaming.install_hooks(root, blocks, streamer)
     work = min(nonblock + res.working_set, sizes.model)
     state = OffloadState(spec, "block", "stream", work, sizes.model, tensor_ids(root), res, streamer, nonblock)
@@ -379,6 +380,7 @@ def _replan(root: nn.Module, old: OffloadState, spec: OffloadSpec) -> OffloadSta
     if res.streamed != old.residency.streamed:
         old.streamer.set_streamed(res.streamed)
     old.streamer.lookahead = res.lookahead
+    old.streamer.window = res.inflight_bytes
     state = OffloadState(spec, "block", "stream", min(nonblock + res.working_set, old.model_bytes), old.model_bytes,
                          tensor_ids(root), res, old.streamer, nonblock)
     setattr(root, _MARK, state)

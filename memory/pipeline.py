@@ -16,9 +16,15 @@ no ComfyUI.
 from __future__ import annotations
 
 
-def step_seconds(block_compute_s: list[float], block_copy_s: list[float], streamed: tuple, lookahead: int) -> float:
+def step_seconds(block_compute_s: list[float], block_copy_s: list[float], streamed: tuple, lookahead: int,
+                 block_bytes: list[int] | None = None, window: int | None = None) -> float:
     """Seconds of one forward: block_compute_s[i] is block i's compute, block_copy_s[i] its copy
-    time when streamed; streamed: the streamed blocks' indices."""
+    time when streamed; streamed: the streamed blocks' indices.
+
+    With `window` (bytes) and block_bytes, the in-flight room is counted in bytes, as BlockStreamer
+    does with a window: copy k may start once the streamed blocks copied before it that have not yet
+    computed, with it, fit the window (and always when only `lookahead` of them are in flight), so
+    small blocks run further ahead than lookahead + 1 whole buffers of the largest would allow."""
     order = sorted(streamed)
     rank = {b: m for m, b in enumerate(order)}
     copy_end: list[float] = []
@@ -27,10 +33,11 @@ def step_seconds(block_compute_s: list[float], block_copy_s: list[float], stream
     for i, c in enumerate(block_compute_s):
         m = rank.get(i)
         if m is not None:
-            # copies are scheduled in order, each when the previous copy is done and a buffer is free
+            # copies are scheduled in order, each when the previous copy is done and its room is free
             while len(copy_end) <= m:
                 k = len(copy_end)
-                free_at = compute_end_streamed[k - lookahead - 1] if k - lookahead - 1 >= 0 else 0.0
+                first_live = _first_live(order, k, lookahead, block_bytes, window)
+                free_at = compute_end_streamed[first_live - 1] if first_live >= 1 else 0.0
                 start = max(copy_end[-1] if copy_end else 0.0, free_at)
                 copy_end.append(start + block_copy_s[order[k]])
             t = max(t, copy_end[m])
@@ -38,3 +45,18 @@ def step_seconds(block_compute_s: list[float], block_copy_s: list[float], stream
         if m is not None:
             compute_end_streamed.append(t)
     return t
+
+
+def _first_live(order: list, k: int, lookahead: int, block_bytes, window) -> int:
+    """The earliest streamed block (rank) still holding its copy when copy k starts: k - lookahead
+    with whole buffers; with a byte window, the earliest j whose copies j..k fit it (never later than
+    k - lookahead: the next lookahead blocks are always copied)."""
+    j = k - lookahead
+    if window is None or block_bytes is None:
+        return j
+    used = block_bytes[order[k]]
+    i = k - 1
+    while i >= 0 and used + block_bytes[order[i]] <= window:
+        used += block_bytes[order[i]]
+        i -= 1
+    return min(j, i + 1)

@@ -18,9 +18,11 @@ How one streamed block moves (a `_Unit`):
   leaves, an event; the compute stream waits on that event and `record_stream`s the copies.
   Offload: the references go back to the pinned leaves, the device copies are dropped (their
   memory is reused once the compute stream is past them) and a "done" event is recorded. Before a
-  new prefetch allocates, the host waits until the compute stream is done with the previous
-  streamed block, so at most lookahead + 1 blocks' copies exist (the running one and the
-  prefetched ones). When copies are the bottleneck the copy stream still never idles (the next
+  new prefetch allocates, the host waits until the compute stream is done with enough of the
+  earlier streamed blocks that the copies in flight fit the plan's room: in block mode a window in
+  bytes (lookahead + 1 of the largest streamed block), so where smaller blocks stream (Flux's single
+  blocks in a plan that also streams double ones) more of them are copied ahead, up to ~2.4x as many
+  (leaf mode: lookahead + 1 units). When copies are the bottleneck the copy stream still never idles (the next
   copy is queued before the current one ends); when compute is, the wait only trims how far the
   host runs ahead.
 - Without CUDA (device cpu) the very same code runs: no pinning, no stream, no events (each guarded
@@ -100,7 +102,7 @@ def plan_residency(block_bytes: list[int], room: int | None, lookahead: int = 1,
         t = None
         if timing is not None:
             bw, per_block = timing
-            t = step_seconds([per_block] * n, [b / bw for b in block_bytes], s, la)
+            t = step_seconds([per_block] * n, [b / bw for b in block_bytes], s, la, block_bytes, infl)
         return Residency(s, total - sb, sb, infl, n, la, t)
 
     if room is None:
@@ -438,8 +440,14 @@ class BlockStreamer:
         self.blocks = blocks
         self.units: dict[int, _Unit] = {}
         self.order: list[int] = []
-        self._done: collections.deque = collections.deque()
+        self._done: collections.deque = collections.deque()  # (event, bytes) of released units
         self._live = 0  # units holding device copies
+        self._live_bytes = 0
+        self._done_bytes = 0
+        # Block mode: the in-flight room in bytes (the plan's inflight_bytes, lookahead + 1 of the
+        # largest streamed block); copies run further ahead than lookahead while they fit it (the
+        # single blocks of a plan sized for double ones). None: lookahead + 1 units (leaf mode).
+        self.window: int | None = None
         # host_s: seconds of host time inside the hooks (begin/enter/leave/end), what a short
         # compiled step cannot hide; the benchmark reports it per step
         # (wait_s: the part of it spent waiting for the compute stream; copies: host-to-device copies)
@@ -466,7 +474,7 @@ class BlockStreamer:
             if u.installed or u.dev is not None:
                 self._release(u)
         self._done.clear()
-        self._live = 0
+        self._live = self._live_bytes = self._done_bytes = 0
         want = set(streamed)
         for i in sorted(want - set(self.units)):  # resident -> streamed (frees device memory)
             self._demote(i)
@@ -562,11 +570,19 @@ class BlockStreamer:
         return self.arena.bytes if self.arena is not None else 0
 
     # ----- moving
+    def _full(self, need: int) -> bool:
+        """Would one more copy of `need` bytes overrun the room, counting the released units whose
+        memory the compute stream may still be using?"""
+        if self.window is None:
+            return self._live + len(self._done) >= self.lookahead + 1
+        return self._live_bytes + self._done_bytes + need > self.window
+
     def _prefetch(self, u: _Unit) -> None:
         if u.dev is not None:
             return
-        while self._done and self._live + len(self._done) >= self.lookahead + 1:
-            ev = self._done.popleft()
+        while self._done and self._full(u.bytes):
+            ev, nbytes = self._done.popleft()
+            self._done_bytes -= nbytes
             if ev is not None:
                 t0 = time.perf_counter()
                 ev.synchronize()
@@ -586,6 +602,7 @@ class BlockStreamer:
                 self.stats["copies"] += 1
             u.dev = dev
             self._live += 1
+            self._live_bytes += u.bytes
             if self.stream is not None:
                 u.ready = torch.cuda.Event()
                 u.ready.record(self.stream)
@@ -609,21 +626,33 @@ class BlockStreamer:
         if u.installed:
             u._install(u.host, host=True)
             u.installed = False
-        if u.dev is not None:
+        held = u.dev is not None
+        if held:
             self._live -= 1
+            self._live_bytes -= u.bytes
         u.dev, u.ready = None, None
+        ev = None
         if self.stream is not None:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.onload))
-            self._done.append(ev)
-        else:
-            self._done.append(None)
+        self._done.append((ev, u.bytes if held else 0))
+        self._done_bytes += u.bytes if held else 0
+        if self.stream is None:
             while len(self._done) > self.lookahead + 1:
-                self._done.popleft()
+                self._done_bytes -= self._done.popleft()[1]
 
     def _next_streamed(self, after: int, k: int) -> list[_Unit]:
         at = bisect.bisect_right(self.order, after)
         return [self.units[i] for i in self.order[at:at + k]]
+
+    def _prefetch_ahead(self, after: int) -> None:
+        """Copy in the next `lookahead` streamed units after block `after`; with a byte window, then
+        the ones after them, in order, while their copies fit beside the units holding copies now."""
+        ahead = self._next_streamed(after, self.lookahead if self.window is None else len(self.order))
+        for n, u in enumerate(ahead):
+            if u.dev is None and n >= self.lookahead and self._live_bytes + u.bytes > self.window:
+                break  # copies stay in order: the next one waits for room
+            self._prefetch(u)
 
     # ----- hook entry points
     def begin(self) -> None:
@@ -635,8 +664,7 @@ class BlockStreamer:
                 self._release(u)
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.onload))
-        for u in self._next_streamed(-1, self.lookahead):
-            self._prefetch(u)
+        self._prefetch_ahead(-1)
         if self.root_index is not None:
             self.enter(self.root_index)
 
@@ -645,8 +673,7 @@ class BlockStreamer:
         if u is None:
             return
         self._install(u)
-        for nxt in self._next_streamed(index, self.lookahead):
-            self._prefetch(nxt)
+        self._prefetch_ahead(index)
 
     def leave(self, index: int) -> None:
         u = self.units.get(index)
@@ -662,6 +689,7 @@ class BlockStreamer:
             self.stream.synchronize()
             torch.cuda.current_stream(self.onload).synchronize()
         self._done.clear()
+        self._done_bytes = 0
 
     def to_pageable(self, release: bool = True) -> None:
         """Every streamed block back into ordinary host memory; the pinned arena is given up (and

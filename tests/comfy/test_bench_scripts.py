@@ -99,6 +99,8 @@ def test_bench_offload(tmp_path):
         assert old["equal_to_no_offload"] and old["budget_gib"] <= dflt["budget_gib"]
     cards = [r for v, r in got.items() if v.startswith("offload block ") and " card " in v and "lora" not in v]
     assert cards and all(r["hook_host_ms_per_step"] > 0 for r in cards)  # the hooks' host time, per step
+    # each card also timed with the room as lookahead + 1 whole buffers (the streamer without its byte window)
+    assert all(r["whole_buffers_equal"] and r["whole_buffers_step_s"] > 0 for r in cards)
     # streaming runs around the compiled calls: no card compiles anything (the first installs the
     # streaming, the second re-plans in place)
     assert all(r["graphs_compiled"] == 0 for r in rebased), rebased

@@ -30,6 +30,31 @@ def event_sim(compute, copy, streamed, lookahead):
     return t
 
 
+def event_sim_bytes(compute, copy, streamed, lookahead, sizes, window):
+    """An independent reference for the byte window: each copy starts at the first moment (the copy
+    engine free, scanning the release times of the copies before it) when the copies still held
+    (their blocks not yet computed) leave room for it in `window` bytes, or when at most lookahead of
+    them are held; a streamed block releases its copy when it has computed."""
+    order = sorted(streamed)
+    released, engine, landed, t = [], 0.0, {}, 0.0  # released: (time, bytes) of earlier copies
+    nxt = 0
+    for i, c in enumerate(compute):
+        while i in streamed and i not in landed:
+            j = order[nxt]
+            nxt += 1
+            for at in sorted({engine} | {r for r, _ in released if r > engine}):
+                held = [b for r, b in released if r > at]
+                if sum(held) + sizes[j] <= window or len(held) <= lookahead:
+                    break
+            engine = landed[j] = at + copy[j]
+            released.append((float("inf"), sizes[j]))  # held until its block computes
+        t = max(t, landed.get(i, 0.0)) + c
+        if i in streamed:
+            k = order.index(i)
+            released[k] = (t, released[k][1])
+    return t
+
+
 def test_nothing_streamed_is_the_compute():
     assert step_seconds([1.0, 2.0, 3.0], [9.0, 9.0, 9.0], (), 1) == pytest.approx(6.0)
 
@@ -51,6 +76,37 @@ def test_two_buffers_stall_behind_a_resident_run():
     t4 = step_seconds(compute, copy, (4, 5, 6, 7), 3)
     assert t4 < t1
     assert t4 == pytest.approx(8.0)  # four buffers: every copy lands before its block is reached
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_byte_window_agrees_with_an_event_simulation(seed):
+    rnd = random.Random(1000 + seed)
+    n = rnd.randint(1, 30)
+    compute = [rnd.uniform(0.5, 2.0) for _ in range(n)]
+    copy = [rnd.uniform(0.0, 4.0) for _ in range(n)]
+    sizes = [rnd.choice([10, 24]) for _ in range(n)]
+    streamed = tuple(i for i in range(n) if rnd.random() < 0.6)
+    la = rnd.randint(1, 3)
+    window = (la + 1) * max([sizes[i] for i in streamed], default=0)
+    got = step_seconds(compute, copy, streamed, la, sizes, window)
+    assert got == pytest.approx(event_sim_bytes(compute, copy, streamed, la, sizes, window))
+    # never slower than whole buffers of the largest block, equal when every block is that large
+    assert got <= step_seconds(compute, copy, streamed, la) + 1e-9
+    same = [24] * n
+    assert step_seconds(compute, copy, streamed, la, same, (la + 1) * 24) == pytest.approx(
+        step_seconds(compute, copy, streamed, la))
+
+
+def test_byte_window_runs_small_blocks_further_ahead():
+    # 4 resident blocks, then 6 streamed small ones; room for 2 large = 5 small: with whole buffers
+    # only 2 copies overlap the resident run, with the window 5
+    compute, copy = [1.0] * 10, [1.5] * 10
+    sizes = [25] * 4 + [10] * 6
+    streamed = (4, 5, 6, 7, 8, 9)
+    whole = step_seconds(compute, copy, streamed, 1)
+    windowed = step_seconds(compute, copy, streamed, 1, sizes, 2 * 25)
+    assert windowed < whole - 1.0
+    assert windowed == pytest.approx(event_sim_bytes(compute, copy, streamed, 1, sizes, 50))
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -106,7 +162,7 @@ def test_card_16_compute_even_spread():
     timing = (55.4e9, per_block)
     timed = plan_residency(FLUX_BF16, room, 1, timing=timing)
     compute, copy = [per_block] * 57, [b / timing[0] for b in FLUX_BF16]
-    t = event_sim(compute, copy, set(timed.streamed), timed.lookahead)
+    t = event_sim_bytes(compute, copy, set(timed.streamed), timed.lookahead, FLUX_BF16, timed.inflight_bytes)
     assert abs(t - timed.predicted_s) < 1e-9
     assert t < 1.20 * 57 * per_block
     assert timed.working_set <= room
@@ -159,7 +215,8 @@ def test_node_plan_ranks_by_the_schedule_and_offload_follows_it():
         r = plan.residency
         assert plan.timing is not None and r.predicted_s is not None
         per_block = plan.resident_s / len(blocks)
-        want = step_seconds([per_block] * len(blocks), [b / bw for b in blocks], r.streamed, r.lookahead)
+        want = step_seconds([per_block] * len(blocks), [b / bw for b in blocks], r.streamed, r.lookahead,
+                            blocks, r.inflight_bytes)
         assert r.predicted_s == pytest.approx(want)
         assert plan.predicted_ratio == pytest.approx(want / plan.resident_s)
         assert plan.predicted_ratio >= 1.0 - 1e-9
@@ -168,6 +225,7 @@ def test_node_plan_ranks_by_the_schedule_and_offload_follows_it():
                                budget=plan.budget, timing=plan.timing)
         try:
             assert st.residency.streamed == r.streamed and st.streamer.lookahead == r.lookahead
+            assert st.streamer.window == r.inflight_bytes  # the streamer counts the room as the model does
         finally:
             off.remove_offload(dm)
         lookaheads.add(r.lookahead)
