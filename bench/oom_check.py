@@ -1,8 +1,9 @@
 """GPU check of the out-of-memory handling (memory/oom.py, nodes/bridge.py, nodes/runtime.py) under
 real memory pressure: the GPU is filled on purpose, then the pack loads and samples into the OOM.
 
-STATUS: not yet run on a GPU. tests/test_oom.py covers the same paths on CPU with an injected
-torch.OutOfMemoryError; this script is the check that real CUDA OOMs (raised by the caching
+STATUS: steps 1-5 ran on an H200 with ComfyUI v0.33 (run h200-smoke-oom-v033, all checks passed);
+step 6 (the offload sampler's re-plan) not yet run on a GPU. tests/comfy/test_oom.py covers the same paths on
+CPU with an injected torch.OutOfMemoryError; this script is the check that real CUDA OOMs (raised by the caching
 allocator, bitsandbytes, the attention kernels) go through the same handling.
 
 On a CUDA device it:
@@ -17,7 +18,11 @@ On a CUDA device it:
     GPU until --leave-sample-gib is free and samples one step at --sample-px (2048: 16k image
     tokens) through ComfyUI's common_ksampler; expects "out of GPU memory while sampling" with a
     lower resolution that fits, the models unloaded and the memory back at the filler's level;
- 5. recovery: frees the filler and samples one step at 512 px: must succeed.
+ 5. recovery: frees the filler and samples one step at 512 px: must succeed;
+ 6. CPUOffloadSampler, block mode with a budget read from the card, whose sampling reserve is made
+    0.6x what sampling at --offload-px measured beside the weights, on a card filled to that reserve
+    plus 70% of the weights: the first attempt must run out of memory for real, the node re-plan once
+    with twice the reserve and give the fully loaded latent.
 Each check is a row in --out/oom_check.json; the exit status is 1 if any failed.
 
     python bench/oom_check.py --out $OUT                    # CUDA
@@ -176,7 +181,61 @@ def run(args) -> list[dict]:
         check("sampling succeeds after the OOM", bool(torch.isfinite(out).all()), shape=list(out.shape))
     except Exception as e:  # noqa: BLE001
         check("sampling succeeds after the OOM", False, error=f"{type(e).__name__}: {e}"[:1000])
+    offload_replan(patcher, report, filler, dev, args, check)
     return rows
+
+
+def offload_replan(patcher, report, filler, dev, args, check):
+    """6. CPUOffloadSampler in block mode with a budget read from the card, whose sampling reserve
+    was too small (0.6x what sampling at --offload-px measured beside the weights): the first attempt
+    runs out of GPU memory for real, the node re-plans once with twice the reserve and samples; the
+    latent equals the fully loaded one (offload is exact)."""
+    import comfy.model_management as mm
+
+    from quantlora.nodes import offload_run as node
+
+    px = args.offload_px
+    mm.unload_all_models()
+    filler.free()
+    want = sample(patcher, px)  # fully loaded; what sampling needs beside the weights, measured
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    sample(patcher, px)
+    need = torch.cuda.max_memory_allocated(dev) - torch.cuda.memory_allocated(dev)
+    mm.unload_all_models()
+    filler.free()
+    weights = report.weights_bytes
+    small = int(0.6 * need)
+    free = filler.fill(leave=small + int(0.7 * weights))
+    log(f"offload re-plan: sampling needs {need / GIB:.2f} GiB beside the weights, reserve made "
+        f"{small / GIB:.2f} GiB, {free / GIB:.2f} GiB free for {weights / GIB:.2f} GiB of weights")
+    real_reserve, plans = node.sampling_reserve, []
+    real_plan = node.plan_offload
+    node.sampling_reserve = lambda *a, **k: small
+
+    def recorded(*a, **k):
+        plans.append(real_plan(*a, **k))
+        return plans[-1]
+
+    node.plan_offload = recorded
+    pos, neg = conds()
+    text, out, err = "", None, None
+    try:
+        with torch.no_grad():
+            latent, text = node.sample(patcher, 1, 1, 1.0, "euler", "simple", pos, neg,
+                                       {"samples": torch.zeros(1, 16, px // 8, px // 8)}, 1.0, "block", 1, 0.0)
+        out = latent["samples"]
+    except Exception as e:  # noqa: BLE001
+        err = f"{type(e).__name__}: {e}"[:1000]
+    finally:
+        node.sampling_reserve, node.plan_offload = real_reserve, real_plan
+        filler.free()
+    described = [p.describe() for p in plans]
+    check("offload: the first plan ran out of GPU memory", len(plans) == 2, plans=described, error=err)
+    check("offload: re-planned with twice the reserve and sampled", out is not None and "re-planned" in text,
+          text=text, error=err)
+    check("offload: the re-planned latent equals the fully loaded one",
+          out is not None and torch.equal(out.cpu(), want.cpu()))
 
 
 def main():
@@ -186,6 +245,7 @@ def main():
     ap.add_argument("--quantization", default="bnb-int8", help="a quantization whose weights are made on the GPU")
     ap.add_argument("--sample-px", type=int, default=2048)
     ap.add_argument("--leave-sample-gib", type=float, default=0.5)
+    ap.add_argument("--offload-px", type=int, default=1024, help="6: CPUOffloadSampler's re-plan after an OOM")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--workdir", default="/tmp/quantlora-bench")
     args = ap.parse_args()
@@ -198,7 +258,9 @@ def main():
     if not cuda or not torch.cuda.is_available():
         log(f"dry run on {args.device}: imports fine; plan: fill the GPU to half of what {args.quantization} "
             f"weights of the {args.size} model need, load (expect OOM + recovery), then sample "
-            f"{args.sample_px}px with {args.leave_sample_gib} GiB free (expect OOM + recovery).")
+            f"{args.sample_px}px with {args.leave_sample_gib} GiB free (expect OOM + recovery), then "
+            f"CPUOffloadSampler block at {args.offload_px}px with a reserve 0.6x of the measured need (expect "
+            "one OOM, a re-plan with twice the reserve, the fully loaded latent).")
         log("skipped: needs a CUDA device (this check has not yet been run on a GPU)")
         return 0
     rows = run(args)
