@@ -22,9 +22,9 @@ How one streamed block moves (a `_Unit`):
   earlier streamed blocks that the copies in flight fit the plan's room: in block mode a window in
   bytes (lookahead + 1 of the largest streamed block), so where smaller blocks stream (Flux's single
   blocks in a plan that also streams double ones) more of them are copied ahead, up to ~2.4x as many
-  (leaf mode: lookahead + 1 units). When copies are the bottleneck the copy stream still never idles (the next
-  copy is queued before the current one ends); when compute is, the wait only trims how far the
-  host runs ahead.
+  (leaf mode: lookahead + 1 units). When copies are the bottleneck the copy stream still never
+  idles (the next copy is queued before the current one ends); when compute is, the wait only trims
+  how far the host runs ahead.
 - Without CUDA (device cpu) the very same code runs: no pinning, no stream, no events (each guarded
   by `self.stream is not None`), and "device copies" are plain copies, so CPU tests go through
   every line that moves a tensor.

@@ -12,9 +12,9 @@ our offload of this model keeps resident), less what sampling needs at this late
 batch (sampling_reserve: the headroom ComfyUI keeps beside a partially loaded model, the larger of
 its minimum inference memory and the activations plus its --reserve-vram; if sampling still runs
 out of memory, the node re-plans once with twice that reserve). The node's text and log say what
-was chosen, the resident share, the bytes streamed per step and the predicted step ratio (streamed bytes over the pinned
-bandwidth measured once, against a resident step estimated from the model's FLOPs at a measured
-matmul rate). Without a CUDA device every mode is a no-op and the node samples exactly like
+was chosen, the resident share, the bytes streamed per step and the predicted step ratio
+(streamed bytes over the pinned bandwidth measured once, against a resident step estimated from
+the model's FLOPs at a measured matmul rate). Without a CUDA device every mode is a no-op and the node samples exactly like
 KSampler. The plan from those numbers is memory/offload_plan.py, the moving itself
 memory/offload.py; this module reads ComfyUI (free memory, loaded models, the latent) and holds
 the ComfyUI glue below.
