@@ -46,6 +46,16 @@ def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
+def bytecode_cached() -> bool:
+    """Whether ComfyUI's loader module was imported from cached bytecode (a user's restart is; a tree
+    carried as sources and run with PYTHONDONTWRITEBYTECODE compiles on every start)."""
+    import importlib.util
+
+    import comfy.sd
+
+    return os.path.exists(importlib.util.cache_from_source(comfy.sd.__file__))
+
+
 class Bench:
     def __init__(self, args):
         self.args, self.rows = args, []
@@ -723,7 +733,11 @@ class Bench:
                               pristine_lock=getattr(state._arena, "last_lock", None),
                               before_load_s=round(at_section, 1), load_s=round(load_s, 1), to_first_step_s=round(since_start, 1),
                               cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
-                              direct_reads=os.environ.get("QUANTLORA_DIRECT_READS", "1") != "0"))
+                              direct_reads=os.environ.get("QUANTLORA_DIRECT_READS", "1") != "0",
+                              # the loader's own time (load_s adds ComfyUI's move of the rest to the GPU)
+                              # and its host phases: where the next second of the restart is
+                              loader_s=round(rep.load_s, 2), load_phases=rep.phases,
+                              bytecode_cached=bytecode_cached()))
         log(json.dumps(self.rows[-1]))
 
     def flush(self):

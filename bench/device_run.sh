@@ -17,6 +17,12 @@ elif ls .whl/*.whl >/dev/null 2>&1; then  # older carries: plain wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site QUANTLORA_COMFYUI="$PWD/.devcarry/ComfyUI" PYTHONUNBUFFERED=1
+# Bytecode for the carried trees and the pack, once per machine: the carry holds sources only, and a
+# user's ComfyUI imports from cached bytecode after its first start, so a restart figure must too.
+if [ ! -f /tmp/site/.bytecode ]; then
+  python3 -m compileall -q -j 0 /tmp/site .devcarry/ComfyUI . >/dev/null 2>&1 || true
+  touch /tmp/site/.bytecode
+fi
 echo "[device_run] packages ready in $(( $(date +%s) - t0 )) s; $(nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null)"
 script="$1"; shift
 logf=/dev/null

@@ -15,6 +15,7 @@ address, size and dtype as its file entry). Anything else takes the ordinary `.t
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -23,6 +24,17 @@ from ..errors import QuantLoRAError
 from .safetensors_io import _DTYPES, SafetensorsHeader
 
 CHUNK = 16 << 20  # bytes one thread reads at a time
+THREADS = 4  # readers per weight; QUANTLORA_READ_THREADS overrides (read_threads())
+
+
+def read_threads() -> int:
+    """The reader threads a load uses: $QUANTLORA_READ_THREADS (1-64) or THREADS."""
+    raw = os.environ.get("QUANTLORA_READ_THREADS", "")
+    try:
+        n = int(raw) if raw else THREADS
+    except ValueError:
+        n = THREADS
+    return min(max(n, 1), 64)
 
 
 class DirectReader:
@@ -30,8 +42,8 @@ class DirectReader:
     # run the same reads into ordinary memory.
     on_cpu = False
 
-    def __init__(self, headers: list[SafetensorsHeader], threads: int = 4):
-        self.threads = max(1, threads)
+    def __init__(self, headers: list[SafetensorsHeader], threads: int | None = None):
+        self.threads = max(1, threads if threads is not None else read_threads())
         self._entries: dict[int, tuple] = {}
         self._files: dict[str, int] = {}
         self._headers = headers
@@ -39,7 +51,8 @@ class DirectReader:
         self._events: list = []
         self._turn = 0
         self._pool: ThreadPoolExecutor | None = None
-        self.stats = {"direct": 0, "direct_bytes": 0, "fallback": 0}
+        # read_s: host time in pread; wait_s: host time waiting for a staging buffer's last copy
+        self.stats = {"direct": 0, "direct_bytes": 0, "fallback": 0, "read_s": 0.0, "wait_s": 0.0}
 
     def register(self, path: str, key: str, t: torch.Tensor) -> None:
         """t: the mapped tensor the state dict holds for `key` of file `path`."""
@@ -67,8 +80,12 @@ class DirectReader:
             self.stats["fallback"] += 1
             return t.to(device=device, dtype=dtype)
         path, offset, nbytes, file_dtype, shape = e
+        t0 = time.perf_counter()
         buf = self._stage(nbytes, cuda)
+        t1 = time.perf_counter()
         self._read(path, offset, nbytes, buf)
+        self.stats["wait_s"] += t1 - t0
+        self.stats["read_s"] += time.perf_counter() - t1
         out = torch.empty(shape, dtype=file_dtype, device=device)
         out.view(-1).view(torch.uint8).copy_(buf[:nbytes], non_blocking=cuda)
         if cuda:

@@ -121,7 +121,7 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
         raise QuantLoRAError(f"{src.name}: ComfyUI built a {type(dm).__name__}, not a FLUX.1 transformer.")
     report = LoadReport(src.path, layout, quantization, str(dtype).replace("torch.", ""),
                         sorted(set(src.dtypes().values())), loader.elapsed(), module_bytes(dm),
-                        loader.quantized)
+                        loader.quantized, phases=loader.phases())
     comfy_door.set_true_size(patcher, module_bytes(patcher.model))
     patcher.model_options.setdefault("quantlora", {})["report"] = report
     return patcher, report

@@ -40,6 +40,8 @@ class LoadReport:
     weights_bytes: int = 0
     quantized_layers: int = 0
     unexpected: list = field(default_factory=list)
+    # host seconds by phase (LayerLoader.phases): where a load's time goes, for the restart figure
+    phases: dict = field(default_factory=dict)
 
 
 class LayerLoader:
@@ -54,6 +56,9 @@ class LayerLoader:
         self.missing: list[str] | None = None  # torch's list for the whole load_state_dict call
         self._unit = None
         self.t0 = time.perf_counter()
+        # host time placing weights (read, stage, copy launch) and quantizing them; on a GPU the
+        # kernels run behind, so a phase that waits on the device shows it here
+        self.times = {"to_device_s": 0.0, "quantize_s": 0.0}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -81,6 +86,7 @@ class LayerLoader:
             missing_keys.append(prefix + "bias")
         quantize = self.quantizes(prefix)
         device = self.device if quantize else None
+        t0 = time.perf_counter()
         if device is not None and self.direct is not None and scale is None:
             w = self.direct.to(w, device, self.dtype)
         else:
@@ -88,9 +94,12 @@ class LayerLoader:
         module.weight = nn.Parameter(w, requires_grad=False)
         if b is not None:
             module.bias = nn.Parameter(b.to(device=device, dtype=self.dtype), requires_grad=False)
+        t1 = time.perf_counter()
+        self.times["to_device_s"] += t1 - t0
         if quantize:
             self._check_width(module, prefix)
             self._quantize(module, prefix)
+            self.times["quantize_s"] += time.perf_counter() - t1
         self.seen += 1
         self._after(prefix)
 
@@ -120,6 +129,18 @@ class LayerLoader:
             self._unit = unit
         if self.progress:
             self.progress(self.seen, max(self.total, self.seen))
+
+    def phases(self) -> dict:
+        """Host seconds by phase so far: placing and quantizing weights, the direct reads' pread and
+        staging waits (part of placing), and the rest (ComfyUI building the model, its key
+        conversions, small layers)."""
+        out = {k: round(v, 3) for k, v in self.times.items()}
+        if self.direct is not None:
+            st = self.direct.stats
+            out.update(read_s=round(st["read_s"], 3), stage_wait_s=round(st["wait_s"], 3), read_threads=self.direct.threads,
+                       direct_gib=round(st["direct_bytes"] / 2**30, 3), direct_fallbacks=st["fallback"])
+        out["other_s"] = round(self.elapsed() - self.times["to_device_s"] - self.times["quantize_s"], 3)
+        return out
 
     def check_complete(self) -> None:
         missing = [k for k in (self.missing or []) if not k.rsplit(".", 1)[-1] in SCALE_KEYS]

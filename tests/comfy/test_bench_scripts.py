@@ -46,10 +46,16 @@ def rows(path):
 
 
 def test_bench_flux_sections(tmp_path):
-    bench("bench_flux.py", tmp_path, "--size", "tiny", "--sections", "base,lora,profile,merge", "--quant", "torchao-int8-weight-only",
+    bench("bench_flux.py", tmp_path, "--size", "tiny", "--sections", "base,lora,profile,merge,firststep", "--quant", "torchao-int8-weight-only",
           "--compile-quant", "", "--fast-quant", "torchao-int8-weight-only", "--merge-quant", "bnb-int8",
           "--workdir", str(tmp_path / "work"))
-    got = rows(tmp_path / "results-base-lora-profile-merge.json")
+    got = rows(tmp_path / "results-base-lora-profile-merge-firststep.json")
+    # the restart row: process start to the first step, with the load's host phases
+    first = got["torchao-int8-weight-only compile + lora r64 merged: first step"]
+    assert first["to_first_step_s"] >= first["before_load_s"] + first["load_s"] - 0.2 and isinstance(first["bytecode_cached"], bool)
+    phases = first["load_phases"]
+    assert phases["quantize_s"] > 0 and phases["other_s"] >= 0 and phases["read_threads"] >= 1, phases
+    assert first["loader_s"] <= first["load_s"] + 0.05
     for v in ("bf16 eager + lora r64 merge", "bnb-int8 eager + lora r64 merge"):
         r = got[v]
         assert r["merged_equals_load_path"] is True and r["bare_bit_exact"] is True and r["recompiles"] == 0, r

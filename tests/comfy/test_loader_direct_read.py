@@ -26,8 +26,12 @@ def _load(path, quantization, monkeypatch, direct: bool):
     monkeypatch.setattr(DirectReader, "on_cpu", True)
     monkeypatch.setattr(DirectReader, "close", lambda self: seen.append(dict(self.stats)) or real_close(self))
     monkeypatch.setattr(bridge, "DIRECT_READS", direct)
-    dm = bridge.load_flux_model_patcher(path, quantization, "bf16")[0].model.diffusion_model.eval()
-    return dm, (seen[0] if seen else None)
+    patcher, report = bridge.load_flux_model_patcher(path, quantization, "bf16")
+    _loaded_phases[direct] = report.phases
+    return patcher.model.diffusion_model.eval(), (seen[0] if seen else None)
+
+
+_loaded_phases = {}
 
 
 @torch.no_grad()
@@ -46,3 +50,10 @@ def test_direct_reads_build_the_same_model(flux_bf16, monkeypatch, quantization)
         assert k == k2
         if type(a) is torch.Tensor and type(b) is torch.Tensor:
             assert torch.equal(a, b), k
+    # the load's host phases (the restart benchmark's breakdown): the direct load's reads are counted
+    # in its placing time, the mapped load has none; each load's phases add up to its own time
+    on, off = _loaded_phases[True], _loaded_phases[False]
+    assert on["read_s"] > 0 and on["read_s"] + on["stage_wait_s"] <= on["to_device_s"] + 1e-3, on
+    assert on["direct_gib"] > 0 and on["read_threads"] >= 1 and "read_s" not in off
+    for ph in (on, off):
+        assert ph["quantize_s"] > 0 and ph["to_device_s"] > 0 and ph["other_s"] >= 0, ph

@@ -54,8 +54,17 @@ def test_direct_reads_equal_the_mapping(weights, monkeypatch, chunk):
             assert outs[k].data_ptr() != sd[k].data_ptr()  # read, not the mapping itself
         assert direct.stats["direct"] == 4 and direct.stats["fallback"] == 0
         assert direct.stats["direct_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+        assert direct.stats["read_s"] > 0 and direct.stats["wait_s"] >= 0  # the load's phases (LoadReport.phases)
     finally:
         direct.close()
+
+
+@pytest.mark.parametrize("raw, want", [("", direct_read.THREADS), ("8", 8), ("0", 1), ("1000", 64), ("eight", direct_read.THREADS)])
+def test_reader_threads_from_the_environment(monkeypatch, raw, want):
+    """QUANTLORA_READ_THREADS sets the readers per weight (a benchmark knob), bounded either way."""
+    monkeypatch.setenv("QUANTLORA_READ_THREADS", raw)
+    assert direct_read.read_threads() == want
+    assert DirectReader([]).threads == want and DirectReader([], threads=2).threads == 2
 
 
 def test_anything_else_takes_the_ordinary_path(weights, monkeypatch):
@@ -69,7 +78,8 @@ def test_anything_else_takes_the_ordinary_path(weights, monkeypatch):
         for t in (a[1:], a.t(), a.float(), a.clone(), torch.zeros(3)):
             out = direct.to(t, torch.device("cpu"), torch.bfloat16)
             assert torch.equal(out, t.to(torch.bfloat16))
-        assert direct.stats == {"direct": 0, "direct_bytes": 0, "fallback": 5}
+        assert {k: direct.stats[k] for k in ("direct", "direct_bytes", "fallback")} == {"direct": 0, "direct_bytes": 0, "fallback": 5}
+        assert direct.stats["read_s"] == 0
     finally:
         direct.close()
 
