@@ -52,6 +52,10 @@ if ! bash scripts/setup.sh; then
   echo "========== scripts/test.sh: FAILED (scripts/setup.sh failed) ==========" >&2
   exit 1
 fi
+# The pack's own bytecode, fresh for this checkout (the test processes import it dozens of times; see
+# scripts/setup.sh on PYTHONDONTWRITEBYTECODE).
+"$VENV/bin/python" -m compileall -q -j 0 __init__.py errors.py bench checkpoint client lora memory nodes quant speed tests tools \
+  >/dev/null 2>&1 || true
 
 if grep -rqs --include='*.py' -E 'mark\.browser' tests/ && ! command -v chromium >/dev/null 2>&1; then
   echo "test.sh: the browser tests need Chromium; installing Debian's chromium"
