@@ -435,7 +435,7 @@ class Peers:
                  used_loaded_gib=used_loaded, nvidia_smi_used_gib=self.nvidia_smi_used(), comfy_listed=listed,
                  patcher=type(p).__name__, loads={k: self.loads[k] - loads0[k] for k in self.loads},
                  lora_stats=runtime.stats() if slots or merge else None)
-        if profile and self.cuda:
+        if profile:  # on a CPU (the dry run) the same code runs, with CPU events only
             self.profile_sampling(p, name)
         del p
         self.free()
@@ -447,9 +447,12 @@ class Peers:
 
         torch = self.torch
         self.sample(model, 2)  # a LoRA merged by an earlier sampling is restored here, not in the profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=acts) as prof:
             r = self.sample(model, steps)
-            torch.cuda.synchronize()
+            if self.cuda:
+                torch.cuda.synchronize()
+        waits = self.trace_waits(prof, name, steps)
         kinds = {"gemm": 0.0, "attention": 0.0, "triton": 0.0, "copy": 0.0, "other": 0.0}
         table = []
         for e in prof.key_averages():
@@ -473,7 +476,38 @@ class Peers:
         kernel_ms = sum(kinds.values())
         self.row(name + ": profile", wall_step_ms=r["steady"] * 1e3, kernel_ms=kernel_ms,
                  gpu_busy_share=kernel_ms / (r["steady"] * 1e3) if r["steady"] else None,
-                 **{f"{k}_ms": v for k, v in kinds.items()}, top=[(round(a, 3), n, k[:90]) for a, n, k in table[:12]])
+                 **{f"{k}_ms": v for k, v in kinds.items()}, top=[(round(a, 3), n, k[:90]) for a, n, k in table[:12]],
+                 **waits)
+
+    def trace_waits(self, prof, name, steps) -> dict:
+        """The profiled sampling's Chrome trace (xz) and bench/timeline.py's reading of it, per step:
+        the GPU's idle gaps, how much of them followed a host call that waited for the GPU, the
+        blocking calls and host reads of GPU values. Issue 12: the sampled step runs 7-13% above its
+        kernel sum; this says whether syncs or a slow host leave the GPU idle."""
+        import lzma
+        import re
+        import tempfile
+
+        import timeline
+
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:80]
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(raw)
+            events = timeline.load_events(raw)
+            out = os.path.join(self.args.out, f"trace-{slug}.json.xz")
+            with open(raw, "rb") as src, lzma.open(out, "wb", preset=1) as dst:
+                dst.write(src.read())
+        got = timeline.host_waits(events)
+        if got is None:
+            log(f"profile {name}: no GPU events (trace {os.path.basename(out)})")
+            return {"trace": os.path.basename(out), "scalar_reads_per_step": sum(
+                1 for e in events if e.get("cat") == "cpu_op" and e.get("name") in timeline.SCALAR_OPS) / steps}
+        per_step = {k: (v / steps if isinstance(v, (int, float)) and k != "top_gaps" else v) for k, v in got.items()}
+        log(f"profile {name}: idle gaps {per_step['gap_idle_ms']:.2f} ms/step ({per_step['gap_idle_after_sync_ms']:.2f} after a "
+            f"sync), {per_step['sync_calls']:.1f} blocking calls/step, {per_step['scalar_reads']:.1f} host reads/step")
+        return {"trace": os.path.basename(out), **{f"{k}_per_step" if k not in ("sync_kinds", "top_gaps") else k: v
+                                                   for k, v in per_step.items()}}
 
     def section_graph(self):
         """The example workflows' cores through the pack's nodes, fixed seed: latents kept for on vs off."""

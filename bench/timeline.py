@@ -69,8 +69,60 @@ def summarize_events(events: list[dict]) -> dict | None:
             "all_idle_ms": (window - _length(every)) / 1e3, "kernels": len(kernels), "copies": len(copies)}
 
 
-def summarize(path: str) -> dict | None:
-    with open(path) as f:
+# Host calls that block until the GPU has drained a stream (the runtime's names, "cuda_runtime" or
+# "cuda_driver" events) and the ATen ops that read a GPU value on the host (each one such a wait).
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
+SCALAR_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero")
+
+
+def host_waits(events: list[dict], min_gap_us: float = 50.0, top: int = 10) -> dict | None:
+    """Where the GPU sat idle in a sampled step, and whether the host had just waited for it: every
+    gap of at least `min_gap_us` between GPU work (kernels, copies, memsets), the kernels on either
+    side, and whether a blocking host call (SYNC_CALLS) returned inside it (the host waited for the
+    GPU to drain, then took the gap to queue the next work). Milliseconds; None without GPU events.
+    For the sampled step that ran 7-13% above its kernel sum (issue 12): syncs, or a slow host?"""
+    gpu, syncs, scalar = [], [], 0
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        cat, name = e.get("cat", ""), e.get("name", "")
+        t0, t1 = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        if cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+            gpu.append((t0, t1, name))
+        elif cat in ("cuda_runtime", "cuda_driver") and name in SYNC_CALLS:
+            syncs.append((t0, t1, name))
+        elif cat == "cpu_op" and name in SCALAR_OPS:
+            scalar += 1
+    if not gpu:
+        return None
+    gpu.sort()
+    gaps, end, last = [], gpu[0][1], gpu[0][2]
+    for t0, t1, name in gpu[1:]:
+        if t0 - end >= min_gap_us:
+            after_sync = any(s0 < end and end <= s1 <= t0 for s0, s1, _ in syncs)
+            gaps.append((t0 - end, last, name, after_sync))
+        if t1 >= end:
+            end, last = t1, name
+    idle = sum(g for g, *_ in gaps)
+    waited = sum(g for g, _, _, w in gaps if w)
+    biggest = sorted(gaps, reverse=True)[:top]
+    return {"gap_idle_ms": idle / 1e3, "gaps": len(gaps), "gap_idle_after_sync_ms": waited / 1e3,
+            "sync_calls": len(syncs), "sync_ms": sum(s1 - s0 for s0, s1, _ in syncs) / 1e3,
+            "sync_kinds": sorted({n for *_, n in syncs}), "scalar_reads": scalar,
+            "top_gaps": [{"ms": round(g / 1e3, 3), "before": b[:80], "after": a[:80], "after_sync": w}
+                         for g, b, a, w in biggest]}
+
+
+def load_events(path: str) -> list[dict]:
+    opener = open
+    if path.endswith(".xz"):
+        import lzma
+        opener = lzma.open
+    with opener(path, "rt") as f:
         trace = json.load(f)
-    events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
-    return summarize_events(events)
+    return trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
+
+
+def summarize(path: str) -> dict | None:
+    return summarize_events(load_events(path))

@@ -211,6 +211,13 @@ def test_comfy_peers_dry_run(tmp_path):
     assert "v0.33 dynamic off: comfyui fp8_e4m3fn_fast, each block compiled" in got
     compared = {v: r for v, r in got.items() if v.startswith("on vs off: ")}
     assert len(compared) >= 10 and all(r["equal"] for r in compared.values()), compared
+    # --profile-merge: each merge section's profiled sampling, its trace kept (xz) and read by
+    # bench/timeline.py (CPU events only here: no GPU gaps, the host reads of GPU values counted)
+    profiled = {v: r for v, r in got.items() if v.endswith(": profile")}
+    assert profiled, sorted(got)
+    for r in profiled.values():
+        assert (tmp_path / r["trace"]).stat().st_size > 0 and r["trace"].endswith(".json.xz"), r
+        assert r["scalar_reads_per_step"] >= 0
 
 
 def test_device_import_check_catches_a_missing_package(tmp_path):

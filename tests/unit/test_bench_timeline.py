@@ -46,3 +46,35 @@ def test_waits_split_into_copy_and_host(timeline, tmp_path):
 
 def test_no_gpu_events(timeline):
     assert timeline.summarize_events([ev("cpu_op", 0, 5)]) is None
+
+
+def test_host_waits_find_the_gaps_a_sync_left(timeline, tmp_path):
+    """GPU work [0,100) [100,200), a 300 us gap, [500,600), a 40 us gap, [640,700), a 150 us gap,
+    [850,900). The host blocked in cudaStreamSynchronize from 150 until 210 (the GPU drained at 200),
+    then took until 500 to queue work: that gap follows a sync; the 150 us one does not (a slow host)."""
+    events = [ev("kernel", 0, 100, "a"), ev("kernel", 100, 100, "b"), ev("gpu_memcpy", 500, 100, "Memcpy HtoD"),
+              ev("kernel", 640, 60, "c"), ev("kernel", 850, 50, "d"),
+              ev("cuda_runtime", 150, 60, "cudaStreamSynchronize"), ev("cuda_runtime", 700, 5, "cudaLaunchKernel"),
+              ev("cpu_op", 140, 75, "aten::_local_scalar_dense"), ev("cpu_op", 140, 80, "aten::item")]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    got = timeline.host_waits(timeline.load_events(str(path)))
+    assert got["gaps"] == 2 and got["gap_idle_ms"] == pytest.approx(0.45)  # the 40 us gap is under the bar
+    assert got["gap_idle_after_sync_ms"] == pytest.approx(0.3)
+    assert got["sync_calls"] == 1 and got["sync_ms"] == pytest.approx(0.06) and got["sync_kinds"] == ["cudaStreamSynchronize"]
+    assert got["scalar_reads"] == 2
+    first, second = got["top_gaps"]
+    assert first == {"ms": 0.3, "before": "b", "after": "Memcpy HtoD", "after_sync": True}
+    assert second == {"ms": 0.15, "before": "c", "after": "d", "after_sync": False}
+    assert timeline.host_waits([ev("cpu_op", 0, 5)]) is None
+
+
+def test_compressed_traces_read_the_same(timeline, tmp_path):
+    import lzma
+
+    events = [ev("kernel", 0, 10), ev("kernel", 100, 10)]
+    path = tmp_path / "trace.json.xz"
+    with lzma.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert timeline.summarize(str(path))["compute_idle_ms"] == pytest.approx(0.09)
+    assert timeline.host_waits(timeline.load_events(str(path)))["gaps"] == 1
