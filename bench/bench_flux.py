@@ -242,8 +242,10 @@ class Bench:
 
     @staticmethod
     def compile_blocks(dm):  # the loader's regional compile (QUANTLORA_COMPILE_BACKEND: the CPU dry run's aot_eager)
+        from quantlora.nodes import rope_fusion
         from quantlora.speed.compile import compile_blocks
 
+        rope_fusion.install_if_enabled()  # QUANTLORA_FUSE_ROPE=1 (issue 12: RoPE fused by inductor)
         compile_blocks(dm)
 
     # ---------- sections ----------

@@ -134,7 +134,7 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
     import os
 
     from ..speed.compile import compile_blocks
-    from . import runtime
+    from . import rope_fusion, runtime
 
     patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress)
     dm = patcher.model.diffusion_model
@@ -146,6 +146,7 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
             oom.release()
             raise
     if compile != "off":
+        rope_fusion.install_if_enabled()  # QUANTLORA_FUSE_ROPE=1: before the first trace
         compile_blocks(dm)
     runtime.install(patcher)
     runtime.set_attention(patcher, attention)

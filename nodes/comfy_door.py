@@ -236,6 +236,15 @@ PATCHER_FIELDS_WRITTEN = ("size", "parent", "model", "backup", "object_patches_b
                           "cached_hook_patches", "is_injected")
 PATCHER_FIELDS_WRITTEN_OPTIONAL = ("backup_buffers", "cached_patcher_init", "clone_base_uuid", "is_multigpu_base_clone")
 
+# v0.33+ only, used where present: QUANTLORA_FUSE_ROPE (nodes/rope_fusion.py) traces ComfyUI's pure-torch
+# RoPE in place of comfy_kitchen's custom ops; without them the switch is ignored with a log line.
+ROPE_CONTRACT = {
+    "comfy.quant_ops:ck.apply_rope": "QUANTLORA_FUSE_ROPE: the custom op replaced in compiled graphs",
+    "comfy.quant_ops:ck.apply_rope1": "QUANTLORA_FUSE_ROPE: the custom op replaced in compiled graphs",
+    "comfy.ldm.flux.math:_apply_rope": "QUANTLORA_FUSE_ROPE: ComfyUI's pure-torch RoPE traced instead",
+    "comfy.ldm.flux.math:_apply_rope1": "QUANTLORA_FUSE_ROPE: ComfyUI's pure-torch RoPE traced instead",
+}
+
 # Dynamic VRAM (v0.33+), used only where present (feature checks in non_dynamic / fresh_non_dynamic_copy).
 DYNAMIC_CONTRACT = {
     "comfy.model_patcher:ModelPatcherDynamic.get_non_dynamic_delegate": "LoRAHotswap / CPUOffloadSampler on a dynamic MODEL",

@@ -114,6 +114,17 @@ def test_dynamic_vram_entries_where_present(door):
     assert "disable_dynamic" in params(mp.ModelPatcher.clone) and "model_override" in params(mp.ModelPatcher.clone)
 
 
+def test_rope_entries_where_present(door):
+    """QUANTLORA_FUSE_ROPE's two pairs (v0.33+): the custom ops and ComfyUI's pure-torch RoPE with the
+    same parameters (torch's substitute_in_graph checks them too)."""
+    if not is_v033(door):
+        return
+    for path in door.ROPE_CONTRACT:
+        door._attr(path)
+    for custom, plain in (("apply_rope", "_apply_rope"), ("apply_rope1", "_apply_rope1")):
+        assert params(door._attr(f"comfy.quant_ops:ck.{custom}")) == params(door._attr(f"comfy.ldm.flux.math:{plain}"))
+
+
 def test_missing_internal_is_a_named_pack_error(door):
     with pytest.raises(door.ComfyUIIncompatible) as e:
         door._attr("comfy.model_patcher:ModelPatcher.no_such_method")
