@@ -11,31 +11,99 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def bench(script, out, *args, timeout=300):
-    """Runs bench/<script> on CPU as the device would import it (stand-ins forced), then checks what
-    its processes imported against the device image and the carry."""
-    imports = os.path.join(str(out), "imports.txt")
-    if os.path.exists(imports):
-        os.remove(imports)
-    # aot_eager: the scripts' torch.compile calls trace the same graphs and guards (graph breaks and
-    # recompiles still show) without inductor's C++ builds, minutes of CI with a cold cache; inductor's
-    # own code on a CPU is not what the device runs anyway (tests/comfy and tests/browser compile for real)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", QUANTLORA_IMPORT_LOG=imports, QUANTLORA_FORCE_STANDINS="1",
-               QUANTLORA_COMPILE_BACKEND="aot_eager")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--device", "cpu", "--out", str(out), *args],
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert "import-only stand-ins for av (forced" in r.stderr, r.stderr[-2000:]
-    assert os.path.getsize(imports) > 0, "no import log: the script does not import bench/_env.py"
-    # No stand-ins named: a forced stand-in is logged without a file and passes; the real PyAV would not.
-    check_device_imports(imports, stand_ins=())
-    return r.stdout
+class DryRun:
+    """bench/<script> on CPU as the device would import it (stand-ins forced), started at once; wait()
+    then checks what its processes imported against the device image and the carry. The dry runs are
+    independent processes, each mostly one thread of Python: they start together (dry_runs below)
+    and each test collects its own, so the 2-core CI machine runs them side by side."""
+
+    def __init__(self, script, out, *args, timeout=900):
+        self.script, self.out, self.timeout = script, out, timeout
+        out.mkdir(parents=True, exist_ok=True)
+        self.imports = os.path.join(str(out), "imports.txt")
+        if os.path.exists(self.imports):
+            os.remove(self.imports)
+        # aot_eager: the scripts' torch.compile calls trace the same graphs and guards (graph breaks and
+        # recompiles still show) without inductor's C++ builds, minutes of CI with a cold cache; inductor's
+        # own code on a CPU is not what the device runs anyway (tests/comfy and tests/browser compile for real).
+        # One torch thread each: several run at once on CI's two cores.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", QUANTLORA_IMPORT_LOG=self.imports, QUANTLORA_FORCE_STANDINS="1",
+                   QUANTLORA_COMPILE_BACKEND="aot_eager", OMP_NUM_THREADS="1")
+        self.stdout, self.stderr = open(out / "stdout.txt", "w+"), open(out / "stderr.txt", "w+")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", script), "--device", "cpu",
+                                      "--out", str(out), *args], stdout=self.stdout, stderr=self.stderr, env=env, cwd=ROOT)
+
+    def wait(self) -> str:
+        try:
+            rc = self.proc.wait(timeout=max(1.0, self.started + self.timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = f"killed after {self.timeout} s"
+        self.stdout.seek(0)
+        self.stderr.seek(0)
+        out, err = self.stdout.read(), self.stderr.read()
+        assert rc == 0, (self.script, rc, (out + err)[-4000:])
+        assert "import-only stand-ins for av (forced" in err, err[-2000:]
+        assert os.path.getsize(self.imports) > 0, "no import log: the script does not import bench/_env.py"
+        # No stand-ins named: a forced stand-in is logged without a file and passes; the real PyAV would not.
+        check_device_imports(self.imports, stand_ins=())
+        return out
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stdout.close()
+        self.stderr.close()
+
+
+def _dry_run_args(work):
+    """Each dry run: (script, args, timeout). `work(name)` is that run's scratch folder."""
+    return {
+        "flux": ("bench_flux.py", ["--size", "tiny", "--sections", "base,lora,profile,merge,firststep",
+                                   "--quant", "torchao-int8-weight-only", "--compile-quant", "",
+                                   "--fast-quant", "torchao-int8-weight-only", "--merge-quant", "bnb-int8",
+                                   "--workdir", work("flux")], 900),
+        # fewer cards than the GPU run (each kind still re-plans down and up), LoRA rows in merge mode; the
+        # torchao cards on compiled blocks (aot_eager, as every dry run here: dynamo and the stream hooks)
+        "offload": ("bench_offload.py", ["--size", "tiny", "--workdir", work("offload"),
+                                         "--cards", "bf16=12/16;fp8 cast=8/12;nf4=6;torchao fp8 compiled=8/16",
+                                         "--node-lora-mode", "merge", "--kinds", "bf16,fp8 cast,nf4,torchao fp8 compiled",
+                                         "--profile-cards", "torchao fp8 compiled=8", "--reserve-vram-gib", "0",
+                                         "--reserve-rules", "comfy,sum"], 900),
+        "soak": ("soak.py", ["--size", "tiny", "--quantization", "none", "--compile", "regional", "--prompts", "24",
+                             "--steps", "1", "--px", "128", "--workdir", work("soak")], 900),
+        "pin": ("pin_probe.py", ["--gib", "0.02", "--chunks", "2"], 600),
+        "oom": ("oom_check.py", [], 600),
+        "peers": ("comfy_peers.py", ["--size", "tiny", "--fast-quant", "torchao-int8-weight-only", "--profile-merge",
+                                     "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2",
+                                     "--switches", "1", "--workdir", work("peers")], 1200),
+    }
+
+
+# which dry run each test collects (only the selected tests' runs start)
+DRY_RUN_OF_TEST = {"test_bench_flux_sections": "flux", "test_bench_offload": "offload", "test_soak_dry_run": "soak",
+                   "test_pin_probe_dry_run": "pin", "test_oom_check_dry_run": "oom", "test_comfy_peers_dry_run": "peers"}
+
+
+@pytest.fixture(scope="module")
+def dry_runs(request, tmp_path_factory):
+    wanted = {DRY_RUN_OF_TEST[item.originalname] for item in request.session.items
+              if item.module is request.module and item.originalname in DRY_RUN_OF_TEST}
+    base = tmp_path_factory.mktemp("dry-runs")
+    runs = {name: DryRun(script, base / name, *args, timeout=timeout)
+            for name, (script, args, timeout) in _dry_run_args(lambda n: str(base / n / "work")).items() if name in wanted}
+    yield runs
+    for r in runs.values():
+        r.close()
 
 
 def rows(path):
@@ -45,10 +113,10 @@ def rows(path):
     return {r["variant"]: r for r in d["rows"]}
 
 
-def test_bench_flux_sections(tmp_path):
-    bench("bench_flux.py", tmp_path, "--size", "tiny", "--sections", "base,lora,profile,merge,firststep", "--quant", "torchao-int8-weight-only",
-          "--compile-quant", "", "--fast-quant", "torchao-int8-weight-only", "--merge-quant", "bnb-int8",
-          "--workdir", str(tmp_path / "work"))
+def test_bench_flux_sections(dry_runs):
+    run = dry_runs["flux"]
+    run.wait()
+    tmp_path = run.out
     got = rows(tmp_path / "results-base-lora-profile-merge-firststep.json")
     # the restart row: process start to the first step, with the load's host phases
     first = got["torchao-int8-weight-only compile + lora r64 merged: first step"]
@@ -68,13 +136,10 @@ def test_bench_flux_sections(tmp_path):
     assert len(list(tmp_path.glob("profile-*.txt"))) == 4
 
 
-def test_bench_offload(tmp_path):
-    # fewer cards than the GPU run (each kind still re-plans down and up), LoRA rows in merge mode; the
-    # torchao cards on compiled blocks (aot_eager, as every dry run here: dynamo and the stream hooks)
-    bench("bench_offload.py", tmp_path, "--size", "tiny", "--workdir", str(tmp_path / "work"),
-          "--cards", "bf16=12/16;fp8 cast=8/12;nf4=6;torchao fp8 compiled=8/16", "--node-lora-mode", "merge",
-          "--kinds", "bf16,fp8 cast,nf4,torchao fp8 compiled", "--profile-cards", "torchao fp8 compiled=8",
-          "--reserve-vram-gib", "0", "--reserve-rules", "comfy,sum")
+def test_bench_offload(dry_runs):
+    run = dry_runs["offload"]
+    run.wait()
+    tmp_path = run.out
     got = rows(tmp_path / "results-offload.json")
     compiled, eager = got["fp8 cast compile (regional)"], got["fp8 cast eager"]
     assert abs(compiled["rel_err"] - eager["rel_err"]) < 1e-3, (compiled, eager)
@@ -112,27 +177,27 @@ def test_bench_offload(tmp_path):
     assert all(r["graphs_compiled"] == 0 for r in rebased), rebased
 
 
-@pytest.mark.parametrize("compile_mode", ["regional"])  # the eager soak is the same code without compile (CI time)
-def test_soak_dry_run(tmp_path, compile_mode):
-    bench("soak.py", tmp_path, "--size", "tiny", "--quantization", "none", "--compile", compile_mode, "--prompts", "24",
-          "--steps", "1", "--px", "128", "--workdir", str(tmp_path / "work"))
-    got = rows(tmp_path / "results-soak.json")
+def test_soak_dry_run(dry_runs):  # regional compile (the eager soak is the same code without it: CI time)
+    run = dry_runs["soak"]
+    run.wait()
+    got = rows(run.out / "results-soak.json")
     checks = {v: r for v, r in got.items() if "ok" in r}
     assert len(checks) == 5 and all(r["ok"] for r in checks.values()), checks
 
 
-def test_pin_probe_dry_run(tmp_path):
+def test_pin_probe_dry_run(dry_runs):
     """Issue 12's page-locking probe: on CPU nothing is locked, but every variant runs and writes its
     row. (bench/graph_probe.py, the other probe of that round, only adds a CUDA capture to
     bench_flux's loading and forward: nothing of it runs on a CPU, so CI leaves it out.)"""
-    bench("pin_probe.py", tmp_path, "--gib", "0.02", "--chunks", "2")
-    got = rows(tmp_path / "results-pin.json")
+    run = dry_runs["pin"]
+    run.wait()
+    got = rows(run.out / "results-pin.json")
     assert len(got) == 6 and not any("error" in r for r in got.values()), got  # hostalloc: CUDA only
     assert not any(r["locked"] for r in got.values())
 
 
-def test_oom_check_dry_run(tmp_path):
-    out = bench("oom_check.py", tmp_path)
+def test_oom_check_dry_run(dry_runs):
+    out = dry_runs["oom"].wait()
     assert "dry run on cpu" in out and "skipped: needs a CUDA device" in out
 
 
@@ -186,13 +251,12 @@ def check_device_imports(log_path, stand_ins=("av",)):
     assert not missing, f"imported, but neither in the device image nor carried: {missing}"
 
 
-def test_comfy_peers_dry_run(tmp_path):
+def test_comfy_peers_dry_run(dry_runs):
     """Both processes (dynamic VRAM 'on' runs with it off on a CPU), every section, the merged rows
-    and the on-vs-off comparison; and (bench()) nothing imported that the device lacks."""
-    out = bench("comfy_peers.py", tmp_path, "--size", "tiny", "--fast-quant", "torchao-int8-weight-only",
-                "--profile-merge",
-                "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2", "--switches", "1",
-                "--workdir", str(tmp_path / "work"), timeout=600)
+    and the on-vs-off comparison; and (DryRun.wait) nothing imported that the device lacks."""
+    run = dry_runs["peers"]
+    out = run.wait()
+    tmp_path = run.out
     assert "all done" in out
     got = rows(tmp_path / "results-peers.json")
     errors = {v: r for v, r in got.items() if "error" in r or "skipped" in r}
