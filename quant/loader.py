@@ -133,7 +133,7 @@ class LayerLoader:
     def phases(self) -> dict:
         """Host seconds by phase so far: placing and quantizing weights, the direct reads' pread and
         staging waits (part of placing), and the rest (ComfyUI building the model, its key
-        conversions, small layers)."""
+        conversions, the layers that are not Linear)."""
         out = {k: round(v, 3) for k, v in self.times.items()}
         if self.direct is not None:
             st = self.direct.stats
