@@ -76,11 +76,20 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 SCALAR_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero")
 
 
-def host_waits(events: list[dict], min_gap_us: float = 50.0, top: int = 10) -> dict | None:
+def marker_end(events: list[dict], name: str) -> float | None:
+    """End (us) of the first host annotation (torch.profiler.record_function) with this name."""
+    ends = [float(e["ts"]) + float(e.get("dur", 0)) for e in events
+            if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name") == name]
+    return min(ends) if ends else None
+
+
+def host_waits(events: list[dict], min_gap_us: float = 50.0, top: int = 10, since_us: float | None = None) -> dict | None:
     """Where the GPU sat idle in a sampled step, and whether the host had just waited for it: every
     gap of at least `min_gap_us` between GPU work (kernels, copies, memsets), the kernels on either
     side, and whether a blocking host call (SYNC_CALLS) returned inside it (the host waited for the
     GPU to drain, then took the gap to queue the next work). Milliseconds; None without GPU events.
+    `since_us`: only what starts from then on (e.g. after the first sampler step, whose set-up is
+    not a step's cost).
     For the sampled step that ran 7-13% above its kernel sum (issue 12): syncs, or a slow host?"""
     gpu, syncs, scalar = [], [], 0
     for e in events:
@@ -88,6 +97,8 @@ def host_waits(events: list[dict], min_gap_us: float = 50.0, top: int = 10) -> d
             continue
         cat, name = e.get("cat", ""), e.get("name", "")
         t0, t1 = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        if since_us is not None and t0 < since_us:
+            continue
         if cat in ("kernel", "gpu_memcpy", "gpu_memset"):
             gpu.append((t0, t1, name))
         elif cat in ("cuda_runtime", "cuda_driver") and name in SYNC_CALLS:

@@ -8,6 +8,7 @@ forced (QUANTLORA_FORCE_STANDINS=1: PyAV is installed here, not on the device, a
 once hid a stand-in that failed there), then check_device_imports fails it on anything imported that
 the device image lacks and a device call does not carry (issue 11)."""
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -282,6 +283,8 @@ def test_comfy_peers_dry_run(dry_runs):
     for r in profiled.values():
         assert (tmp_path / r["trace"]).stat().st_size > 0 and r["trace"].endswith(".json.xz"), r
         assert r["scalar_reads_per_step"] >= 0
+        with lzma.open(tmp_path / r["trace"], "rt") as f:  # the marker host_waits counts the steps from
+            assert '"quantlora sampler step 0"' in f.read()
 
 
 def test_device_import_check_catches_a_missing_package(tmp_path):

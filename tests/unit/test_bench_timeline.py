@@ -67,6 +67,13 @@ def test_host_waits_find_the_gaps_a_sync_left(timeline, tmp_path):
     assert first == {"ms": 0.3, "before": "b", "after": "Memcpy HtoD", "after_sync": True}
     assert second == {"ms": 0.15, "before": "c", "after": "d", "after_sync": False}
     assert timeline.host_waits([ev("cpu_op", 0, 5)]) is None
+    # from a marker on (the sampler's first step set up before it): the first gap and sync left out
+    events.append(ev("user_annotation", 300, 10, "step 0"))
+    since = timeline.marker_end(events, "step 0")
+    assert since == 310 and timeline.marker_end(events, "step 9") is None
+    later = timeline.host_waits(events, since_us=since)
+    assert later["gaps"] == 1 and later["gap_idle_ms"] == pytest.approx(0.15) and later["sync_calls"] == 0
+    assert later["scalar_reads"] == 0
 
 
 def test_compressed_traces_read_the_same(timeline, tmp_path):
