@@ -146,7 +146,7 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
             oom.release()
             raise
     if compile != "off":
-        rope_fusion.install_if_enabled()  # QUANTLORA_FUSE_ROPE=1: before the first trace
+        rope_fusion.install_if_enabled()  # unless QUANTLORA_FUSE_ROPE=0: before the first trace
         compile_blocks(dm)
     runtime.install(patcher)
     runtime.set_attention(patcher, attention)

@@ -1,4 +1,4 @@
-"""RoPE inside the compiled blocks (QUANTLORA_FUSE_ROPE=1; experimental: off until measured on a GPU).
+"""RoPE inside the compiled blocks (on by default since it was measured; QUANTLORA_FUSE_ROPE=0 turns it off).
 
 ComfyUI v0.33's Flux attention applies RoPE through comfy_kitchen's custom ops (`apply_rope`,
 `apply_rope1`): a CUDA kernel per block that torch.compile cannot look into, 3.8 ms of the 97 ms
@@ -6,10 +6,14 @@ fp8 step on an H200 (issue 12), reading and writing q and k once more after indu
 kernel. With the switch on, dynamo traces ComfyUI's own pure-torch RoPE in their place (what
 ComfyUI runs while training: comfy.ldm.flux.math._apply_rope / _apply_rope1, the same arithmetic in
 fp32), so inductor fuses it into the kernels around it. Eager forwards keep the kernel.
+Measured (H200, fp8 step with a merged LoRA, BENCHMARKS.md issue 12): the RoPE kernel's 3.8 ms go,
+the fused kernels grow by ~2.5 ms, the GPU waits less between kernels (57 launches fewer); the
+sampled step 0.579x -> 0.567-0.571x of bf16 eager, the same error.
 
 torch.compiler.substitute_in_graph is process-wide and cannot be undone: every torch.compile that
 traces those two functions afterwards sees the pure-torch form, ComfyUI's own compile nodes
-included. That is why it is a switch, and why it is installed only when a model is compiled.
+included (the same arithmetic ComfyUI itself runs where the kernel is missing). That is why it is
+installed only when a model is compiled, and why it has a switch.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ _state: dict = {}  # "installed": True, or "why": the reason it could not be
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV) == "1"
+    return os.environ.get(ENV, "1") != "0"
 
 
 def install() -> str | None:
@@ -42,11 +46,16 @@ def install() -> str | None:
             torch.compiler.substitute_in_graph(custom)(plain)
     except (ImportError, AttributeError, TypeError) as e:
         _state["why"] = f"this ComfyUI has no comfy_kitchen RoPE to replace ({type(e).__name__}: {e})"
-        log.info("QuantLoRA: %s=1 ignored: %s", ENV, _state["why"])
+        log.info("QuantLoRA: fused RoPE (%s) not available: %s", ENV, _state["why"])
         return _state["why"]
     _state["installed"] = True
-    log.info("QuantLoRA: RoPE traced as plain torch in compiled graphs (%s=1)", ENV)
+    log.info("QuantLoRA: RoPE traced as plain torch in compiled graphs (%s=0 keeps ComfyUI's kernel)", ENV)
     return None
+
+
+def active() -> bool:
+    """Whether compiled graphs of this process trace the pure-torch RoPE."""
+    return bool(_state.get("installed"))
 
 
 def install_if_enabled() -> str | None:

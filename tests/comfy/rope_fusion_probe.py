@@ -1,6 +1,6 @@
 """Run in a subprocess by test_rope_fusion.py (the substitution is process-wide and permanent): one
 tiny Flux through the pack's loader with regional compile, twice, with a backend that keeps dynamo's
-graphs: first as shipped, then with QUANTLORA_FUSE_ROPE=1. Prints JSON: the comfy_kitchen ops each
+graphs: first with QUANTLORA_FUSE_ROPE=0 (ComfyUI's kernel), then as shipped (the switch unset: fused). Prints JSON: the comfy_kitchen ops each
 compile's graphs call, and how far each compiled output is from the eager forward."""
 import json
 import os
@@ -40,8 +40,11 @@ def main(path):
     out = {}
     with torch.no_grad():
         eager = comfy_forward(build_model(path, "none", "fp32").model.diffusion_model, inp)
-        for label, fuse in (("shipped", "0"), ("fused", "1")):
-            os.environ[rope_fusion.ENV] = fuse
+        for label, fuse in (("kernel", "0"), ("shipped", None)):
+            if fuse is None:
+                os.environ.pop(rope_fusion.ENV, None)
+            else:
+                os.environ[rope_fusion.ENV] = fuse
             torch._dynamo.reset()
             GRAPHS.clear()
             dm_ = build_model(path, "none", "fp32", compile="regional").model.diffusion_model
