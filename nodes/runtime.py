@@ -18,7 +18,9 @@ from ..lora.formats import FluxDims
 from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
 from ..lora.merge import MergeState
 from ..memory import oom
+from ..speed import guards
 from ..speed.attention import override_for, sdpa_context, sdpa_override, unavailable
+from ..speed.compile import is_compiled
 
 OPTS_KEY = "quantlora"
 STATE_ATTR = "_quantlora_hotswap"
@@ -191,13 +193,18 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
     if state is not None or merge_state(dm) is not None:
         activate_loras(dm, tuple(cfg.get("loras", ())))
     with sdpa_context(cfg.get("attention", "default"), x.device):
-        return executor(*args, **kwargs)
+        if not is_compiled(dm):
+            return executor(*args, **kwargs)
+        with guards.for_model(dm).forward(args, kwargs):  # QUANTLORA_SKIP_GUARDS=1 (speed/guards.py)
+            return executor(*args, **kwargs)
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
     failed = None
     dm = getattr(executor.class_obj.model_patcher.model, "diffusion_model", None)
     merged = merge_state(dm) if dm is not None else None
+    if dm is not None:
+        guards.for_model(dm).reset()  # each sampling checks its forwards' guards afresh
     if merged is not None:
         merged.verify()  # once per sampling: someone else's write to a merged layer means merge again
     try:
