@@ -31,6 +31,8 @@ import sys
 
 import torch
 
+TORCH_IMPORTED = time.perf_counter()  # the restart's phases before the load: torch, ComfyUI's imports, CUDA
+PHASES_AT: dict[str, float] = {}
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _env  # noqa: E402
 
@@ -54,6 +56,16 @@ def bytecode_cached() -> bool:
     import comfy.sd
 
     return os.path.exists(importlib.util.cache_from_source(comfy.sd.__file__))
+
+
+def before_load_phases() -> dict:
+    """Where the restart's time before the load goes: torch's import, _env.setup (ComfyUI's imports and
+    its device query, which starts CUDA), the bench's own inputs on the device."""
+    env, init = PHASES_AT.get("env_setup"), PHASES_AT.get("bench_init")
+    if env is None or init is None:
+        return {}
+    return dict(torch_import_s=round(TORCH_IMPORTED - PROCESS_START, 2), env_setup_s=round(env - TORCH_IMPORTED, 2),
+                inputs_s=round(init - env, 2))
 
 
 class Bench:
@@ -245,7 +257,7 @@ class Bench:
         from quantlora.nodes import rope_fusion
         from quantlora.speed.compile import compile_blocks
 
-        rope_fusion.install_if_enabled()  # QUANTLORA_FUSE_ROPE=1 (issue 12: RoPE fused by inductor)
+        rope_fusion.install_if_enabled()  # unless QUANTLORA_FUSE_ROPE=0 (issue 12: RoPE fused by inductor)
         compile_blocks(dm)
 
     # ---------- sections ----------
@@ -739,7 +751,7 @@ class Bench:
                               # the loader's own time (load_s adds ComfyUI's move of the rest to the GPU)
                               # and its host phases: where the next second of the restart is
                               loader_s=round(rep.load_s, 2), load_phases=rep.phases,
-                              bytecode_cached=bytecode_cached()))
+                              bytecode_cached=bytecode_cached(), before_load_phases=before_load_phases()))
         log(json.dumps(self.rows[-1]))
 
     def flush(self):
@@ -778,7 +790,9 @@ def main():
     args.extra_quant = [q for q in args.extra_quant.split(",") if q]
     args.merge_quant = [q for q in args.merge_quant.split(",") if q]
     _env.setup(cpu=args.device == "cpu")
+    PHASES_AT["env_setup"] = time.perf_counter()
     b = Bench(args)
+    PHASES_AT["bench_init"] = time.perf_counter()
     if args.device == "cuda":
         log(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     b.write_checkpoint()

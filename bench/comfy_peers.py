@@ -378,7 +378,7 @@ class Peers:
         starts, restored from pinned host memory on the next switch)."""
         import torch._dynamo
 
-        from quantlora.nodes import runtime
+        from quantlora.nodes import rope_fusion, runtime
         from quantlora.nodes.hotswap_node import LoRAHotswap
         from quantlora.nodes.loader_node import QuantizedFluxLoader
 
@@ -403,7 +403,8 @@ class Peers:
         name = (f"ours {q} compile (regional)" + (" + slots r64" if slots else "") + (" + LoRA merge" if merge else "")
                 + (f", attention {attention}" if attention != "auto" else "") + (", inductor tuning" if tune else "")
                 + (", inductor cpp_wrapper" if cpp_wrapper else "")
-                + (", fused RoPE" if os.environ.get("QUANTLORA_FUSE_ROPE") == "1" else ""))
+                + (", fused RoPE" if rope_fusion.active() else "")
+                + (", skip guards" if os.environ.get("QUANTLORA_SKIP_GUARDS") == "1" else ""))
         r = self.sample(p, self.args.steps, t_apply=t0, label=name + (" (none active)" if slots or merge else ""))
         r2 = self.sample(p, self.args.steps)
         r["steady"] = min(r["steady"], r2["steady"])
@@ -437,11 +438,18 @@ class Peers:
                  peak_alloc_gib=r["peak_alloc_gib"], used_before_gib=before, used_max_gib=r["used_max_gib"],
                  used_loaded_gib=used_loaded, nvidia_smi_used_gib=self.nvidia_smi_used(), comfy_listed=listed,
                  patcher=type(p).__name__, loads={k: self.loads[k] - loads0[k] for k in self.loads},
-                 lora_stats=runtime.stats() if slots or merge else None)
+                 lora_stats=runtime.stats() if slots or merge else None,
+                 # QUANTLORA_SKIP_GUARDS: forwards run without dynamo's guards / with them (speed/guards.py)
+                 guard_forwards=self.guard_counts(p))
         if profile:  # on a CPU (the dry run) the same code runs, with CPU events only
             self.profile_sampling(p, name)
         del p
         self.free()
+
+    @staticmethod
+    def guard_counts(patcher) -> dict | None:
+        g = getattr(patcher.model.diffusion_model, "_quantlora_guards", None)
+        return None if g is None else {"skipped": g.skipped, "checked": g.checked}
 
     def profile_sampling(self, model, name, steps=3):
         """Kernel time per sampled step by kind (GEMMs, attention, Triton, copies, other) against the
@@ -504,6 +512,7 @@ class Peers:
         # the steps after the first: its set-up (loading, conditioning) is not a step's cost
         since = timeline.marker_end(events, "quantlora sampler step 0")
         got = timeline.host_waits(events, since_us=since)
+        regions = timeline.compiled_regions(events)  # host time per compiled block call, guards apart
         steps = steps - 1 if since is not None else steps
         if got is None:
             log(f"profile {name}: no GPU events (trace {os.path.basename(out)})")
@@ -512,8 +521,8 @@ class Peers:
         per_step = {k: (v / steps if isinstance(v, (int, float)) and k != "top_gaps" else v) for k, v in got.items()}
         log(f"profile {name}: idle gaps {per_step['gap_idle_ms']:.2f} ms/step ({per_step['gap_idle_after_sync_ms']:.2f} after a "
             f"sync), {per_step['sync_calls']:.1f} blocking calls/step, {per_step['scalar_reads']:.1f} host reads/step")
-        return {"trace": os.path.basename(out), **{f"{k}_per_step" if k not in ("sync_kinds", "top_gaps") else k: v
-                                                   for k, v in per_step.items()}}
+        return {"trace": os.path.basename(out), "compiled_regions": regions,
+                **{f"{k}_per_step" if k not in ("sync_kinds", "top_gaps") else k: v for k, v in per_step.items()}}
 
     def section_graph(self):
         """The example workflows' cores through the pack's nodes, fixed seed: latents kept for on vs off."""

@@ -137,3 +137,37 @@ def load_events(path: str) -> list[dict]:
 
 def summarize(path: str) -> dict | None:
     return summarize_events(load_events(path))
+
+
+def compiled_regions(events: list[dict], top: int = 8) -> dict | None:
+    """The host's time per call of a torch.compile'd region (a regional-compiled block): the region's
+    own span, dynamo's cache lookup (guard checks) before it, and the host ops inside it that took
+    longest per call. Issue 12: the fp8 step's GPU idled at block boundaries while the host spent
+    ~1.2 ms launching each ~1.6 ms block; this says how much of that is guards. Microseconds per call;
+    None without "Torch-Compiled Region" events (an eager run)."""
+    ops = [e for e in events if e.get("ph") == "X" and "dur" in e and e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")]
+    regions = [e for e in ops if str(e.get("name", "")).startswith("Torch-Compiled Region")]
+    if not regions:
+        return None
+    lookups = [e for e in ops if e.get("name") == "TorchDynamo Cache Lookup"]
+    by_tid: dict = {}
+    for e in ops:
+        by_tid.setdefault(e.get("tid"), []).append(e)
+    inside: dict[str, float] = {}
+    for r in regions:
+        t0, t1 = float(r["ts"]), float(r["ts"]) + float(r["dur"])
+        for e in by_tid.get(r.get("tid"), ()):
+            if e is not r and t0 <= float(e["ts"]) and float(e["ts"]) + float(e["dur"]) <= t1:
+                name = str(e["name"])[:70]
+                inside[name] = inside.get(name, 0.0) + float(e["dur"])
+    n = len(regions)
+    return {"calls": n, "region_us": sum(float(r["dur"]) for r in regions) / n,
+            "cache_lookup_us": sum(float(e["dur"]) for e in lookups) / len(lookups) if lookups else 0.0,
+            "top_inside_us": [(k, round(v / n, 1)) for k, v in sorted(inside.items(), key=lambda kv: -kv[1])[:top]]}
+
+
+if __name__ == "__main__":  # python bench/timeline.py TRACE.json[.xz]: the figures above for one trace
+    import sys
+
+    evs = load_events(sys.argv[1])
+    print(json.dumps({"host_waits": host_waits(evs), "compiled_regions": compiled_regions(evs)}, indent=1))

@@ -85,3 +85,23 @@ def test_compressed_traces_read_the_same(timeline, tmp_path):
         json.dump({"traceEvents": events}, f)
     assert timeline.summarize(str(path))["compute_idle_ms"] == pytest.approx(0.09)
     assert timeline.host_waits(timeline.load_events(str(path)))["gaps"] == 1
+
+
+def test_compiled_regions_split_host_time_per_call(timeline):
+    def op(name, ts, dur, tid=1, cat="cpu_op"):
+        return dict(ev(cat, ts, dur, name), tid=tid)
+
+    events = [
+        # two calls of a compiled block: a guard lookup, then the region with a graph call and launches inside
+        op("TorchDynamo Cache Lookup", 0, 100), op("Torch-Compiled Region: 0/0", 100, 1000),
+        op("## Call CompiledFxGraph abc", 150, 800), op("cuLaunchKernel", 200, 10, cat="cuda_driver"),
+        op("TorchDynamo Cache Lookup", 2000, 60), op("Torch-Compiled Region: 0/0", 2060, 600),
+        op("## Call CompiledFxGraph abc", 2100, 400), op("cuLaunchKernel", 2200, 30, cat="cuda_driver"),
+        op("aten::mm", 300, 10, tid=2),   # another thread's op inside the span: not the region's
+        op("aten::mm", 1500, 10),         # between the calls: not inside either
+        ev("kernel", 150, 50)]            # GPU: ignored
+    got = timeline.compiled_regions(events)
+    assert got["calls"] == 2
+    assert got["region_us"] == pytest.approx(800) and got["cache_lookup_us"] == pytest.approx(80)
+    assert got["top_inside_us"] == [("## Call CompiledFxGraph abc", 600.0), ("cuLaunchKernel", 20.0)]
+    assert timeline.compiled_regions([op("aten::mm", 0, 5)]) is None  # eager: no regions
