@@ -8,7 +8,7 @@ ComfyUI runs while training: comfy.ldm.flux.math._apply_rope / _apply_rope1, the
 fp32), so inductor fuses it into the kernels around it. Eager forwards keep the kernel.
 Measured (H200, fp8 step with a merged LoRA, BENCHMARKS.md issue 12): the RoPE kernel's 3.8 ms go,
 the fused kernels grow by ~2.5 ms, the GPU waits less between kernels (57 launches fewer); the
-sampled step 0.579x -> 0.567-0.571x of bf16 eager, the same error.
+sampled step 0.579x -> 0.569x of bf16 eager in the same call, the same error.
 
 torch.compiler.substitute_in_graph is process-wide and cannot be undone: every torch.compile that
 traces those two functions afterwards sees the pure-torch form, ComfyUI's own compile nodes
