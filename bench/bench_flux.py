@@ -68,6 +68,18 @@ def before_load_phases() -> dict:
                 inputs_s=round(init - env, 2))
 
 
+def compile_phases(min_s: float = 0.05) -> dict:
+    """Dynamo's own timers over this process's compiles (seconds, summed per phase, those over
+    `min_s`): where the restart's 'compile from the cache' goes (tracing, guards, inductor's caches)."""
+    try:
+        import torch._dynamo.utils as dynamo_utils
+
+        names, values = dynamo_utils.compile_times(repr="csv", aggregate=True)
+        return {n: round(float(v), 2) for n, v in zip(names, values) if float(v) >= min_s}
+    except Exception as e:  # a private helper: its absence must not cost the row
+        return {"unavailable": f"{type(e).__name__}: {e}"[:120]}
+
+
 class Bench:
     def __init__(self, args):
         self.args, self.rows = args, []
@@ -751,7 +763,8 @@ class Bench:
                               # the loader's own time (load_s adds ComfyUI's move of the rest to the GPU)
                               # and its host phases: where the next second of the restart is
                               loader_s=round(rep.load_s, 2), load_phases=rep.phases,
-                              bytecode_cached=bytecode_cached(), before_load_phases=before_load_phases()))
+                              bytecode_cached=bytecode_cached(), before_load_phases=before_load_phases(),
+                              compile_phases=compile_phases()))
         log(json.dumps(self.rows[-1]))
 
     def flush(self):
