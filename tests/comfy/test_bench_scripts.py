@@ -267,11 +267,12 @@ def test_comfy_peers_dry_run(dry_runs):
         assert got[tag + "ours bf16 eager"]["step_ratio"] == 1.0
         for v in ("comfyui default", "comfyui fp8_e4m3fn_fast"):
             assert len(got[tag + v]["switch_s"]) == 1 and got[tag + v]["step_lora_s"] > 0
-        slotted = got[tag + "ours torchao-int8-weight-only compile (regional) + slots r64 (none active)"]
+        rope = ", fused RoPE"  # on by default (nodes/rope_fusion.py): the compiled rows say so
+        slotted = got[tag + f"ours torchao-int8-weight-only compile (regional) + slots r64{rope} (none active)"]
         assert len(slotted["switch_s"]) == 1 and slotted["recompiles"] == []
-        merged = got[tag + "ours torchao-int8-weight-only compile (regional) + LoRA merge (none active)"]
+        merged = got[tag + f"ours torchao-int8-weight-only compile (regional) + LoRA merge{rope} (none active)"]
         assert len(merged["switch_s"]) == 1 and merged["recompiles"] == [] and merged["lora_stats"]["merge"]["swaps"] >= 1
-        assert tag + "ours torchao-int8-weight-only compile (regional)" in got
+        assert tag + f"ours torchao-int8-weight-only compile (regional){rope}" in got
         assert got[tag + "graph bf16 -> FP8LayerwiseCast + LoRAHotswap + CPUOffloadSampler block (2 steps)"]["equal_to_none"]
     assert "v0.33 dynamic off: comfyui fp8_e4m3fn_fast, each block compiled" in got
     compared = {v: r for v, r in got.items() if v.startswith("on vs off: ")}
