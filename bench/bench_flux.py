@@ -75,7 +75,17 @@ def compile_phases(min_s: float = 0.05) -> dict:
         import torch._dynamo.utils as dynamo_utils
 
         names, values = dynamo_utils.compile_times(repr="csv", aggregate=True)
-        return {n: round(float(v), 2) for n, v in zip(names, values) if float(v) >= min_s}
+        out = {n: round(float(v), 2) for n, v in zip(names, values) if float(v) >= min_s}
+        # the caches' own verdicts: an AOTAutograd cache bypass (e.g. for tensor-subclass weights)
+        # leaves the joint-graph passes and the forward compiler to run on every restart
+        for group, keys in (("aot_autograd", ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass",
+                                              "autograd_cache_saved")),
+                            ("inductor", ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"))):
+            for k in keys:
+                n = dynamo_utils.counters[group].get(k)
+                if n:
+                    out[k] = int(n)
+        return out
     except Exception as e:  # a private helper: its absence must not cost the row
         return {"unavailable": f"{type(e).__name__}: {e}"[:120]}
 
