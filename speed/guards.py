@@ -11,7 +11,10 @@ compiled. So it is used only for a forward whose signature (the shapes, dtypes a
 tensors, the plain values and identities of everything else, transformer_options included) equals
 one that already ran with full guards in the same sampling: those calls hit the same cache entries.
 Anything new in a forward (a resolution, a batch, an option) runs with guards, compiles if it must,
-and is remembered. QUANTLORA_SKIP_GUARDS=1 turns it on (experimental: off until measured on a GPU).
+and is remembered; and torch itself refuses to recompile under this stance.
+QUANTLORA_SKIP_GUARDS=1 turns it on (experimental, off by default). Measured on an H200 (BENCHMARKS.md,
+issue 12, seventh round): the lookup 131-154 -> 85 us per block call, fewer idle gaps in the profiled
+step, but no clear gain in the sampled step against this machine's run-to-run spread.
 """
 from __future__ import annotations
 
