@@ -24,6 +24,7 @@ import argparse  # noqa: E402 (PROCESS_START first)
 import datetime
 import gc
 import json
+import logging
 import os
 import re
 import statistics
@@ -68,6 +69,26 @@ def before_load_phases() -> dict:
                 inputs_s=round(init - env, 2))
 
 
+BYPASS_REASONS: list[str] = []
+
+
+class _BypassReasons(logging.Handler):
+    """Keeps why AOTAutograd's cache was bypassed (torch logs it at INFO, once per graph)."""
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "Bypassing autograd cache" in msg:
+            BYPASS_REASONS.append(msg.split("due to:", 1)[-1].strip()[:300])
+
+
+def watch_autograd_cache():
+    lg = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
+    lg.addHandler(_BypassReasons(logging.INFO))
+    if lg.getEffectiveLevel() > logging.INFO:
+        lg.setLevel(logging.INFO)
+        lg.propagate = False  # the reason goes into the row, not onto stderr
+
+
 def compile_phases(min_s: float = 0.05) -> dict:
     """Dynamo's own timers over this process's compiles (seconds, summed per phase, those over
     `min_s`): where the restart's 'compile from the cache' goes (tracing, guards, inductor's caches)."""
@@ -85,6 +106,8 @@ def compile_phases(min_s: float = 0.05) -> dict:
                 n = dynamo_utils.counters[group].get(k)
                 if n:
                     out[k] = int(n)
+        if BYPASS_REASONS:
+            out["autograd_cache_bypass_reasons"] = sorted(set(BYPASS_REASONS))[:4]
         return out
     except Exception as e:  # a private helper: its absence must not cost the row
         return {"unavailable": f"{type(e).__name__}: {e}"[:120]}
@@ -748,6 +771,7 @@ class Bench:
 
         c = self.cfg
         at_section = time.perf_counter() - PROCESS_START  # imports, CUDA start, checkpoint check
+        watch_autograd_cache()
         p, rep, load_s = self.load_ours(self.args.fast_quant)
         dm = p.model.diffusion_model
         self.compile_blocks(dm)

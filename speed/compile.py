@@ -31,6 +31,25 @@ def inductor_options() -> dict:
     return opts
 
 
+# torch.nn.attention's helpers that dynamo puts into a graph wherever a block enters
+# `sdpa_kernel(..., set_priority=True)` (ComfyUI's own SDPA wrapper on CUDA does, for every attention
+# call): AOTAutograd's cache bypasses any graph with a function it does not know, so each restart
+# re-ran the joint-graph passes and the forward compiler (1.6-1.9 s on an H200, BENCHMARKS.md issue 12).
+# They only map constant backend names to enums and set the priority, so keying them by torch's
+# version (how inductor's config says to mark such functions) keeps the cache sound.
+SDPA_GRAPH_FUNCTIONS = ("torch.nn.attention._backend_from_string", "torch.nn.attention._sdpa_kernel")
+
+
+def mark_sdpa_helpers_cacheable() -> None:
+    import torch
+    import torch._inductor.config as inductor_config
+
+    marked = getattr(inductor_config, "unsafe_marked_cacheable_functions", None)
+    if isinstance(marked, dict):
+        for name in SDPA_GRAPH_FUNCTIONS:
+            marked.setdefault(name, torch.__version__)
+
+
 def compile_backend() -> str | None:
     """QUANTLORA_COMPILE_BACKEND names another torch.compile backend (default: torch's, inductor).
     For checks on a CPU, e.g. the test suite's dry runs of the GPU scripts: `aot_eager` traces the
@@ -42,6 +61,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     if compile_backend() and "backend" not in compile_kwargs:
         compile_kwargs["backend"] = compile_backend()
     inductor = compile_kwargs.get("backend", "inductor") == "inductor"
+    if inductor:
+        mark_sdpa_helpers_cacheable()
     if inductor and inductor_options() and "options" not in compile_kwargs:
         compile_kwargs["options"] = inductor_options()
     n = 0

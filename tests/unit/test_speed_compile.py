@@ -56,3 +56,73 @@ def test_another_backend_gets_no_inductor_options(monkeypatch):
     monkeypatch.setattr(nn.Module, "compile", recording)
     comp.compile_blocks(FluxShaped())
     assert seen == [{"backend": "aot_eager"}] * 5
+
+
+RESTART_SCRIPT = r'''
+import json, sys
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import importlib.util
+spec = importlib.util.spec_from_file_location("_bootstrap", sys.argv[1] + "/tools/bootstrap.py")
+bootstrap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bootstrap)
+bootstrap.register_pack(sys.argv[1])
+from quantlora.speed import compile as comp
+
+
+class Block(nn.Module):  # attention as ComfyUI's SDPA wrapper calls it on CUDA: inside sdpa_kernel
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], set_priority=True):
+            return nn.functional.scaled_dot_product_attention(self.proj(x), x, x)
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.double_blocks = nn.ModuleList([Block()])
+
+
+torch.manual_seed(0)
+m = Model()
+if sys.argv[2] == "plain":
+    m.double_blocks[0].compile()
+else:
+    comp.compile_blocks(m)
+with torch.no_grad():
+    m.double_blocks[0](torch.randn(1, 2, 8, 16))
+print(json.dumps(dict(counters["aot_autograd"])))
+'''
+
+
+@pytest.mark.parametrize("how", ["plain", "pack"])
+def test_a_restart_reuses_aot_autogradss_cache_through_sdpa_priority(tmp_path, how):
+    """The restart's compile: a block that sets SDPA's backend priority (ComfyUI's attention on CUDA)
+    is served from AOTAutograd's on-disk cache by a second process once compile_blocks marks
+    torch.nn.attention's helpers; torch's own compile bypasses that cache for it (the control)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(comp.__file__)))  # the repo
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART_SCRIPT)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env.pop("QUANTLORA_COMPILE_BACKEND", None)
+    runs = []
+    for _ in range(2):  # a cold start, then a restart on the same cache
+        out = subprocess.run([sys.executable, str(script), root, how], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if how == "plain":
+        assert runs[1].get("autograd_cache_bypass") and not runs[1].get("autograd_cache_hit")
+    else:
+        assert runs[0].get("autograd_cache_saved") == 1 and not runs[0].get("autograd_cache_bypass")
+        assert runs[1].get("autograd_cache_hit") == 1, runs
