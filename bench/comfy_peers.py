@@ -75,6 +75,8 @@ def comfy_start(mode: str, cpu: bool) -> dict:
     args.cpu = cpu
     args.disable_dynamic_vram = mode == "off"
     info = {"mode": mode}
+    # QUANTLORA_BENCH_NO_CUDA_MALLOC=1: as `main.py --disable-cuda-malloc` (PyTorch's own allocator)
+    args.disable_cuda_malloc = os.environ.get("QUANTLORA_BENCH_NO_CUDA_MALLOC") == "1"
     try:
         import cuda_malloc  # noqa: F401  (main.py: cudaMallocAsync on cu130 builds)
     except ImportError:
@@ -380,6 +382,8 @@ class Peers:
 
         from quantlora.nodes import rope_fusion, runtime
         from quantlora.nodes.hotswap_node import LoRAHotswap
+        from quantlora.speed import gelu
+        from quantlora.speed.compile import inductor_options
         from quantlora.nodes.loader_node import QuantizedFluxLoader
 
         self.free()
@@ -404,6 +408,8 @@ class Peers:
                 + (f", attention {attention}" if attention != "auto" else "") + (", inductor tuning" if tune else "")
                 + (", inductor cpp_wrapper" if cpp_wrapper else "")
                 + (", fused RoPE" if rope_fusion.active() else "")
+                + ("" if gelu.enabled() else ", tanh GELU")
+                + (", CUDA graphs" if "triton.cudagraphs" in inductor_options() else "")
                 + (", skip guards" if os.environ.get("QUANTLORA_SKIP_GUARDS") == "1" else ""))
         r = self.sample(p, self.args.steps, t_apply=t0, label=name + (" (none active)" if slots or merge else ""))
         r2 = self.sample(p, self.args.steps)

@@ -20,7 +20,7 @@ from ..lora.merge import MergeState
 from ..memory import oom
 from ..speed import guards
 from ..speed.attention import override_for, sdpa_context, sdpa_override, unavailable
-from ..speed.compile import is_compiled
+from ..speed.compile import cudagraphs_wanted, is_compiled
 
 OPTS_KEY = "quantlora"
 STATE_ATTR = "_quantlora_hotswap"
@@ -195,6 +195,8 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
     with sdpa_context(cfg.get("attention", "default"), x.device):
         if not is_compiled(dm):
             return executor(*args, **kwargs)
+        if cudagraphs_wanted():  # QUANTLORA_CUDAGRAPHS=1: a new step; the last one's graph outputs are done
+            torch.compiler.cudagraph_mark_step_begin()
         with guards.for_model(dm).forward(args, kwargs):  # QUANTLORA_SKIP_GUARDS=1 (speed/guards.py)
             return executor(*args, **kwargs)
 

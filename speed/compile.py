@@ -6,11 +6,13 @@ every graph valid (nothing recompiles across swaps or strength changes).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from torch import nn
 
 from ..checkpoint.flux_keys import BFL_BLOCK_LISTS as BLOCK_LISTS
+from . import gelu
 
 
 COMPILE_CHOICES = ["off", "regional"]
@@ -24,6 +26,8 @@ def inductor_options() -> dict:
     block's kernels from generated C++ instead of Python, for steps whose host time shows between the
     kernels (the sampled fp8 step ran 7-13% above its kernel sum); a longer first compile."""
     opts = {}
+    if cudagraphs_wanted() and cudagraphs_unavailable() is None:
+        opts["triton.cudagraphs"] = True
     if os.environ.get("QUANTLORA_INDUCTOR_TUNE") == "1":
         opts["coordinate_descent_tuning"] = True
     if os.environ.get("QUANTLORA_INDUCTOR_CPP_WRAPPER") == "1":
@@ -50,6 +54,43 @@ def mark_sdpa_helpers_cacheable() -> None:
             marked.setdefault(name, torch.__version__)
 
 
+CUDAGRAPHS_ENV = "QUANTLORA_CUDAGRAPHS"
+
+
+def cudagraphs_wanted() -> bool:
+    """QUANTLORA_CUDAGRAPHS=1 (experimental, off): each compiled block is replayed as a CUDA graph
+    (inductor's cudagraph trees), so the host no longer launches its kernels one by one: the fp8 step's
+    GPU waited ~8 ms per step on the host at block boundaries (H200, BENCHMARKS.md issue 12)."""
+    return os.environ.get(CUDAGRAPHS_ENV) == "1"
+
+
+def cudagraphs_unavailable() -> str | None:
+    """Why CUDA graphs cannot be used in this process (None: they can). Capturing fails under the
+    cudaMallocAsync allocator, which ComfyUI picks unless started with --disable-cuda-malloc."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    backend = torch.cuda.get_allocator_backend()
+    if backend != "native":
+        return (f"the CUDA allocator is {backend}: CUDA graphs need PyTorch's own (start ComfyUI with "
+                "--disable-cuda-malloc)")
+    return None
+
+
+def _inputs_as_copies(module, args, kwargs):
+    """Forward pre-hook, traced into the block's compiled graph: the block works on copies of its
+    tensor inputs. CUDA graph trees replay no graph that adds into an input it does not manage, and
+    FLUX's blocks add into theirs (`img +=`, `x +=`); ComfyUI takes each block's outputs as the next
+    inputs, so nothing reads the originals afterwards. A copy costs ~15 us of a ~1.6 ms block."""
+    import torch
+
+    def own(v):
+        return v.clone() if isinstance(v, torch.Tensor) else v
+
+    return tuple(own(a) for a in args), {k: own(v) for k, v in kwargs.items()}
+
+
 def compile_backend() -> str | None:
     """QUANTLORA_COMPILE_BACKEND names another torch.compile backend (default: torch's, inductor).
     For checks on a CPU, e.g. the test suite's dry runs of the GPU scripts: `aot_eager` traces the
@@ -61,6 +102,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     if compile_backend() and "backend" not in compile_kwargs:
         compile_kwargs["backend"] = compile_backend()
     inductor = compile_kwargs.get("backend", "inductor") == "inductor"
+    if inductor and cudagraphs_wanted() and cudagraphs_unavailable():
+        logging.getLogger("quantlora").warning("QuantLoRA: %s=1 ignored: %s", CUDAGRAPHS_ENV, cudagraphs_unavailable())
     if inductor:
         mark_sdpa_helpers_cacheable()
     if inductor and inductor_options() and "options" not in compile_kwargs:
@@ -69,6 +112,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     for name in BLOCK_LISTS:
         for block in getattr(model, name, ()):
             if getattr(block, "_compiled_call_impl", None) is None:
+                if gelu.enabled():
+                    gelu.swap_tanh_gelus(block)  # before the trace: the graph holds the sigmoid form
+                if "triton.cudagraphs" in compile_kwargs.get("options", {}):
+                    block.register_forward_pre_hook(_inputs_as_copies, with_kwargs=True)
                 block.compile(**compile_kwargs)
                 n += 1
     return n

@@ -126,3 +126,52 @@ def test_a_restart_reuses_aot_autogradss_cache_through_sdpa_priority(tmp_path, h
     else:
         assert runs[0].get("autograd_cache_saved") == 1 and not runs[0].get("autograd_cache_bypass")
         assert runs[1].get("autograd_cache_hit") == 1, runs
+
+
+def test_cuda_graphs_give_each_block_copies_of_its_inputs(monkeypatch):
+    """QUANTLORA_CUDAGRAPHS=1 where CUDA graphs can run (faked here: this CPU cannot): inductor gets
+    triton.cudagraphs, and each block adds into copies of its inputs (graph trees replay no graph that
+    mutates an input they do not manage), so the caller's tensors stay as they were and the outputs
+    equal the eager block's. Without the switch the block mutates its input, as FLUX's blocks do."""
+    import torch
+
+    class AddsInPlace(nn.Module):  # FLUX's blocks: `img += ...` on the input, returned
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, img, vec=None):
+            img += self.lin(img) * vec
+            return img
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.single_blocks = nn.ModuleList([AddsInPlace(), AddsInPlace()])
+
+    monkeypatch.setattr(comp, "cudagraphs_unavailable", lambda: None)
+    monkeypatch.delenv("QUANTLORA_COMPILE_BACKEND", raising=False)  # inductor (on this CPU it captures nothing)
+    for switch in ("1", "0"):
+        monkeypatch.setenv(comp.CUDAGRAPHS_ENV, switch)
+        seen = []
+        real = nn.Module.compile
+        monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: (seen.append(k.get("options")), real(self, *a, **k))[1])
+        torch.manual_seed(0)
+        m, x, vec = Model(), torch.randn(3, 4), torch.randn(4)
+        want = x.clone()
+        with torch.no_grad():
+            for b in m.single_blocks:
+                want = b.forward(want, vec=vec) + 0  # eager, on a copy
+            comp.compile_blocks(m)
+            before = x.clone()
+            h = x
+            for b in m.single_blocks:
+                h = b(h, vec=vec)
+        torch.testing.assert_close(h, want)
+        if switch == "1":
+            assert seen == [{"triton.cudagraphs": True}] * 2
+            assert torch.equal(x, before)  # the caller's input untouched
+        else:
+            assert seen == [None] * 2
+            assert not torch.equal(x, before)  # the control: FLUX's in-place add reaches the caller
+        monkeypatch.setattr(nn.Module, "compile", real)
