@@ -62,9 +62,20 @@ def time_calls(fn, n=20, rounds=5):
 
 
 def main():
-    out_dir = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", "bench/out")
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", nargs="?", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--acts", default="tanh,sigmoid")
+    ap.add_argument("--shapes", default="single,double-img")
+    ap.add_argument("--no-profile", action="store_true")
+    a = ap.parse_args()
+    out_dir = a.out
     os.makedirs(out_dir, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": []}
+    acts = {k: ACTS[k] for k in a.acts.split(",")}
+    # inductor's own knobs in effect (e.g. TORCHINDUCTOR_MULTI_KERNEL=1: persistent reductions tried too)
+    knobs = {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")}
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "inductor_env": knobs, "rows": []}
     g = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():
         # single block: linear2(cat(attn, gelu(mlp))), 4096 image + 512 text tokens
@@ -77,29 +88,35 @@ def main():
         cases = {"single": (lambda act, lin: lin(torch.cat((attn, act(mlp)), 2)), lin2, ref2),
                  "double-img": (lambda act, lin: lin(act(h)), fc2, reff)}
         for shape, (body, lin, ref) in cases.items():
+            if shape not in a.shapes.split(","):
+                continue
             want = body(ACTS["tanh"], ref).float()
-            for name, act in ACTS.items():
+            for name, act in acts.items():
                 fn = torch.compile(lambda act=act, lin=lin: body(act, lin))
                 got = fn().float()
                 err = ((got - want).norm() / want.norm()).item()
                 us = time_calls(fn)
                 # the GEMM alone (input quantized outside the timing): what the activation pass adds
-                row = dict(shape=shape, act=name, us_per_call=us, rel_err_vs_bf16_exact=round(err, 5))
+                row = dict(shape=shape, act=name, us_per_call=us, rel_err_vs_bf16_exact=round(err, 5), **knobs)
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 with open(os.path.join(out_dir, "gelu-probe.json"), "w") as f:
                     json.dump(res, f, indent=1)
+            if len(acts) < 2:
+                continue
             # the two activations' compiled outputs against each other (same fp8 weights)
-            a = torch.compile(lambda lin=lin: body(ACTS["tanh"], lin))().float()
+            x = torch.compile(lambda lin=lin: body(ACTS["tanh"], lin))().float()
             b = torch.compile(lambda lin=lin: body(ACTS["sigmoid"], lin))().float()
-            res["rows"].append(dict(shape=shape, tanh_vs_sigmoid_rel=round(((a - b).norm() / a.norm()).item(), 6)))
+            res["rows"].append(dict(shape=shape, tanh_vs_sigmoid_rel=round(((x - b).norm() / x.norm()).item(), 6)))
             print(json.dumps(res["rows"][-1]), flush=True)
         with open(os.path.join(out_dir, "gelu-probe.json"), "w") as f:
             json.dump(res, f, indent=1)
+        if a.no_profile or "single" not in a.shapes.split(","):
+            return
         # kernel table of one call of each single-block variant
         from torch.profiler import ProfilerActivity, profile
 
-        for name, act in ACTS.items():
+        for name, act in acts.items():
             fn = torch.compile(lambda act=act: cases["single"][0](act, lin2))
             fn()
             torch.cuda.synchronize()
