@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 
 from torch import nn
 
@@ -78,17 +79,19 @@ def cudagraphs_unavailable() -> str | None:
     return None
 
 
-def _inputs_as_copies(module, args, kwargs):
-    """Forward pre-hook, traced into the block's compiled graph: the block works on copies of its
-    tensor inputs. CUDA graph trees replay no graph that adds into an input it does not manage, and
-    FLUX's blocks add into theirs (`img +=`, `x +=`); ComfyUI takes each block's outputs as the next
-    inputs, so nothing reads the originals afterwards. A copy costs ~15 us of a ~1.6 ms block."""
+def _forward_on_copies(self, *args, **kwargs):
+    """A block's forward on copies of its tensor inputs (set per instance when CUDA graphs are on, and
+    traced into the block's one compiled graph). CUDA graph trees replay no graph that adds into an
+    input they do not manage, and FLUX's blocks add into theirs (`img +=`, `x +=`, returned as the
+    outputs); ComfyUI takes each block's outputs as the next inputs, so nothing reads the originals
+    afterwards. A copy costs ~15 us of a ~1.6 ms block. (A forward pre-hook did the same but split
+    each block's graph in two on an H200: BENCHMARKS.md issue 12.)"""
     import torch
 
     def own(v):
         return v.clone() if isinstance(v, torch.Tensor) else v
 
-    return tuple(own(a) for a in args), {k: own(v) for k, v in kwargs.items()}
+    return type(self).forward(self, *(own(a) for a in args), **{k: own(v) for k, v in kwargs.items()})
 
 
 def compile_backend() -> str | None:
@@ -115,7 +118,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
                 if gelu.enabled():
                     gelu.swap_tanh_gelus(block)  # before the trace: the graph holds the sigmoid form
                 if "triton.cudagraphs" in compile_kwargs.get("options", {}):
-                    block.register_forward_pre_hook(_inputs_as_copies, with_kwargs=True)
+                    block.forward = types.MethodType(_forward_on_copies, block)  # one function for every block: no recompiles
                 block.compile(**compile_kwargs)
                 n += 1
     return n

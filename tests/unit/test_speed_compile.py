@@ -147,7 +147,7 @@ def test_cuda_graphs_give_each_block_copies_of_its_inputs(monkeypatch):
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.single_blocks = nn.ModuleList([AddsInPlace(), AddsInPlace()])
+            self.single_blocks = nn.ModuleList([AddsInPlace() for _ in range(4)])
 
     monkeypatch.setattr(comp, "cudagraphs_unavailable", lambda: None)
     monkeypatch.delenv("QUANTLORA_COMPILE_BACKEND", raising=False)  # inductor (on this CPU it captures nothing)
@@ -165,13 +165,17 @@ def test_cuda_graphs_give_each_block_copies_of_its_inputs(monkeypatch):
             comp.compile_blocks(m)
             before = x.clone()
             h = x
-            for b in m.single_blocks:
-                h = b(h, vec=vec)
+            torch._dynamo.utils.counters.clear()
+            with torch._dynamo.config.patch(error_on_recompile=True):  # one graph serves every block
+                for b in m.single_blocks:
+                    h = b(h, vec=vec)
         torch.testing.assert_close(h, want)
+        # one whole graph per block: no break around the copies (a break costs a host round trip)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and not torch._dynamo.utils.counters["graph_break"]
         if switch == "1":
-            assert seen == [{"triton.cudagraphs": True}] * 2
+            assert seen == [{"triton.cudagraphs": True}] * 4
             assert torch.equal(x, before)  # the caller's input untouched
         else:
-            assert seen == [None] * 2
+            assert seen == [None] * 4
             assert not torch.equal(x, before)  # the control: FLUX's in-place add reaches the caller
         monkeypatch.setattr(nn.Module, "compile", real)
