@@ -166,8 +166,43 @@ def compiled_regions(events: list[dict], top: int = 8) -> dict | None:
             "top_inside_us": [(k, round(v / n, 1)) for k, v in sorted(inside.items(), key=lambda kv: -kv[1])[:top]]}
 
 
+def gap_hosts(events: list[dict], min_gap_us: float = 300.0, top: int = 8) -> dict | None:
+    """What the host was doing while the GPU sat idle: for each gap of at least `min_gap_us` between
+    two GPU events, the host ops (cpu_op/cuda_runtime, on the thread that ran the most cpu ops) that
+    overlap it, summed per op name over all such gaps. Issue 12: with CUDA graphs the blocks cost the
+    host little, yet the sampled step kept ~11 ms of gaps; this says which host work they wait on
+    (ComfyUI's eager prologue after a sync, concatenations, padding). Milliseconds; None without GPU events."""
+    gpu = sorted((e for e in events if e.get("ph") == "X" and "dur" in e and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: float(e["ts"]))
+    if not gpu:
+        return None
+    cpu = [e for e in events if e.get("ph") == "X" and "dur" in e and e.get("cat") in ("cpu_op", "cuda_runtime")]
+    counts: dict = {}
+    for e in cpu:
+        if e.get("cat") == "cpu_op":
+            counts[e.get("tid")] = counts.get(e.get("tid"), 0) + 1
+    main = max(counts, key=counts.get) if counts else None
+    cpu = [e for e in cpu if e.get("tid") == main]
+    total, n, per_op = 0.0, 0, {}
+    end = float(gpu[0]["ts"]) + float(gpu[0]["dur"])
+    for e in gpu[1:]:
+        start = float(e["ts"])
+        if start - end >= min_gap_us:
+            n += 1
+            total += start - end
+            for c in cpu:  # the host's ops overlapping the idle interval, by how much they overlap it
+                lap = min(start, float(c["ts"]) + float(c["dur"])) - max(end, float(c["ts"]))
+                if lap > 0:
+                    name = str(c["name"])[:60]
+                    per_op[name] = per_op.get(name, 0.0) + lap
+        end = max(end, start + float(e["dur"]))
+    return {"gaps": n, "gap_ms": total / 1e3,
+            "host_ops_ms": [(k, round(v / 1e3, 2)) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]]}
+
+
 if __name__ == "__main__":  # python bench/timeline.py TRACE.json[.xz]: the figures above for one trace
     import sys
 
     evs = load_events(sys.argv[1])
-    print(json.dumps({"host_waits": host_waits(evs), "compiled_regions": compiled_regions(evs)}, indent=1))
+    print(json.dumps({"host_waits": host_waits(evs), "compiled_regions": compiled_regions(evs), "gap_hosts": gap_hosts(evs)},
+                     indent=1))

@@ -105,3 +105,18 @@ def test_compiled_regions_split_host_time_per_call(timeline):
     assert got["region_us"] == pytest.approx(800) and got["cache_lookup_us"] == pytest.approx(80)
     assert got["top_inside_us"] == [("## Call CompiledFxGraph abc", 600.0), ("cuLaunchKernel", 20.0)]
     assert timeline.compiled_regions([op("aten::mm", 0, 5)]) is None  # eager: no regions
+
+
+def test_gap_hosts_names_the_host_work_behind_gpu_idle(timeline):
+    # GPU: [0,100) then idle until 600, [600,700), idle 700-750 (under the threshold), [750,800)
+    # host (main thread): a cat over 150-450 and a pad over 400-650 overlap the long gap (by 300 and 200 us);
+    # an op on another thread and one after the gap do not count
+    events = [ev("kernel", 0, 100), ev("kernel", 600, 100), ev("kernel", 750, 50),
+              ev("cpu_op", 150, 300, "aten::cat"), ev("cpu_op", 400, 250, "aten::pad"), ev("cpu_op", 700, 40, "aten::add")]
+    other = dict(ev("cpu_op", 100, 500, "aten::copy_"), tid=2)
+    for e in events:
+        e["tid"] = 1
+    got = timeline.gap_hosts(events + [other], min_gap_us=300)
+    assert got["gaps"] == 1 and abs(got["gap_ms"] - 0.5) < 1e-9
+    assert got["host_ops_ms"] == [("aten::cat", 0.3), ("aten::pad", 0.2)]
+    assert timeline.gap_hosts([ev("cpu_op", 0, 10)]) is None  # no GPU events
