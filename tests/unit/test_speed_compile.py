@@ -101,11 +101,12 @@ print(json.dumps(dict(counters["aot_autograd"])))
 '''
 
 
-@pytest.mark.parametrize("how", ["plain", "pack"])
-def test_a_restart_reuses_aot_autogradss_cache_through_sdpa_priority(tmp_path, how):
+def test_a_restart_reuses_aot_autogradss_cache_through_sdpa_priority(tmp_path):
     """The restart's compile: a block that sets SDPA's backend priority (ComfyUI's attention on CUDA)
     is served from AOTAutograd's on-disk cache by a second process once compile_blocks marks
-    torch.nn.attention's helpers; torch's own compile bypasses that cache for it (the control)."""
+    torch.nn.attention's helpers. Without the marking torch bypasses that cache for such a graph
+    (`autograd_cache_bypass`, measured on torch 2.11 and 2.13; the script's "plain" mode shows it),
+    which the first run's check catches."""
     import json
     import os
     import subprocess
@@ -118,14 +119,11 @@ def test_a_restart_reuses_aot_autogradss_cache_through_sdpa_priority(tmp_path, h
     env.pop("QUANTLORA_COMPILE_BACKEND", None)
     runs = []
     for _ in range(2):  # a cold start, then a restart on the same cache
-        out = subprocess.run([sys.executable, str(script), root, how], env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run([sys.executable, str(script), root, "pack"], env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    if how == "plain":
-        assert runs[1].get("autograd_cache_bypass") and not runs[1].get("autograd_cache_hit")
-    else:
-        assert runs[0].get("autograd_cache_saved") == 1 and not runs[0].get("autograd_cache_bypass")
-        assert runs[1].get("autograd_cache_hit") == 1, runs
+    assert runs[0].get("autograd_cache_saved") == 1 and not runs[0].get("autograd_cache_bypass"), runs
+    assert runs[1].get("autograd_cache_hit") == 1, runs
 
 
 def test_cuda_graphs_give_each_block_copies_of_its_inputs(monkeypatch):
