@@ -26,9 +26,19 @@ def inductor_options() -> dict:
     QUANTLORA_INDUCTOR_CPP_WRAPPER=1 (experimental, not yet measured on a GPU): inductor launches each
     block's kernels from generated C++ instead of Python, for steps whose host time shows between the
     kernels (the sampled fp8 step ran 7-13% above its kernel sum); a longer first compile."""
+    import torch
+
     opts = {}
     if cudagraphs_wanted() and cudagraphs_unavailable() is None:
         opts["triton.cudagraphs"] = True
+    if rowquant_enabled() and torch.cuda.is_available():
+        import torch._inductor.config as inductor_config
+
+        # speed/rowquant.py's kernel is a user-defined Triton kernel, which inductor launches through
+        # Triton's own Python launcher unless told otherwise: ~70 us of host time a call against ~20 us
+        # for its own kernels (H200 trace), and the blocks' host time is what bounds the sampled step.
+        if hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
+            opts["static_launch_user_defined_triton_kernels"] = True
     if os.environ.get("QUANTLORA_INDUCTOR_TUNE") == "1":
         opts["coordinate_descent_tuning"] = True
     if os.environ.get("QUANTLORA_INDUCTOR_CPP_WRAPPER") == "1":
@@ -96,6 +106,11 @@ def _forward_on_copies(self, *args, **kwargs):
     return type(self).forward(self, *(own(a) for a in args), **{k: own(v) for k, v in kwargs.items()})
 
 
+def rowquant_enabled() -> bool:
+    """speed/rowquant.py's one-pass quantization for GELU-fed fp8 Linears (QUANTLORA_ROWQUANT=0: off)."""
+    return os.environ.get("QUANTLORA_ROWQUANT", "1") != "0"
+
+
 def compile_backend() -> str | None:
     """QUANTLORA_COMPILE_BACKEND names another torch.compile backend (default: torch's, inductor).
     For checks on a CPU, e.g. the test suite's dry runs of the GPU scripts: `aot_eager` traces the
@@ -119,6 +134,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
             if getattr(block, "_compiled_call_impl", None) is None:
                 if gelu.enabled():
                     gelu.swap_tanh_gelus(block)  # before the trace: the graph holds the sigmoid form
+                if rowquant_enabled():
+                    from . import rowquant  # registers its op (and imports Triton) only when compiling
+
+                    rowquant.use_in(block, fuse_gelu=gelu.enabled())
                 if "triton.cudagraphs" in compile_kwargs.get("options", {}):
                     block.forward = types.MethodType(_forward_on_copies, block)  # one function for every block: no recompiles
                 block.compile(**compile_kwargs)
