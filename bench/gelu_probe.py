@@ -61,6 +61,20 @@ def time_calls(fn, n=20, rounds=5):
     return round(statistics.median(per), 1)
 
 
+def kernel_table(fn, path, calls=5):
+    """The GPU kernels of `calls` calls of fn (after one warm-up call), as torch's profiler tables them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=120))
+
+
 def main():
     import argparse
 
@@ -114,18 +128,9 @@ def main():
         if a.no_profile or "single" not in a.shapes.split(","):
             return
         # kernel table of one call of each single-block variant
-        from torch.profiler import ProfilerActivity, profile
-
         for name, act in acts.items():
-            fn = torch.compile(lambda act=act: cases["single"][0](act, lin2))
-            fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fn()
-                torch.cuda.synchronize()
-            with open(os.path.join(out_dir, f"gelu-probe-kernels-{name}.txt"), "w") as f:
-                f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=120))
+            kernel_table(torch.compile(lambda act=act: cases["single"][0](act, lin2)),
+                         os.path.join(out_dir, f"gelu-probe-kernels-{name}.txt"))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ torchao variant. Also: the kernel bit-checked against its torch reference, and a
 single-block variant. Writes JSON (and tables) under argv[1]."""
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -31,37 +30,7 @@ import _env  # noqa: E402
 _env.bootstrap.register_pack(_env.ROOT)  # the pack as `quantlora`; no ComfyUI needed here
 from quantlora.speed import rowquant  # noqa: E402
 from quantlora.speed.gelu import sigmoid_gelu  # noqa: E402
-
-
-def fp8_linear(k, n, seed):
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    lin = torch.nn.Linear(k, n, dtype=torch.bfloat16)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(n, k, generator=g) / k ** 0.5)
-        lin.bias.copy_(torch.randn(n, generator=g) * 0.01)
-    ref = torch.nn.Linear(k, n, dtype=torch.bfloat16).cuda()
-    ref.load_state_dict(lin.state_dict())
-    lin = lin.cuda()
-    quantize_(lin, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
-    return lin, ref
-
-
-def time_calls(fn, n=20, rounds=5):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        b.synchronize()
-        per.append(a.elapsed_time(b) / n * 1e3)
-    return round(statistics.median(per), 1)
+from gelu_probe import fp8_linear, kernel_table, time_calls  # noqa: E402  (the same layers and timing as that probe)
 
 
 def rel(a, b):
@@ -146,26 +115,16 @@ def main():
                     base = got
                 save(dict(shape=shape, variant=name, us_per_call=us, rel_err_vs_bf16_exact=rel(got, want),
                           rel_diff_vs_torchao=rel(got, base)))
-            # eager: the quantizing kernel alone on this shape's input (what the op costs by itself)
+        # eager: the quantizing kernel alone on this shape's input (what the op costs by itself)
         for shape, (t, gf) in {"single": (torch.cat((attn, mlp), 2), 3072), "double-mlp": (h, 0),
                                "norm-linear1": (x, -1)}.items():
             t2 = t.reshape(-1, t.shape[-1])
             save(dict(shape=shape, variant="quant kernel alone", gelu_from=gf,
                       us_per_call=time_calls(lambda: torch.ops.quantlora.quant_rows_fp8(t2, gf))))
 
-        from torch.profiler import ProfilerActivity, profile
-
         for name in ("torchao", "rq-gelu"):
             torch._dynamo.reset()
-            fn = torch.compile(cases["single"][name])
-            fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fn()
-                torch.cuda.synchronize()
-            with open(os.path.join(out_dir, f"rowquant-kernels-{name}.txt"), "w") as f:
-                f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=120))
+            kernel_table(torch.compile(cases["single"][name]), os.path.join(out_dir, f"rowquant-kernels-{name}.txt"))
     save()
 
 
