@@ -127,6 +127,9 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None, gelu_from: int = 
 
 
 ALLOW_CPU = False  # tests: let CPU Float8Tensor weights take the path (torch._scaled_mm runs on a CPU too)
+# The kernel holds a whole row in registers (32 warps, 32 values a thread at this width); wider rows
+# keep torchao's quantization. FLUX's widest is 15360.
+MAX_ROW = 32768
 
 
 def _is_tanh_gelu(m) -> bool:
@@ -159,7 +162,8 @@ def _plain(layer) -> bool:
 
 def _takes_kernel(layer) -> bool:
     w = layer.weight
-    return torch.compiler.is_compiling() and _plain(layer) and (applies(w) or ALLOW_CPU and applies(w, cpu=True))
+    return (torch.compiler.is_compiling() and _plain(layer) and w.shape[-1] <= MAX_ROW
+            and (applies(w) or ALLOW_CPU and applies(w, cpu=True)))
 
 
 def _forward(self, x):

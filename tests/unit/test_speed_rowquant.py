@@ -159,6 +159,18 @@ def test_compiled_block_takes_the_kernel_and_eager_stays_torchaos(kind, monkeypa
         assert op_calls() == [] and gelu_calls() == 1
 
 
+def test_rows_wider_than_the_kernel_holds_keep_torchaos_quantization(monkeypatch):
+    monkeypatch.setattr(rowquant, "ALLOW_CPU", True)
+    monkeypatch.setattr(rowquant, "MAX_ROW", 64)  # the single block's linear2 reads 96 columns
+    block = Single(nn.GELU(approximate="tanh"))
+    rowquant.use_in(block)
+    torch._dynamo.reset()
+    GRAPHS.clear()
+    with torch.no_grad():
+        torch.compile(block, backend="quantlora_rowquant_graphs")(torch.randn(1, 8, 32).bfloat16())
+    assert op_calls() == []
+
+
 def test_gelu_mlp_without_the_fusion_keeps_its_gelu(monkeypatch):
     monkeypatch.setattr(rowquant, "ALLOW_CPU", True)
     block = Double()
