@@ -383,7 +383,7 @@ class Peers:
         from quantlora.nodes import rope_fusion, runtime
         from quantlora.nodes.hotswap_node import LoRAHotswap
         from quantlora.speed import gelu
-        from quantlora.speed.compile import inductor_options, rowquant_enabled
+        from quantlora.speed.compile import inductor_options, rowquant_cat_wanted, rowquant_enabled
         from quantlora.nodes.loader_node import QuantizedFluxLoader
 
         self.free()
@@ -410,6 +410,7 @@ class Peers:
                 + (", fused RoPE" if rope_fusion.active() else "")
                 + ("" if gelu.enabled() else ", tanh GELU")
                 + ("" if rowquant_enabled() else ", torchao GELU-fed quantization")
+                + (", linear2 without the concatenation" if rowquant_cat_wanted() else "")
                 + (", CUDA graphs" if "triton.cudagraphs" in inductor_options() else "")
                 + (", skip guards" if os.environ.get("QUANTLORA_SKIP_GUARDS") == "1" else ""))
         r = self.sample(p, self.args.steps, t_apply=t0, label=name + (" (none active)" if slots or merge else ""))

@@ -39,6 +39,10 @@ def inductor_options() -> dict:
         # for its own kernels (H200 trace), and the blocks' host time is what bounds the sampled step.
         if hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
             opts["static_launch_user_defined_triton_kernels"] = True
+        if rowquant_cat_wanted():
+            from .rowquant_cat import CatQuantPass
+
+            opts["pre_grad_custom_pass"] = CatQuantPass()
     if os.environ.get("QUANTLORA_INDUCTOR_TUNE") == "1":
         opts["coordinate_descent_tuning"] = True
     if os.environ.get("QUANTLORA_INDUCTOR_CPP_WRAPPER") == "1":
@@ -111,6 +115,12 @@ def rowquant_enabled() -> bool:
     return os.environ.get("QUANTLORA_ROWQUANT", "1") != "0"
 
 
+def rowquant_cat_wanted() -> bool:
+    """QUANTLORA_ROWQUANT_CAT=1 (experimental, not yet measured on a GPU): speed/rowquant_cat.py quantizes
+    a single block's linear2 input without ComfyUI's concatenation being written first."""
+    return rowquant_enabled() and os.environ.get("QUANTLORA_ROWQUANT_CAT") == "1"
+
+
 def compile_backend() -> str | None:
     """QUANTLORA_COMPILE_BACKEND names another torch.compile backend (default: torch's, inductor).
     For checks on a CPU, e.g. the test suite's dry runs of the GPU scripts: `aot_eager` traces the
@@ -138,6 +148,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
                     from . import rowquant  # registers its op (and imports Triton) only when compiling
 
                     rowquant.use_in(block, fuse_gelu=gelu.enabled())
+                    if rowquant_cat_wanted() and gelu.enabled():
+                        from . import rowquant_cat
+
+                        rowquant_cat.use_in(block)
                 if "triton.cudagraphs" in compile_kwargs.get("options", {}):
                     block.forward = types.MethodType(_forward_on_copies, block)  # one function for every block: no recompiles
                 block.compile(**compile_kwargs)

@@ -81,3 +81,46 @@ def test_compiled_flux_blocks_quantize_gelu_outputs_in_one_pass(comfy, tmp_path,
     # the single block's linear2 after ComfyUI's own GELU and cat; the MLPs' GELU inside the kernel
     assert shipped["gelu_from"] == [[-1], [0, 0]], got
     assert shipped["stable"] and shipped["rel"] < 2e-2, got  # at most fp8 rounding flips, as in layer 1
+
+
+def test_comfys_single_block_graph_matches_the_concatenation_pass(comfy, tmp_path, monkeypatch):
+    """speed/rowquant_cat.py (experimental): ComfyUI v0.33's single block, compiled by the pack with
+    QUANTLORA_ROWQUANT_CAT=1, has the shape the pre-grad pass rewrites, and the rewritten graph computes
+    the same bits (on a CPU both quantizations run their torch arithmetic)."""
+    from quantlora.nodes.bridge import build_model
+    from quantlora.speed import rowquant, rowquant_cat
+    from quantlora.speed.compile import compile_blocks
+    from quantlora.tools import demo_models as dm
+
+    seen = []
+
+    @torch._dynamo.register_backend(name="quantlora_rowquant_cat_flux")
+    def keep(gm, example_inputs):
+        seen.append((gm, list(example_inputs)))
+        return gm.forward
+
+    cfg = dm.demo_flux_config()
+    path = dm.write_bfl(str(tmp_path / "flux.safetensors"), dm.flux_bfl_state_dict(cfg, seed=8, dtype=torch.float32))
+    inp = {k: (v.bfloat16() if v.is_floating_point() and v.dim() > 1 else v) for k, v in flux_inputs(cfg, seed=5).items()}
+    monkeypatch.setattr(rowquant, "ALLOW_CPU", True)
+    monkeypatch.setenv("QUANTLORA_ROWQUANT_CAT", "1")
+    with torch.no_grad():
+        model = build_model(path, "none", "bf16").model.diffusion_model
+        fp8_blocks(model)
+        torch._dynamo.reset()
+        compile_blocks(model, backend="quantlora_rowquant_cat_flux")
+        comfy_forward(model, inp)
+        assert all(isinstance(b.mlp_act, rowquant_cat.PairGELU) for b in model.single_blocks)
+        single = [(gm, ex) for gm, ex in seen if any("pair_gelu" in str(n.target) for n in gm.graph.nodes)]
+        assert len(single) == 1 and len(seen) == 2, [str(g.graph) for g, _ in seen]
+        gm, ex = single[0]
+        cats = lambda: sum(n.op == "call_function" and "cat" in str(n.target) for n in gm.graph.nodes)  # noqa: E731
+        cats_before = cats()
+        before = gm(*ex)
+        n = rowquant_cat.CatQuantPass.rewrites
+        rowquant_cat.CatQuantPass()(gm.graph)
+        gm.recompile()
+        after = gm(*ex)
+    assert rowquant_cat.CatQuantPass.rewrites == n + 1
+    assert not any("pair_gelu" in str(n.target) for n in gm.graph.nodes) and cats() == cats_before - 1
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
