@@ -756,7 +756,10 @@ def main():
     ap.add_argument("--switches", type=int, default=3, help="LoRA switches per model (each to a fresh rank-32 file)")
     ap.add_argument("--switch-budget", type=float, default=12.0, help="seconds left below which no more switches start")
     ap.add_argument("--sections", default="", help="comma-separated name prefixes (default: all)")
-    ap.add_argument("--budget", type=float, default=540.0, help="seconds for everything; sections that do not fit are skipped")
+    ap.add_argument("--budget", type=float, default=540.0,
+                    help="seconds for everything, from the process's start; sections that do not fit are skipped. "
+                         "The first process on a fresh device writes the full-size checkpoint first (~45 s on an "
+                         "H200 host): the bf16 and one fp8 section then need ~140 s in all, later processes ~95 s")
     ap.add_argument("--on-share", type=float, default=0.47, help="share of the time left after the model is written for 'on'")
     ap.add_argument("--merge-variants", default="auto", help="merge sections, comma-separated: an attention choice "
                     "(speed/attention.py), optionally +tune (QUANTLORA_INDUCTOR_TUNE=1) and/or +cppwrap "
