@@ -147,7 +147,7 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
             raise
     if compile != "off":
         rope_fusion.install_if_enabled()  # unless QUANTLORA_FUSE_ROPE=0: before the first trace
-        compile_blocks(dm)
+        compile_blocks(dm, cudagraphs=compile == "regional+cudagraphs")
     runtime.install(patcher)
     runtime.set_attention(patcher, attention)
     log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights",

@@ -20,7 +20,7 @@ from ..lora.merge import MergeState
 from ..memory import oom
 from ..speed import guards
 from ..speed.attention import override_for, sdpa_context, sdpa_override, unavailable
-from ..speed.compile import cudagraphs_wanted, is_compiled
+from ..speed.compile import is_compiled, uses_cudagraphs
 
 OPTS_KEY = "quantlora"
 STATE_ATTR = "_quantlora_hotswap"
@@ -195,7 +195,7 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
     with sdpa_context(cfg.get("attention", "default"), x.device):
         if not is_compiled(dm):
             return executor(*args, **kwargs)
-        if cudagraphs_wanted():  # QUANTLORA_CUDAGRAPHS=1: a new step; the last one's graph outputs are done
+        if uses_cudagraphs(dm):  # compile regional+cudagraphs: a new step; the last one's graph outputs are done
             torch.compiler.cudagraph_mark_step_begin()
         with guards.for_model(dm).forward(args, kwargs):  # QUANTLORA_SKIP_GUARDS=1 (speed/guards.py)
             return executor(*args, **kwargs)
@@ -274,6 +274,18 @@ def check_attention(choice: str):
     if why:
         raise QuantLoRAError(f"attention {choice!r}: {why}. Choose 'auto' (the fastest attention this GPU has) or 'default'.")
     return device
+
+
+def check_compile(choice: str) -> None:
+    """Raise now if the compile `choice` cannot run in this ComfyUI process (CUDA graphs: a CUDA device
+    and PyTorch's own allocator)."""
+    if choice != "regional+cudagraphs":
+        return
+    from ..speed.compile import cudagraphs_unavailable
+
+    why = cudagraphs_unavailable()
+    if why:
+        raise QuantLoRAError(f"compile {choice!r}: {why}. Choose 'regional' (compiled blocks without CUDA graphs).")
 
 
 def set_attention(patcher, choice: str) -> None:

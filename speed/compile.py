@@ -16,20 +16,24 @@ from ..checkpoint.flux_keys import BFL_BLOCK_LISTS as BLOCK_LISTS
 from . import gelu
 
 
-COMPILE_CHOICES = ["off", "regional"]
+# regional+cudagraphs: each compiled block replayed as a CUDA graph (needs PyTorch's own CUDA allocator:
+# ComfyUI started with --disable-cuda-malloc). The fastest path where the host cannot keep up with the
+# GPU (H200, fp8: 0.49x of bf16 eager against 0.53-0.57x without; BENCHMARKS.md issue 12, tenth round).
+COMPILE_CHOICES = ["off", "regional", "regional+cudagraphs"]
 
 
-def inductor_options() -> dict:
+def inductor_options(cudagraphs: bool | None = None) -> dict:
     """QUANTLORA_INDUCTOR_TUNE=1: inductor tunes the block sizes of its own fused quantize/norm/
     activation kernels (H200, fp8 step: their 10.2 ms -> 7.9 ms), at a much longer first compile
     (~70 s instead of ~15 s; cached for later starts). BENCHMARKS.md, issue 12.
     QUANTLORA_INDUCTOR_CPP_WRAPPER=1 (experimental, not yet measured on a GPU): inductor launches each
     block's kernels from generated C++ instead of Python, for steps whose host time shows between the
-    kernels (the sampled fp8 step ran 7-13% above its kernel sum); a longer first compile."""
+    kernels (the sampled fp8 step ran 7-13% above its kernel sum); a longer first compile.
+    cudagraphs: the compile choice asked for CUDA graphs (None: QUANTLORA_CUDAGRAPHS=1, where they can run)."""
     import torch
 
     opts = {}
-    if cudagraphs_wanted() and cudagraphs_unavailable() is None:
+    if cudagraphs if cudagraphs is not None else cudagraphs_wanted() and cudagraphs_unavailable() is None:
         opts["triton.cudagraphs"] = True
     if rowquant_enabled() and torch.cuda.is_available():
         import torch._inductor.config as inductor_config
@@ -73,11 +77,11 @@ CUDAGRAPHS_ENV = "QUANTLORA_CUDAGRAPHS"
 
 
 def cudagraphs_wanted() -> bool:
-    """QUANTLORA_CUDAGRAPHS=1 (experimental, off): each compiled block is replayed as a CUDA graph
-    (inductor's cudagraph trees), so the host no longer launches its kernels one by one. Measured on an
-    H200 (BENCHMARKS.md issue 12): the host's time per block 1.5-1.8 ms -> 0.6 ms, but the sampled step
-    no faster (0.549x against 0.551x): the input copies cost ~3 ms of kernels and the GPU's remaining
-    idle time sits outside the blocks."""
+    """QUANTLORA_CUDAGRAPHS=1: as the compile choice regional+cudagraphs for every regional compile
+    (the benchmarks' switch). Each compiled block is replayed as a CUDA graph (inductor's cudagraph
+    trees), so the host no longer launches its kernels one by one: on an H200 its time per block
+    1.5-1.8 ms -> 0.3-0.6 ms; the sampled step gains where the host, not the GPU, bounds it
+    (BENCHMARKS.md issue 12)."""
     return os.environ.get(CUDAGRAPHS_ENV) == "1"
 
 
@@ -116,9 +120,9 @@ def rowquant_enabled() -> bool:
 
 
 def rowquant_cat_wanted() -> bool:
-    """QUANTLORA_ROWQUANT_CAT=1 (experimental, not yet measured on a GPU): speed/rowquant_cat.py quantizes
-    a single block's linear2 input without ComfyUI's concatenation being written first."""
-    return rowquant_enabled() and os.environ.get("QUANTLORA_ROWQUANT_CAT") == "1"
+    """speed/rowquant_cat.py quantizes a single block's linear2 input without ComfyUI's concatenation
+    being written first (H200: -1.5 to -3 ms of kernels a step, same error; QUANTLORA_ROWQUANT_CAT=0: off)."""
+    return rowquant_enabled() and os.environ.get("QUANTLORA_ROWQUANT_CAT", "1") != "0"
 
 
 def compile_backend() -> str | None:
@@ -128,16 +132,23 @@ def compile_backend() -> str | None:
     return os.environ.get("QUANTLORA_COMPILE_BACKEND") or None
 
 
-def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+def compile_blocks(model: nn.Module, cudagraphs: bool = False, **compile_kwargs) -> int:
+    """Compiles each block in place (see the module's docstring); cudagraphs: replay each as a CUDA
+    graph (the compile choice regional+cudagraphs; QUANTLORA_CUDAGRAPHS=1 asks for it everywhere).
+    Raises ValueError where CUDA graphs were asked for and cannot run (`cudagraphs_unavailable`)."""
     if compile_backend() and "backend" not in compile_kwargs:
         compile_kwargs["backend"] = compile_backend()
     inductor = compile_kwargs.get("backend", "inductor") == "inductor"
-    if inductor and cudagraphs_wanted() and cudagraphs_unavailable():
+    if cudagraphs and cudagraphs_unavailable():
+        raise ValueError(cudagraphs_unavailable())
+    if inductor and cudagraphs_wanted() and not cudagraphs and cudagraphs_unavailable():
         logging.getLogger("quantlora").warning("QuantLoRA: %s=1 ignored: %s", CUDAGRAPHS_ENV, cudagraphs_unavailable())
     if inductor:
         mark_sdpa_helpers_cacheable()
-    if inductor and inductor_options() and "options" not in compile_kwargs:
-        compile_kwargs["options"] = inductor_options()
+    options = inductor_options(True if cudagraphs else None) if inductor else {}
+    if options and "options" not in compile_kwargs:
+        compile_kwargs["options"] = options
+    model._quantlora_cudagraphs = "triton.cudagraphs" in compile_kwargs.get("options", {})
     n = 0
     for name in BLOCK_LISTS:
         for block in getattr(model, name, ()):
@@ -157,6 +168,11 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
                 block.compile(**compile_kwargs)
                 n += 1
     return n
+
+
+def uses_cudagraphs(model: nn.Module) -> bool:
+    """Whether compile_blocks gave this model's blocks CUDA graphs (the sampler marks each step's start)."""
+    return bool(getattr(model, "_quantlora_cudagraphs", False))
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -5,8 +5,10 @@ Flux hands attention q/k/v as (batch, heads, tokens, 128) views of its fused pro
 (batch, tokens, heads, dim) with any token/head strides, so the views go in without a copy, and its
 output is already in the (batch, tokens, heads*dim) order ComfyUI wants (SDPA's needs a transpose).
 H200, fp8 Flux step: attention 21-22 ms against cuDNN's 24-25 ms (BENCHMARKS.md, issue 12). FA3's
-fp8 mode was measured and dropped: its kernel is faster (17.5 ms) but quantizing q/k/v per head
-costs ~4 ms of extra passes, and the error grows. No ComfyUI import.
+fp8 mode with per-head scales was measured and dropped: its kernel is faster (17.5 ms) but the per-head
+amax costs ~4 ms of extra passes. `fa3-fp8` feeds it unscaled instead: a cast that inductor fuses
+into the kernels writing q, k and v (H200, compiled fp8 step: kernels -3.1 to -4.6 ms, error against
+bf16 0.074 -> 0.083; BENCHMARKS.md issue 12, tenth round). No ComfyUI import.
 """
 from __future__ import annotations
 
@@ -35,9 +37,22 @@ def unavailable(device: torch.device) -> str | None:
     return _load()[1]
 
 
-def make_override():
+FP8 = torch.float8_e4m3fn
+
+
+def to_fp8_unscaled(t: torch.Tensor) -> torch.Tensor:
+    """q, k or v for FA3's fp8 mode with scale 1: saturated to e4m3's range (a plain cast would make
+    NaN of anything beyond 448) and rounded. fp8 is floating point: values from 2^-6 to 448 keep their
+    3 mantissa bits whatever their size, so no per-head amax is needed for FLUX's normed q and k and its
+    projected v; what lies below 2^-6 loses relative precision but adds < 2^-9 to each product. In a
+    compiled block inductor fuses this into the kernel that writes q, k (norm, RoPE) and v."""
+    return t.clamp(-448.0, 448.0).to(FP8)
+
+
+def make_override(fp8: bool = False):
     """A function for transformer_options["optimized_attention_override"] (ComfyUI's calling
-    convention). Masked calls, other dtypes and non-CUDA tensors go to ComfyUI's own function."""
+    convention). Masked calls, other dtypes and non-CUDA tensors go to ComfyUI's own function.
+    fp8: q, k, v go to FA3's fp8 kernel unscaled (`to_fp8_unscaled`); its output is bf16."""
     kernel = _load()[0]  # looked up here, not while torch.compile traces the override
 
     def fa3_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
@@ -47,7 +62,10 @@ def make_override():
             return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
         # (b, s, h, d): FA3 takes Flux's (b, h, s, d) views transposed, strides as they are
-        out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=q.shape[-1] ** -0.5)[0]
+        q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if fp8:
+            q_, k_, v_ = to_fp8_unscaled(q_), to_fp8_unscaled(k_), to_fp8_unscaled(v_)
+        out = kernel(q_, k_, v_, softmax_scale=q.shape[-1] ** -0.5)[0]
         if skip_output_reshape:
             return out.transpose(1, 2)
         return out.reshape(out.shape[0], out.shape[1], heads * out.shape[-1])

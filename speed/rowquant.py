@@ -24,6 +24,7 @@ in torch (CPU machines; the tests compare both). No ComfyUI import.
 """
 from __future__ import annotations
 
+import os
 import types
 
 import torch
@@ -56,22 +57,41 @@ def reference_quant_rows(x: torch.Tensor, gelu_from: int = -1) -> tuple[torch.Te
     return q, scale
 
 
+# Triton's interpreter (TRITON_INTERPRET=1, the CPU tests of the kernels) runs no PTX: there the GELU
+# takes the exp form; on a GPU the hardware tanh (one MUFU op instead of exp plus an IEEE division: the
+# GELU'd rows ran at ~1.6x their bytes' time with it, BENCHMARKS.md issue 12, tenth round).
+FAST_MATH = os.environ.get("TRITON_INTERPRET") != "1"
+
 if triton is not None:
+    @triton.jit
+    def _tanh_approx(x):
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def gelu_rounded(h, out_dtype: tl.constexpr, FAST: tl.constexpr):
+        """The tanh-GELU of fp32 `h`, rounded to `out_dtype` as the eager GELU's output is, back in fp32."""
+        if FAST:  # 0.5 h (1 + tanh(c (h + 0.044715 h^3))) = h sigmoid(2c (...)): the same function
+            t = _tanh_approx(0.7978845608028654 * (h + 0.044715 * h * h * h))
+            g = 0.5 * h + 0.5 * h * t
+        else:
+            u = 1.5957691216057308 * (h + 0.044715 * h * h * h)
+            g = h / (1.0 + tl.exp(-u))
+        return g.to(out_dtype).to(tl.float32)
+
     # One row a program, the whole row in registers; how many warps share it is tuned once per row
     # length (H200: a fixed 16 warps ran FLUX's rows at ~1.8x their bytes' time, tuned ~1.25x).
     @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)], key=["K", "BLOCK"])
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, gelu_from,
-                           BLOCK: tl.constexpr, GELU: tl.constexpr):
+                           BLOCK: tl.constexpr, GELU: tl.constexpr, FAST: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < K
         raw = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0)
         x = raw.to(tl.float32)
         if GELU:
-            u = 1.5957691216057308 * (x + 0.044715 * x * x * x)
-            g = (x / (1.0 + tl.exp(-u))).to(raw.dtype).to(tl.float32)
-            x = tl.where(cols >= gelu_from, g, x)
+            x = tl.where(cols >= gelu_from, gelu_rounded(x, raw.dtype, FAST), x)
         amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
         scale = (amax * (1.0 / 448.0)).to(raw.dtype).to(tl.float32)
         q = tl.clamp(x * (1.0 / scale), -448.0, 448.0)
@@ -89,7 +109,7 @@ if KERNEL:
         if m == 0:  # no rows, no launch (an empty grid is an error)
             return q, s
         wrap_triton(_quant_rows_kernel)[(m,)](x, q, s, k, x.stride(0), gelu_from, BLOCK=triton.next_power_of_2(k),
-                                               GELU=0 <= gelu_from < k)
+                                               GELU=0 <= gelu_from < k, FAST=FAST_MATH)
         return q, s
 
     @quant_rows_fp8.register_kernel("cpu")

@@ -1,11 +1,12 @@
-"""Experimental (QUANTLORA_ROWQUANT_CAT=1, not yet measured on a GPU): a FLUX single block's
-`linear2(cat(attn, gelu(mlp)))` quantized by one kernel that reads `attn` and `mlp` where they lie,
-instead of after ComfyUI's concatenation has written both into a new buffer.
+"""A FLUX single block's `linear2(cat(attn, gelu(mlp)))` quantized by one kernel that reads `attn` and
+`mlp` where they lie, instead of after ComfyUI's concatenation has written both into a new buffer
+(on with speed/rowquant.py; QUANTLORA_ROWQUANT_CAT=0: off).
 
 Why: with speed/rowquant.py the single block's tail is inductor's cat kernel (reads attn and mlp,
 applies the GELU, writes 4608 x 15360 bf16: ~74 us) then the quantizing kernel (reads that again:
 ~50 us); 2.9 ms a step on an H200 go to writing and re-reading the concatenation (BENCHMARKS.md,
-issue 12, ninth round). Predicted: -2 to -3 ms of kernels a step.
+issue 12, ninth round). Predicted -2 to -3 ms of kernels a step; measured -1.5 ms with the first
+kernel (88 us a call), -2.2 to -3 ms once its load and GELU were cheapened (tenth round).
 
 How, without copying ComfyUI's block: the block's `mlp_act` becomes `PairGELU`, whose compiled form is
 the marker op `quantlora::pair_gelu` (CompositeImplicitAutograd: where nothing rewrites it, AOTAutograd
@@ -39,23 +40,26 @@ if rowquant.triton is not None:
     import triton
     import triton.language as tl
 
+    from .rowquant import gelu_rounded
+
     @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)], key=["KA", "KM", "BLOCK"])
     @triton.jit
-    def _quant_rows_pair_kernel(a_ptr, m_ptr, q_ptr, s_ptr, KA, KM, stride_a, stride_m, BLOCK: tl.constexpr):
+    def _quant_rows_pair_kernel(a_ptr, m_ptr, q_ptr, s_ptr, KA, KM, stride_a, stride_m, BLOCK: tl.constexpr,
+                                FAST: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         in_a = cols < KA
-        in_m = (cols >= KA) & (cols < KA + KM)
-        ra = tl.load(a_ptr + row * stride_a + cols, mask=in_a, other=0.0)
-        rm = tl.load(m_ptr + row * stride_m + (cols - KA), mask=in_m, other=0.0)
-        h = rm.to(tl.float32)
-        u = 1.5957691216057308 * (h + 0.044715 * h * h * h)
-        g = (h / (1.0 + tl.exp(-u))).to(rm.dtype).to(tl.float32)
-        x = tl.where(in_a, ra.to(tl.float32), g)
+        inside = cols < KA + KM
+        # one load: each column's address in a's row or m's (two masked loads over the whole width
+        # issued twice the instructions: the first version ran at ~1.6x its bytes' time)
+        ptrs = tl.where(in_a, a_ptr + row * stride_a + cols, m_ptr + row * stride_m + (cols - KA))
+        raw = tl.load(ptrs, mask=inside, other=0.0)
+        h = raw.to(tl.float32)
+        x = tl.where(in_a, h, gelu_rounded(h, raw.dtype, FAST))
         amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-        scale = (amax * (1.0 / 448.0)).to(ra.dtype).to(tl.float32)
+        scale = (amax * (1.0 / 448.0)).to(raw.dtype).to(tl.float32)
         q = tl.clamp(x * (1.0 / scale), -448.0, 448.0)
-        tl.store(q_ptr + row * (KA + KM) + cols, q.to(tl.float8e4nv), mask=in_a | in_m)
+        tl.store(q_ptr + row * (KA + KM) + cols, q.to(tl.float8e4nv), mask=inside)
         tl.store(s_ptr + row, scale)
 
 if rowquant.KERNEL:
@@ -73,7 +77,8 @@ if rowquant.KERNEL:
         if rows == 0:
             return q, s
         torch.library.wrap_triton(_quant_rows_pair_kernel)[(rows,)](
-            a2, m2, q, s, ka, km, a2.stride(0), m2.stride(0), BLOCK=triton.next_power_of_2(ka + km))
+            a2, m2, q, s, ka, km, a2.stride(0), m2.stride(0), BLOCK=triton.next_power_of_2(ka + km),
+            FAST=rowquant.FAST_MATH)
         return q, s
 
     @quant_rows_fp8_pair.register_kernel("cpu")

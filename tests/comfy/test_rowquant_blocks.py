@@ -84,8 +84,8 @@ def test_compiled_flux_blocks_quantize_gelu_outputs_in_one_pass(comfy, tmp_path,
 
 
 def test_comfys_single_block_graph_matches_the_concatenation_pass(comfy, tmp_path, monkeypatch):
-    """speed/rowquant_cat.py (experimental): ComfyUI v0.33's single block, compiled by the pack with
-    QUANTLORA_ROWQUANT_CAT=1, has the shape the pre-grad pass rewrites, and the rewritten graph computes
+    """speed/rowquant_cat.py: ComfyUI v0.33's single block, compiled by the pack (the pass
+    on by default), has the shape the pre-grad pass rewrites, and the rewritten graph computes
     the same bits (on a CPU both quantizations run their torch arithmetic)."""
     from quantlora.nodes.bridge import build_model
     from quantlora.speed import rowquant, rowquant_cat

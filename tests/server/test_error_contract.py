@@ -59,6 +59,28 @@ def test_fa3_where_it_cannot_run(comfy):
     assert "attention 'fa3'" in msg and ("NVIDIA" in msg or "Hopper" in msg or "fa3-fwd" in msg) and "'auto'" in msg, msg
 
 
+@pytest.mark.parametrize("attention", ["fa3", "fa3-fp8"])
+def test_fa3_choices_where_they_cannot_run(comfy, attention):
+    """Both FlashAttention-3 choices say why they cannot run here and what to pick instead."""
+    from quantlora.nodes.loader_node import QuantizedFluxLoader
+    from quantlora.tools.demo_models import DEMO_FLUX
+
+    msg = _raises(QuantizedFluxLoader.execute, model_name=DEMO_FLUX, quantization="none", compute_dtype="auto",
+                  attention=attention)
+    assert f"attention {attention!r}" in msg and "NVIDIA" in msg and "'auto'" in msg, msg
+
+
+def test_cuda_graphs_where_they_cannot_run(comfy):
+    """compile 'regional+cudagraphs' without a CUDA device (or under ComfyUI's default cudaMallocAsync
+    allocator): the loader says why and what to pick instead, before loading anything."""
+    from quantlora.nodes.loader_node import QuantizedFluxLoader
+    from quantlora.tools.demo_models import DEMO_FLUX
+
+    msg = _raises(QuantizedFluxLoader.execute, model_name=DEMO_FLUX, quantization="none", compute_dtype="auto",
+                  compile="regional+cudagraphs")
+    assert "compile 'regional+cudagraphs'" in msg and "no CUDA device" in msg and "'regional'" in msg, msg
+
+
 def test_compute_dtype_of_the_bridge(comfy):
     from quantlora.nodes.bridge import resolve_compute_dtype
 

@@ -43,3 +43,19 @@ def test_fa3_load_failure_is_a_sentence():
         fa3._load.cache_clear()
     if kernel is None:  # the CI machine has no fa3-fwd (no CUDA build of it for CPU wheels)
         assert "fa3-fwd" in why and "pip install" in why
+
+
+def test_fa3_fp8_is_a_choice_that_says_why_it_cannot_run_here():
+    assert "fa3-fp8" in attention.ATTENTION_CHOICES
+    why = attention.unavailable("fa3-fp8", torch.device("cpu"))
+    assert why and "NVIDIA" in why
+
+
+def test_fp8_attention_inputs_saturate_instead_of_becoming_nan():
+    """A plain cast to e4m3 makes NaN of anything beyond 448; FA3's fp8 inputs are saturated, and
+    values inside the range are rounded as the plain cast rounds them."""
+    t = torch.tensor([1000.0, -1000.0, 448.0, 3.3, -0.02, 1e-4, 0.0]).bfloat16()
+    got = fa3.to_fp8_unscaled(t).float()
+    assert not got.isnan().any()
+    assert got[:3].tolist() == [448.0, -448.0, 448.0]
+    assert torch.equal(got[3:], t[3:].to(torch.float8_e4m3fn).float())

@@ -149,8 +149,9 @@ def test_cuda_graphs_give_each_block_copies_of_its_inputs(monkeypatch):
 
     monkeypatch.setattr(comp, "cudagraphs_unavailable", lambda: None)
     monkeypatch.delenv("QUANTLORA_COMPILE_BACKEND", raising=False)  # inductor (on this CPU it captures nothing)
-    for switch in ("1", "0"):
-        monkeypatch.setenv(comp.CUDAGRAPHS_ENV, switch)
+    for switch in ("1", "0", "choice"):  # the environment switch, off, the compile choice's argument
+        monkeypatch.setenv(comp.CUDAGRAPHS_ENV, "1" if switch == "1" else "0")
+        torch._dynamo.reset()  # "choice" traces the same forward as "1": its own graph, not the cached one
         seen = []
         real = nn.Module.compile
         monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: (seen.append(k.get("options")), real(self, *a, **k))[1])
@@ -160,7 +161,8 @@ def test_cuda_graphs_give_each_block_copies_of_its_inputs(monkeypatch):
         with torch.no_grad():
             for b in m.single_blocks:
                 want = b.forward(want, vec=vec) + 0  # eager, on a copy
-            comp.compile_blocks(m)
+            comp.compile_blocks(m, cudagraphs=switch == "choice")
+            assert comp.uses_cudagraphs(m) is (switch != "0")  # the sampler marks each step's start
             before = x.clone()
             h = x
             torch._dynamo.utils.counters.clear()
@@ -170,7 +172,7 @@ def test_cuda_graphs_give_each_block_copies_of_its_inputs(monkeypatch):
         torch.testing.assert_close(h, want)
         # one whole graph per block: no break around the copies (a break costs a host round trip)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and not torch._dynamo.utils.counters["graph_break"]
-        if switch == "1":
+        if switch != "0":
             assert seen == [{"triton.cudagraphs": True}] * 4
             assert torch.equal(x, before)  # the caller's input untouched
         else:
@@ -189,3 +191,19 @@ def test_a_gpu_compile_launches_the_rowquant_kernel_statically(monkeypatch):
     assert comp.inductor_options().get("static_launch_user_defined_triton_kernels") is True
     monkeypatch.setenv("QUANTLORA_ROWQUANT", "0")
     assert "static_launch_user_defined_triton_kernels" not in comp.inductor_options()
+
+
+def test_cuda_graphs_asked_for_where_they_cannot_run_raise(monkeypatch):
+    """compile_blocks(cudagraphs=True) on this CPU: a ValueError saying why, nothing compiled (the
+    environment switch alone only warns, as before)."""
+    import pytest
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.single_blocks = nn.ModuleList([nn.Linear(4, 4)])
+
+    m = Model()
+    with pytest.raises(ValueError, match="no CUDA device"):
+        comp.compile_blocks(m, cudagraphs=True)
+    assert not comp.is_compiled(m) and not comp.uses_cudagraphs(m)

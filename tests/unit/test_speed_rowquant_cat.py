@@ -1,4 +1,4 @@
-"""Layer 1: speed/rowquant_cat.py (experimental), the pre-grad pass that quantizes linear2(cat(attn,
+"""Layer 1: speed/rowquant_cat.py, the pre-grad pass that quantizes linear2(cat(attn,
 gelu(mlp))) without the concatenation, on plain torch modules. The reference is the graph before the
 pass (rowquant's quantization of the concatenation) and rowquant's own arithmetic; on a CPU both ops
 run their torch forms, so the rewritten graph must compute the same bits."""
@@ -115,7 +115,7 @@ def test_the_pass_has_a_cache_key_of_its_source():
     assert isinstance(p, CustomGraphPass) and p.uuid() == rowquant_cat.CatQuantPass().uuid() and len(p.uuid()) == 64
 
 
-@pytest.mark.parametrize("env, want", [({}, False), ({"QUANTLORA_ROWQUANT_CAT": "1"}, True),
+@pytest.mark.parametrize("env, want", [({}, True), ({"QUANTLORA_ROWQUANT_CAT": "0"}, False),
                                        ({"QUANTLORA_ROWQUANT_CAT": "1", "QUANTLORA_ROWQUANT": "0"}, False)])
 def test_the_switch(monkeypatch, env, want):
     from quantlora.speed import compile as comp
