@@ -372,7 +372,7 @@ class Peers:
         self.free()
 
     def section_ours_fp8(self, slots: bool, merge: bool = False, attention: str = "auto", profile: bool = False,
-                         tune: bool = False, cpp_wrapper: bool = False):
+                         tune: bool = False, cpp_wrapper: bool = False, graphs: bool = False):
         """The example workflow (b)'s core: QuantizedFluxLoader(fp8 dynamic, lora_max_rank 64 or 0, compile
         regional) -> [LoRAHotswap] -> KSampler. Slots come before the compile (the loader's lora_max_rank),
         so swaps should never recompile; recompiles are counted (torch._dynamo's error_on_recompile).
@@ -397,7 +397,7 @@ class Peers:
             os.environ["QUANTLORA_INDUCTOR_CPP_WRAPPER"] = "1"
         try:
             p = QuantizedFluxLoader.execute(os.path.basename(self.b.path), q, "auto", lora_max_rank=64 if slots else 0,
-                                            compile="regional",
+                                            compile="regional+cudagraphs" if graphs else "regional",
                                             attention=attention).args[0]
         finally:
             os.environ.pop("QUANTLORA_INDUCTOR_TUNE", None)
@@ -410,8 +410,10 @@ class Peers:
                 + (", fused RoPE" if rope_fusion.active() else "")
                 + ("" if gelu.enabled() else ", tanh GELU")
                 + ("" if rowquant_enabled() else ", torchao GELU-fed quantization")
-                + (", linear2 without the concatenation" if rowquant_cat_wanted() else "")
-                + (", CUDA graphs" if "triton.cudagraphs" in inductor_options() else "")
+                # the concatenation pass is on by default (tenth round); rows before it were named
+                # ", linear2 without the concatenation" where it ran
+                + (", the concatenation written" if rowquant_enabled() and not rowquant_cat_wanted() else "")
+                + (", CUDA graphs" if graphs or "triton.cudagraphs" in inductor_options() else "")
                 + (", skip guards" if os.environ.get("QUANTLORA_SKIP_GUARDS") == "1" else ""))
         r = self.sample(p, self.args.steps, t_apply=t0, label=name + (" (none active)" if slots or merge else ""))
         r2 = self.sample(p, self.args.steps)
@@ -448,11 +450,20 @@ class Peers:
                  patcher=type(p).__name__, loads={k: self.loads[k] - loads0[k] for k in self.loads},
                  lora_stats=runtime.stats() if slots or merge else None,
                  # QUANTLORA_SKIP_GUARDS: forwards run without dynamo's guards / with them (speed/guards.py)
-                 guard_forwards=self.guard_counts(p))
+                 guard_forwards=self.guard_counts(p),
+                 cat_rewrites=self.cat_rewrites())
         if profile:  # on a CPU (the dry run) the same code runs, with CPU events only
             self.profile_sampling(p, name)
         del p
         self.free()
+
+    @staticmethod
+    def cat_rewrites() -> int | None:
+        """Single blocks whose linear2 input CatQuantPass rewrote in this process (QUANTLORA_ROWQUANT_CAT=1)."""
+        import sys
+
+        mod = sys.modules.get("quantlora.speed.rowquant_cat")
+        return None if mod is None else mod.CatQuantPass.rewrites
 
     @staticmethod
     def guard_counts(patcher) -> dict | None:
@@ -615,7 +626,7 @@ class Peers:
             plan.append((f"ours fp8 compile + merge" + (f", {v}" if v != "auto" else ""),
                          lambda att=att, extra=extra: self.section_ours_fp8(
                              False, merge=True, attention=att, profile=self.args.profile_merge,
-                             tune="tune" in extra, cpp_wrapper="cppwrap" in extra),
+                             tune="tune" in extra, cpp_wrapper="cppwrap" in extra, graphs="graphs" in extra),
                          80 if {"tune", "cppwrap"} & set(extra) else 40))
         plan += [
                  ("ours fp8 compile + slots", lambda: self.section_ours_fp8(True), 40),
@@ -763,7 +774,8 @@ def main():
     ap.add_argument("--on-share", type=float, default=0.47, help="share of the time left after the model is written for 'on'")
     ap.add_argument("--merge-variants", default="auto", help="merge sections, comma-separated: an attention choice "
                     "(speed/attention.py), optionally +tune (QUANTLORA_INDUCTOR_TUNE=1) and/or +cppwrap "
-                    "(QUANTLORA_INDUCTOR_CPP_WRAPPER=1), e.g. auto,auto+cppwrap")
+                    "(QUANTLORA_INDUCTOR_CPP_WRAPPER=1) and/or +graphs (compile regional+cudagraphs; needs "
+                    "QUANTLORA_BENCH_NO_CUDA_MALLOC=1), e.g. auto,fa3-fp8+graphs")
     ap.add_argument("--profile-merge", action="store_true", help="profile a sampled step of each merge section")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--grace", type=float, default=25.0, help="seconds past a process's deadline before it is killed")

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _env  # noqa: E402
 
 _env.bootstrap.register_pack(_env.ROOT)  # the pack as `quantlora`; no ComfyUI needed here
-from quantlora.speed import rowquant  # noqa: E402
+from quantlora.speed import rowquant, rowquant_cat  # noqa: E402
 from quantlora.speed.gelu import sigmoid_gelu  # noqa: E402
 from gelu_probe import fp8_linear, kernel_table, time_calls  # noqa: E402  (the same layers and timing as that probe)
 
@@ -40,7 +40,10 @@ def rel(a, b):
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", "bench/out")
     os.makedirs(out_dir, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": []}
+    import datetime
+
+    res = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "size": "full", "rows": []}
 
     def save(row=None):
         if row is not None:
@@ -122,10 +125,47 @@ def main():
             save(dict(shape=shape, variant="quant kernel alone", gelu_from=gf,
                       us_per_call=time_calls(lambda: torch.ops.quantlora.quant_rows_fp8(t2, gf))))
 
+        # the single block's pair kernel (speed/rowquant_cat.py): attn and mlp read where they lie
+        mlp2 = mlp.reshape(-1, mlp.shape[-1])
+        a2 = attn.reshape(-1, 3072)
+        q, s = torch.ops.quantlora.quant_rows_fp8_pair(a2, mlp2)
+        rq, rs = rowquant_cat.reference_quant_rows_pair(a2, mlp2)
+        save(dict(check="pair kernel vs reference", shape=[a2.shape[0], 15360],
+                  q_equal_frac=round((q.float() == rq.float()).float().mean().item(), 6),
+                  q_max_diff=(q.float() - rq.float()).abs().max().item(),
+                  scale_max_rel=((s - rs).abs() / rs).max().item()))
+        save(dict(shape="single", variant="pair kernel alone",
+                  us_per_call=time_calls(lambda: torch.ops.quantlora.quant_rows_fp8_pair(a2, mlp2))))
+        attention_probe(save, g)
+
         for name in ("torchao", "rq-gelu"):
             torch._dynamo.reset()
             kernel_table(torch.compile(cases["single"][name]), os.path.join(out_dir, f"rowquant-kernels-{name}.txt"))
     save()
+
+
+def attention_probe(save, g):
+    """FA3 bf16 against FA3 fp8 on q, k, v cast unscaled (speed/fa3.to_fp8_unscaled), FLUX's shape
+    (4608 tokens, 24 heads of 128), q and k normed as FLUX's are: kernel time and the output's error
+    against torch's SDPA in fp32."""
+    from quantlora.speed import fa3
+
+    kernel, why = fa3._load()
+    if kernel is None:
+        save(dict(shape="attention", error=why))
+        return
+    b, n, h, d = 1, 4608, 24, 128
+    mk = lambda: torch.randn(b, n, h, d, generator=g).cuda()
+    q, k, v = [F.rms_norm(mk(), (d,)) * 1.5 for _ in range(2)] + [mk() * 2]
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    q8, k8, v8 = (fa3.to_fp8_unscaled(t) for t in (qb, kb, vb))
+    for name, args in (("fa3 bf16", (qb, kb, vb)), ("fa3 fp8 unscaled", (q8, k8, v8))):
+        out = kernel(*args, softmax_scale=d ** -0.5)[0]
+        save(dict(shape="attention", variant=name, us_per_call=time_calls(lambda: kernel(*args, softmax_scale=d ** -0.5)),
+                  rel_err_vs_fp32=rel(out, ref)))
+    cast = torch.compile(lambda a, b_, c: tuple(fa3.to_fp8_unscaled(t) for t in (a, b_, c)))
+    save(dict(shape="attention", variant="cast q, k, v alone (compiled)", us_per_call=time_calls(lambda: cast(qb, kb, vb))))
 
 
 if __name__ == "__main__":
