@@ -97,10 +97,16 @@ else:
 
 
 class PairGELU(SigmoidGELU):
-    """A single block's mlp_act: the sigmoid GELU, marked in compiled graphs for CatQuantPass."""
+    """A single block's mlp_act: the sigmoid GELU, marked in compiled graphs for CatQuantPass where the
+    block's linear2 takes rowquant's kernel in that trace (elsewhere, e.g. a bf16 model, it stays the
+    plain sigmoid form, as before)."""
+
+    def __init__(self, linear2: nn.Module):
+        super().__init__()
+        self._linear2 = [linear2]  # in a list: not a submodule (no second copy in the state dict)
 
     def forward(self, x):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and rowquant._takes_kernel(self._linear2[0]):
             return torch.ops.quantlora.pair_gelu(x)
         return super().forward(x)
 
@@ -108,7 +114,7 @@ class PairGELU(SigmoidGELU):
 def use_in(block: nn.Module) -> bool:
     """Marks a single block's GELU (after rowquant.use_in routed its linear2). True if it did."""
     if any(t is getattr(block, "linear2", None) for t in rowquant.targets(block)):
-        block.mlp_act = PairGELU()
+        block.mlp_act = PairGELU(block.linear2)
         return True
     return False
 

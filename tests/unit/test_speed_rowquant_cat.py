@@ -91,6 +91,22 @@ def test_unmarked_or_shared_concatenations_are_left_alone(monkeypatch):
     assert ops(gm, "quant_rows_fp8_pair") == 0 and ops(gm, "pair_gelu") == 1
 
 
+def test_a_linear2_without_the_kernel_gets_no_marker(monkeypatch):
+    """A bf16 linear2 (or any the kernel does not take) keeps the plain sigmoid GELU in the graph: the
+    marker is only traced where the pass can use it."""
+    monkeypatch.setattr(rowquant, "ALLOW_CPU", True)
+    block = Single(SigmoidGELU())
+    block.linear2 = nn.Linear(96, 32).bfloat16()
+    rowquant.use_in(block)
+    assert rowquant_cat.use_in(block)  # marked by structure; decided in the trace
+    torch._dynamo.reset()
+    GRAPHS.clear()
+    with torch.no_grad():
+        torch.compile(block, backend="quantlora_rowquant_cat_graphs")(torch.randn(1, 4, 32).bfloat16())
+    (gm, _), = GRAPHS
+    assert ops(gm, "pair_gelu") == 0 and ops(gm, "sigmoid") == 1 and ops(gm, "quant_rows_fp8") == 0
+
+
 def test_an_unrewritten_marker_decomposes_to_the_sigmoid_gelu(monkeypatch):
     """Where the pass does not run or match, AOTAutograd decomposes the marker: the compiled block
     computes exactly what it computes with speed/gelu.py's SigmoidGELU."""
