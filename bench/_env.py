@@ -121,9 +121,11 @@ def install_stand_ins(force: bool | None = None) -> tuple[str, ...]:
     the packages now answered by stand-ins. Idempotent."""
     global _installed
     force = forced() if force is None else force
-    # diffusers and transformers record at import which optional packages exist: let them see the
-    # real state (the device: no PyAV) rather than the stand-in.
-    bootstrap.settle_optional_imports()
+    # transformers records at import which optional packages exist: let it see the real state (the
+    # device: no PyAV) rather than the stand-in. diffusers is left to the benches that use it (a
+    # restart figure must not carry its import: ComfyUI's start has none); it takes a stand-in for
+    # absent (no distribution metadata), so importing it later is safe.
+    bootstrap.settle_optional_imports(diffusers=False)
 
     want = []
     for pkg in STAND_INS:

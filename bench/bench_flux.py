@@ -59,6 +59,44 @@ def bytecode_cached() -> bool:
     return os.path.exists(importlib.util.cache_from_source(comfy.sd.__file__))
 
 
+def write_cprofile(prof, path: str, top: int = 80) -> None:
+    import io
+    import pstats
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    buf = io.StringIO()
+    for key in ("cumulative", "tottime"):
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
+    # who calls the expensive leaves (imports compiled from source, torch.library registrations, ...)
+    st = pstats.Stats(prof, stream=buf).sort_stats("cumulative")
+    for pattern in ("source_to_code", "build_Attribute", r"library.py.*\(wrap\)", r"library.py.*\(define\)",
+                    "isfinite", "zero_", "HASH' objects", "torch.empty", "get_compiler_fn", r"_find_and_load\b"):
+        st.print_callers(pattern, 25)
+    with open(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+def bytecode_missing() -> dict:
+    """Modules this process imported from source files with no cached bytecode beside them (a restart
+    compiles each again, ~4 ms apiece), counted by top-level package."""
+    import importlib.util
+
+    by_pkg: dict[str, int] = {}
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if not f or not f.endswith(".py"):
+            continue
+        try:
+            if os.path.exists(importlib.util.cache_from_source(f)):
+                continue
+        except (NotImplementedError, ValueError):
+            continue
+        top = name.split(".")[0]
+        by_pkg[top] = by_pkg.get(top, 0) + 1
+    return dict(sorted(by_pkg.items(), key=lambda kv: -kv[1])[:20], dont_write=bool(sys.flags.dont_write_bytecode),
+                prefix=sys.pycache_prefix)
+
+
 def before_load_phases() -> dict:
     """Where the restart's time before the load goes: torch's import, _env.setup (ComfyUI's imports and
     its device query, which starts CUDA), the bench's own inputs on the device."""
@@ -772,6 +810,14 @@ class Bench:
         c = self.cfg
         at_section = time.perf_counter() - PROCESS_START  # imports, CUDA start, checkpoint check
         watch_autograd_cache()
+        # QUANTLORA_BENCH_CPROFILE=1: the host's time from the load to the first step, by function
+        # (profile-firststep-*.txt beside the results): where the restart's own seconds go
+        prof = None
+        if os.environ.get("QUANTLORA_BENCH_CPROFILE", "") not in ("", "0"):
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         p, rep, load_s = self.load_ours(self.args.fast_quant)
         dm = p.model.diffusion_model
         self.compile_blocks(dm)
@@ -788,6 +834,14 @@ class Bench:
         self.sync()
         first = time.perf_counter() - t0 - merge_s
         since_start = time.perf_counter() - PROCESS_START
+        if prof is not None:
+            prof.disable()
+            write_cprofile(prof, os.path.join(self.args.out, f"profile-firststep-{os.getpid()}.txt"))
+        from quantlora.quant import fp8_rows_load
+
+        fast_layers = dict(fp8_rows_load.stats)
+        state.deactivate()  # the pristine weights back, bit for bit: compared with torchao's own below
+        fast_equal = self.fast_fp8_bit_equal(dm) if fast_layers["fast"] else None
         self.rows.append(dict(variant=f"{self.args.fast_quant} compile + lora r64 merged: first step", compile_s=round(first, 1),
                               first_merge_s=round(merge_s, 1), lora_write_parse_s=round(lora_s, 2),
                               pristine_lock=getattr(state._arena, "last_lock", None),
@@ -797,9 +851,33 @@ class Bench:
                               # the loader's own time (load_s adds ComfyUI's move of the rest to the GPU)
                               # and its host phases: where the next second of the restart is
                               loader_s=round(rep.load_s, 2), load_phases=rep.phases,
-                              bytecode_cached=bytecode_cached(), before_load_phases=before_load_phases(),
+                              fast_fp8_layers=fast_layers, fast_fp8_bit_equal=fast_equal,
+                              bytecode_cached=bytecode_cached(), bytecode_missing=bytecode_missing(),
+                              before_load_phases=before_load_phases(),
                               compile_phases=compile_phases()))
         log(json.dumps(self.rows[-1]))
+
+    def fast_fp8_bit_equal(self, dm, names=("double_blocks.{d}.img_attn.qkv", "double_blocks.{d}.txt_mlp.2",
+                                            "single_blocks.{s}.linear1", "single_blocks.{s}.linear2")) -> dict:
+        """Layers whose fp8 weights the fused kernel made at load (quant/fp8_rows_load.py), against
+        torchao's own from_hp of the same checkpoint tensors: qdata and scale bit for bit."""
+        from safetensors import safe_open
+        from quantlora.quant.weight_codecs import _torchao_from_hp
+
+        c = self.cfg
+        out = {}
+        with safe_open(self.path, framework="pt", device="cpu") as f:
+            for pat in names:
+                name = pat.format(d=c["depth"] - 1, s=c["depth_single_blocks"] - 1)
+                w = dm.get_submodule(name).weight
+                if type(w).__name__ != "Float8Tensor":
+                    out[name] = f"not fp8: {type(w).__name__}"
+                    continue
+                hp = f.get_tensor(name + ".weight").to(self.dev).float()
+                ref = _torchao_from_hp(w, hp)
+                out[name] = bool(torch.equal(ref.qdata.view(torch.uint8), w.qdata.view(torch.uint8))
+                                 and torch.equal(ref.scale, w.scale))
+        return out
 
     def flush(self):
         out = self.args.out

@@ -17,11 +17,18 @@ elif ls .whl/*.whl >/dev/null 2>&1; then  # older carries: plain wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site QUANTLORA_COMFYUI="$PWD/.devcarry/ComfyUI" PYTHONUNBUFFERED=1
-# Bytecode for the carried trees and the pack, once per machine: the carry holds sources only, and a
-# user's ComfyUI imports from cached bytecode after its first start, so a restart figure must too.
+# Bytecode, once per machine, for the carried trees, the pack and the device image's own packages
+# (torch, triton, sympy, networkx, numpy...): a user's ComfyUI imports from cached bytecode after its
+# first start (pip writes it on install, Python on first import), so a restart figure must too. The
+# image sets PYTHONDONTWRITEBYTECODE=1 and ships none: without this every process compiled ~2,900
+# modules from source (bench_flux's `bytecode_missing`), ~7 s of each restart measured before
+# 2026-12-02. compileall writes the files whatever that variable says.
 if [ ! -f /tmp/site/.bytecode ]; then
-  python3 -m compileall -q -j 0 /tmp/site .devcarry/ComfyUI . >/dev/null 2>&1 || true
+  tb=$(date +%s)
+  image_site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  python3 -m compileall -q -j 0 /tmp/site .devcarry/ComfyUI . "$image_site" >/dev/null 2>&1 || true
   touch /tmp/site/.bytecode
+  echo "[device_run] bytecode written in $(( $(date +%s) - tb )) s (image packages: $image_site)"
 fi
 echo "[device_run] packages ready in $(( $(date +%s) - t0 )) s; $(nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null)"
 script="$1"; shift

@@ -145,7 +145,8 @@ class MergeState:
         layers = [(n, base_layer(self.root, n)) for n in names]
         storages = [codecs.storage(layer) for _, layer in layers]
         # pristine now: never changed, or restored by the last activation
-        self._capture({n: st for (n, _), st in zip(layers, storages) if n not in self._pristine})
+        fresh = {n: st for (n, _), st in zip(layers, storages) if n not in self._pristine}
+        self._capture(fresh)
         self._merged = {}
         self.key = ()  # a failure half way leaves no claim about what the weights hold
         device = next((st[0].device for st in storages if st[0].is_cuda), None) or _cuda_device(self.root) \
@@ -164,8 +165,9 @@ class MergeState:
         with _copy_stream(device) as (side, events):
             for i, ((n, _), st) in enumerate(zip(layers, storages)):  # restores, queued ahead on the side stream
                 with _on(side):
-                    for t, p in zip(st, self._pristine[n]):
-                        t.copy_(p, non_blocking=True)
+                    if n not in fresh:  # a layer captured just now holds its pristine values already
+                        for t, p in zip(st, self._pristine[n]):
+                            t.copy_(p, non_blocking=True)
                     if side is not None:
                         events.append(torch.cuda.Event())
                         events[-1].record(side)

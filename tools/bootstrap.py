@@ -42,11 +42,14 @@ def add_to_path(path: str, index: int | None = 0) -> None:
         sys.path.insert(index, path)
 
 
-def settle_optional_imports():
+def settle_optional_imports(diffusers: bool = True):
     """Imports diffusers' and transformers' import_utils, which record at import which optional
     packages exist (torchvision, PyAV): done before any stand-in goes on the path, so they see the
-    real state. Returns transformers.utils.import_utils."""
-    import diffusers.utils.import_utils  # noqa: F401
+    real state. Returns transformers.utils.import_utils. diffusers=False leaves diffusers to be
+    imported where it is used (1-2 s of a process start that ComfyUI's own start does not have): it
+    sees an import-only stand-in as absent anyway (it asks for the distribution's version)."""
+    if diffusers:
+        import diffusers.utils.import_utils  # noqa: F401
     import transformers.utils.import_utils as t
 
     return t
