@@ -818,9 +818,26 @@ class Bench:
 
             prof = cProfile.Profile()
             prof.enable()
+        # QUANTLORA_BENCH_TORCH_PROFILE_LOAD=1: torch's profiler over the load (host ops and the CUDA
+        # runtime calls the host waits in: allocation, synchronization), a table beside the results
+        tprof = None
+        if os.environ.get("QUANTLORA_BENCH_TORCH_PROFILE_LOAD", "") not in ("", "0"):
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev.type == "cuda" else [])
+            tprof = profile(activities=acts)
+            tprof.__enter__()
         p, rep, load_s = self.load_ours(self.args.fast_quant)
+        if tprof is not None:
+            tprof.__exit__(None, None, None)
+            os.makedirs(self.args.out, exist_ok=True)
+            with open(os.path.join(self.args.out, f"profile-load-{os.getpid()}.txt"), "w") as f:
+                for key in ("self_cpu_time_total", "cpu_time_total"):
+                    f.write(tprof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90) + "\n")
         dm = p.model.diffusion_model
+        t_setup = time.perf_counter()
         self.compile_blocks(dm)
+        compile_setup_s = time.perf_counter() - t_setup
         dims = FluxDims(hidden=c["hidden_size"], mlp_hidden=4 * c["hidden_size"], depth=c["depth"], depth_single=c["depth_single_blocks"])
         t0 = time.perf_counter()
         lora = self.write_lora(64, seed=64)
@@ -837,13 +854,10 @@ class Bench:
         if prof is not None:
             prof.disable()
             write_cprofile(prof, os.path.join(self.args.out, f"profile-firststep-{os.getpid()}.txt"))
-        from quantlora.quant import fp8_rows_load
-
-        fast_layers = dict(fp8_rows_load.stats)
-        state.deactivate()  # the pristine weights back, bit for bit: compared with torchao's own below
-        fast_equal = self.fast_fp8_bit_equal(dm) if fast_layers["fast"] else None
+        bias_equal = self.bias_equal(dm)
         self.rows.append(dict(variant=f"{self.args.fast_quant} compile + lora r64 merged: first step", compile_s=round(first, 1),
                               first_merge_s=round(merge_s, 1), lora_write_parse_s=round(lora_s, 2),
+                              compile_setup_s=round(compile_setup_s, 2), bias_equal=bias_equal,
                               pristine_lock=getattr(state._arena, "last_lock", None),
                               before_load_s=round(at_section, 1), load_s=round(load_s, 1), to_first_step_s=round(since_start, 1),
                               cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
@@ -851,33 +865,23 @@ class Bench:
                               # the loader's own time (load_s adds ComfyUI's move of the rest to the GPU)
                               # and its host phases: where the next second of the restart is
                               loader_s=round(rep.load_s, 2), load_phases=rep.phases,
-                              fast_fp8_layers=fast_layers, fast_fp8_bit_equal=fast_equal,
                               bytecode_cached=bytecode_cached(), bytecode_missing=bytecode_missing(),
                               before_load_phases=before_load_phases(),
                               compile_phases=compile_phases()))
         log(json.dumps(self.rows[-1]))
 
-    def fast_fp8_bit_equal(self, dm, names=("double_blocks.{d}.img_attn.qkv", "double_blocks.{d}.txt_mlp.2",
-                                            "single_blocks.{s}.linear1", "single_blocks.{s}.linear2")) -> dict:
-        """Layers whose fp8 weights the fused kernel made at load (quant/fp8_rows_load.py), against
-        torchao's own from_hp of the same checkpoint tensors: qdata and scale bit for bit."""
+    def bias_equal(self, dm, names=("double_blocks.{d}.img_attn.qkv", "single_blocks.{s}.linear2")) -> bool:
+        """The quantized layers' biases (moved to the GPU at load, asynchronously) equal the file's."""
         from safetensors import safe_open
-        from quantlora.quant.weight_codecs import _torchao_from_hp
 
         c = self.cfg
-        out = {}
         with safe_open(self.path, framework="pt", device="cpu") as f:
-            for pat in names:
-                name = pat.format(d=c["depth"] - 1, s=c["depth_single_blocks"] - 1)
-                w = dm.get_submodule(name).weight
-                if type(w).__name__ != "Float8Tensor":
-                    out[name] = f"not fp8: {type(w).__name__}"
-                    continue
-                hp = f.get_tensor(name + ".weight").to(self.dev).float()
-                ref = _torchao_from_hp(w, hp)
-                out[name] = bool(torch.equal(ref.qdata.view(torch.uint8), w.qdata.view(torch.uint8))
-                                 and torch.equal(ref.scale, w.scale))
-        return out
+            return all(torch.equal(dm.get_submodule(n).bias.detach().cpu(), f.get_tensor(n + ".bias").to(self.dtype_of(dm)))
+                       for n in (p.format(d=c["depth"] - 1, s=c["depth_single_blocks"] - 1) for p in names))
+
+    @staticmethod
+    def dtype_of(dm):
+        return dm.double_blocks[0].img_attn.qkv.bias.dtype
 
     def flush(self):
         out = self.args.out
