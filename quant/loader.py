@@ -93,7 +93,7 @@ class LayerLoader:
             w = w.to(device=device, dtype=self.dtype)
         module.weight = nn.Parameter(w, requires_grad=False)
         if b is not None:
-            module.bias = nn.Parameter(b.to(device=device, dtype=self.dtype), requires_grad=False)
+            module.bias = nn.Parameter(_small_to(b, device, self.dtype), requires_grad=False)
         t1 = time.perf_counter()
         self.times["to_device_s"] += t1 - t0
         if quantize:
@@ -148,6 +148,21 @@ class LayerLoader:
             raise QuantLoRAError(
                 f"{self.name}: {len(missing)} tensors of the Flux model are missing from the file (e.g. "
                 f"{', '.join(missing[:4])}). The file is incomplete or a different model variant; re-download it.")
+
+
+def _small_to(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor (a bias) to the load device without stalling the load. A copy to the GPU from
+    pageable memory makes the CUDA driver wait for everything queued on the stream first (this
+    layer's weight copy and its quantization), so each Linear's bias kept the next weight's read from
+    overlapping the last one's copy. Staged through torch's cached page-locked blocks instead, the
+    copy is queued like the weight's."""
+    if device is None or device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device=device, dtype=dtype)
+    try:
+        staged = t.pin_memory()
+    except RuntimeError:  # no page-locked memory to be had: the plain (stalling) copy
+        return t.to(device=device, dtype=dtype)
+    return staged.to(device, non_blocking=True).to(dtype)
 
 
 def return_freed_memory() -> None:
