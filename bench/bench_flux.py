@@ -859,6 +859,7 @@ class Bench:
                               first_merge_s=round(merge_s, 1), lora_write_parse_s=round(lora_s, 2),
                               compile_setup_s=round(compile_setup_s, 2), bias_equal=bias_equal,
                               pristine_lock=getattr(state._arena, "last_lock", None),
+                              first_merge_phases=state.report.phases,
                               before_load_s=round(at_section, 1), load_s=round(load_s, 1), to_first_step_s=round(since_start, 1),
                               cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
                               direct_reads=os.environ.get("QUANTLORA_DIRECT_READS", "1") != "0",

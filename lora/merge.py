@@ -51,6 +51,10 @@ class MergeReport:
     pristine_bytes: int = 0    # bytes held by the pristine copy
     pristine_place: str = "host"
     history: list = field(default_factory=list)
+    # the last activation's host seconds by phase: the LoRA's matrices page-locked (first use), the
+    # pristine copy taken (layers touched for the first time), the restores and merges queued, and
+    # the wait for the GPU to finish them
+    phases: dict = field(default_factory=dict)
 
 
 def base_layer(root: nn.Module, name: str) -> nn.Module:
@@ -140,6 +144,7 @@ class MergeState:
         if key and _on_cuda(self.root):
             for lora, _ in loras:
                 pin_lora(lora)
+        t_pinned = time.perf_counter()
         deltas = deltas_of(self.root, loras) if key else {}
         names = sorted(set(self._merged) | set(deltas), key=_natural)
         layers = [(n, base_layer(self.root, n)) for n in names]
@@ -147,6 +152,7 @@ class MergeState:
         # pristine now: never changed, or restored by the last activation
         fresh = {n: st for (n, _), st in zip(layers, storages) if n not in self._pristine}
         self._capture(fresh)
+        t_captured = time.perf_counter()
         self._merged = {}
         self.key = ()  # a failure half way leaves no claim about what the weights hold
         device = next((st[0].device for st in storages if st[0].is_cuda), None) or _cuda_device(self.root) \
@@ -185,11 +191,15 @@ class MergeState:
                             host.copy_(new)
         self._merged = {n: _stamps(codecs.storage(base_layer(self.root, n))) for n in deltas}
         self.key = key if deltas else ()
+        t_queued = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.swaps += 1
         r = self.report
-        r.layers, r.touched, r.seconds = len(deltas), len(layers), time.perf_counter() - t0
+        t1 = time.perf_counter()
+        r.layers, r.touched, r.seconds = len(deltas), len(layers), t1 - t0
+        r.phases = dict(pin_lora_s=round(t_pinned - t0, 4), capture_s=round(t_captured - t_pinned, 4),
+                        queue_s=round(t_queued - t_captured, 4), gpu_wait_s=round(t1 - t_queued, 4))
         r.history = (r.history + [round(r.seconds, 4)])[-20:]
         return True
 

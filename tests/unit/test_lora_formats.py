@@ -472,6 +472,30 @@ def test_error_bad_alpha_and_dims():
     assert "NaN" in err({**ok, k + ".lora_up.weight": torch.full((64, 4), float("nan"))})
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), "both infinities", "nan in one element"])
+def test_error_non_finite_weights(bad):
+    """The parser's finiteness check (one sum per matrix) catches every kind of non-finite value,
+    including +inf and -inf together, whose sum is NaN, and a single NaN in a large matrix."""
+    k = "lora_unet_double_blocks_0_img_attn_proj"
+    up = torch.zeros(64, 4, dtype=torch.bfloat16)
+    if bad == "both infinities":
+        up[0, 0], up[5, 1] = float("inf"), float("-inf")
+    elif bad == "nan in one element":
+        up[63, 3] = float("nan")
+    else:
+        up[7, 2] = bad
+    ok = {k + ".lora_down.weight": torch.zeros(4, 64), k + ".alpha": torch.tensor(4.0)}
+    assert "NaN or infinite" in err({**ok, k + ".lora_up.weight": up})
+
+
+def test_finite_weights_whose_sum_overflows_parse():
+    """Large finite values whose float32 sum overflows are still finite: the exact check decides."""
+    k = "lora_unet_double_blocks_0_img_attn_proj"
+    big = torch.full((64, 4), 3.0e38)
+    sd = {k + ".lora_down.weight": torch.ones(4, 64), k + ".lora_up.weight": big, k + ".alpha": torch.tensor(4.0)}
+    assert not torch.isfinite(big.sum()) and len(parse_lora(sd, "big.safetensors", DIMS).targets) == 1
+
+
 @pytest.mark.parametrize("fmt", sorted(TABLES))
 def test_every_module_of_every_format(fmt):
     """Each name in the test-side tables parses (none is mistaken for another architecture)."""
