@@ -855,9 +855,11 @@ class Bench:
             prof.disable()
             write_cprofile(prof, os.path.join(self.args.out, f"profile-firststep-{os.getpid()}.txt"))
         bias_equal = self.bias_equal(dm)
+        state.deactivate()  # the pristine weights back, bit for bit (tests/unit/test_lora_merge.py)
+        weights_equal = self.weights_equal(dm)
         self.rows.append(dict(variant=f"{self.args.fast_quant} compile + lora r64 merged: first step", compile_s=round(first, 1),
                               first_merge_s=round(merge_s, 1), lora_write_parse_s=round(lora_s, 2),
-                              compile_setup_s=round(compile_setup_s, 2), bias_equal=bias_equal,
+                              compile_setup_s=round(compile_setup_s, 2), bias_equal=bias_equal, weights_equal=weights_equal,
                               pristine_lock=getattr(state._arena, "last_lock", None),
                               first_merge_phases=state.report.phases,
                               before_load_s=round(at_section, 1), load_s=round(load_s, 1), to_first_step_s=round(since_start, 1),
@@ -879,6 +881,26 @@ class Bench:
         with safe_open(self.path, framework="pt", device="cpu") as f:
             return all(torch.equal(dm.get_submodule(n).bias.detach().cpu(), f.get_tensor(n + ".bias").to(self.dtype_of(dm)))
                        for n in (p.format(d=c["depth"] - 1, s=c["depth_single_blocks"] - 1) for p in names))
+
+    def weights_equal(self, dm, names=("double_blocks.{d}.img_attn.qkv", "single_blocks.{s}.linear2")) -> bool:
+        """The quantized layers' weights (read ahead of their turn, copied and quantized at load) equal
+        the file's weights quantized again now, bit for bit."""
+        from safetensors import safe_open
+        from torch import nn
+        from quantlora.quant import weight_codecs as codecs
+        from quantlora.quant.backends import BACKENDS, quantize_linear
+
+        c, dtype = self.cfg, self.dtype_of(dm)
+        with safe_open(self.path, framework="pt", device="cpu") as f:
+            for n in (p.format(d=c["depth"] - 1, s=c["depth_single_blocks"] - 1) for p in names):
+                layer = dm.get_submodule(n)
+                ref = nn.Linear(layer.in_features, layer.out_features, bias=False)
+                ref.weight = nn.Parameter(f.get_tensor(n + ".weight").to(dtype), requires_grad=False)
+                quantize_linear(BACKENDS[self.args.fast_quant], ref, dtype, self.dev)
+                mine, theirs = codecs.storage(layer), codecs.storage(ref)
+                if len(mine) != len(theirs) or not all(torch.equal(a, b) for a, b in zip(mine, theirs)):
+                    return False
+        return True
 
     @staticmethod
     def dtype_of(dm):

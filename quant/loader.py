@@ -138,7 +138,9 @@ class LayerLoader:
         if self.direct is not None:
             st = self.direct.stats
             out.update(read_s=round(st["read_s"], 3), stage_wait_s=round(st["wait_s"], 3), read_threads=self.direct.threads,
-                       direct_gib=round(st["direct_bytes"] / 2**30, 3), direct_fallbacks=st["fallback"])
+                       direct_gib=round(st["direct_bytes"] / 2**30, 3), direct_fallbacks=st["fallback"],
+                       read_ahead_hits=st.get("ahead_hits", 0), read_ahead_misses=st.get("ahead_misses", 0),
+                       read_ahead_wait_s=round(st.get("ahead_wait_s", 0.0), 3))
         out["other_s"] = round(self.elapsed() - self.times["to_device_s"] - self.times["quantize_s"], 3)
         return out
 

@@ -127,6 +127,9 @@ def test_bench_flux_sections(dry_runs):
     phases = first["load_phases"]
     assert phases["quantize_s"] > 0 and phases["other_s"] >= 0 and phases["read_threads"] >= 1, phases
     assert first["loader_s"] <= first["load_s"] + 0.05
+    # the loaded weights and biases are the file's (after the LoRA is taken off again), bit for bit
+    assert first["bias_equal"] is True and first["weights_equal"] is True, first
+    assert set(first["first_merge_phases"]) == {"pin_lora_s", "capture_s", "queue_s", "gpu_wait_s"}
     for v in ("bf16 eager + lora r64 merge", "bnb-int8 eager + lora r64 merge"):
         r = got[v]
         assert r["merged_equals_load_path"] is True and r["bare_bit_exact"] is True and r["recompiles"] == 0, r

@@ -12,7 +12,7 @@ from test_oracle_diffusers import comfy_forward, flux_inputs
 def flux_bf16(comfy, tmp_path_factory):
     from quantlora.tools import demo_models as dm
 
-    cfg = dm.demo_flux_config()
+    cfg = dict(dm.demo_flux_config(), depth=3, depth_single_blocks=3)  # blocks after the first: read-ahead
     sd = dm.flux_bfl_state_dict(cfg, seed=23, dtype=torch.bfloat16)
     return cfg, dm.write_bfl(str(tmp_path_factory.mktemp("direct") / "flux.safetensors"), sd)
 
@@ -43,6 +43,11 @@ def test_direct_reads_build_the_same_model(flux_bf16, monkeypatch, quantization)
     assert none is None
     n_block_linears = len([m for n, m in direct.named_modules() if hasattr(m, "in_features") and "blocks." in n])
     assert stats["direct"] >= n_block_linears > 0, stats  # every quantized block Linear was read directly
+    # the read-ahead learned ComfyUI's order from the first block of each kind and the step to the
+    # second, then guessed every later weight right
+    per_block = [len([m for m in blocks[0].modules() if hasattr(m, "in_features")])
+                 for blocks in (direct.double_blocks, direct.single_blocks)]
+    assert stats["ahead_misses"] == 0 and stats["ahead_hits"] == n_block_linears - sum(n + 1 for n in per_block), stats
     inp = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
            for k, v in flux_inputs(cfg, seed=2).items()}  # the model's dtype, as ComfyUI hands it
     assert torch.equal(comfy_forward(direct, inp), comfy_forward(mapped, inp))

@@ -109,3 +109,56 @@ def test_a_file_cut_short_after_opening_names_the_file(weights, monkeypatch):
         del a
     finally:
         direct.close()
+
+
+@pytest.fixture
+def blocks(tmp_path):
+    """Four blocks of three weights, visited in an order that is not the file's (c, a, b per block)."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"model.blocks.{i}.{x}.weight": torch.randn(8 + i, 16, generator=g).to(torch.bfloat16)
+               for i in range(4) for x in "abc"}
+    tensors["head.weight"] = torch.randn(4, 4, generator=g)
+    path = str(tmp_path / "blocks.safetensors")
+    save_file(tensors, path)
+    order = [f"model.blocks.{i}.{x}.weight" for i in range(4) for x in "cab"] + ["head.weight"]
+    return path, tensors, order
+
+
+def test_read_ahead_learns_the_visiting_order(blocks, monkeypatch):
+    """The reader learns block 0's order and the step to block 1, then reads each next weight before it
+    is asked for: 8 of the 12 block weights come from the background read, each with its own bytes;
+    a guess that is not asked for next is a miss, and the weight asked for is read as usual."""
+    monkeypatch.setattr(DirectReader, "on_cpu", True)
+    path, tensors, order = blocks
+    sd, direct = mapped(path)
+    try:
+        for k in order:
+            out = direct.to(sd[k], torch.device("cpu"), tensors[k].dtype)
+            assert torch.equal(out, tensors[k]) and out.data_ptr() != sd[k].data_ptr(), k
+        assert (direct.stats["ahead_hits"], direct.stats["ahead_misses"]) == (8, 0)
+        assert direct.stats["direct"] == len(order)
+        first = "model.blocks.0.a.weight"  # out of order: its learned successor (0.b) is guessed...
+        assert torch.equal(direct.to(sd[first], torch.device("cpu"), torch.bfloat16), tensors[first])
+        other = "model.blocks.2.c.weight"  # ...and another weight is asked for
+        assert torch.equal(direct.to(sd[other], torch.device("cpu"), torch.bfloat16), tensors[other])
+        assert (direct.stats["ahead_hits"], direct.stats["ahead_misses"]) == (8, 1)
+    finally:
+        direct.close()
+    assert direct._ahead is None and direct._ahead_pool is None
+
+
+def test_a_background_read_that_fails_names_the_file_when_its_weight_is_asked_for(blocks, monkeypatch):
+    monkeypatch.setattr(DirectReader, "on_cpu", True)
+    path, tensors, order = blocks
+    sd, direct = mapped(path)
+    try:
+        last = "model.blocks.3.c.weight"  # read in the background once block 2 is done
+        with open(path, "r+b") as f:
+            f.truncate(direct._keys[last][1] + 4)
+        with pytest.raises(QuantLoRAError, match=os.path.basename(path)):
+            for k in order:
+                direct.to(sd[k], torch.device("cpu"), tensors[k].dtype)
+                assert k != last, "read past the cut"
+        assert direct.stats["ahead_hits"] == 5  # 1.a, 1.b, 2.c, 2.a, 2.b; 3.c failed in the background
+    finally:
+        direct.close()
