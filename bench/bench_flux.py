@@ -238,7 +238,13 @@ class Bench:
 
         torch.cuda.reset_peak_memory_stats() if self.dev.type == "cuda" else None
         t0 = time.perf_counter()
-        patcher, report = load_flux_model_patcher(self.path, quantization, "bf16" if self.dev.type == "cuda" else "fp32")
+        # QUANTLORA_BENCH_WEIGHT_CACHE=on: the loader's weight cache (in <workdir>/wcache unless
+        # QUANTLORA_WEIGHT_CACHE_DIR says otherwise): the first process writes it, restarts read it
+        cache = os.environ.get("QUANTLORA_BENCH_WEIGHT_CACHE", "off")
+        if cache == "on":
+            os.environ.setdefault("QUANTLORA_WEIGHT_CACHE_DIR", os.path.join(self.args.workdir, "wcache"))
+        patcher, report = load_flux_model_patcher(self.path, quantization, "bf16" if self.dev.type == "cuda" else "fp32",
+                                                  weight_cache_mode=cache)
         if self.dev.type == "cuda":
             mm.load_models_gpu([patcher], force_full_load=True)
             torch.cuda.synchronize()
@@ -855,13 +861,14 @@ class Bench:
             prof.disable()
             write_cprofile(prof, os.path.join(self.args.out, f"profile-firststep-{os.getpid()}.txt"))
         bias_equal = self.bias_equal(dm)
+        merge_phases = dict(state.report.phases)  # the first merge's (the deactivation below has its own)
         state.deactivate()  # the pristine weights back, bit for bit (tests/unit/test_lora_merge.py)
         weights_equal = self.weights_equal(dm)
         self.rows.append(dict(variant=f"{self.args.fast_quant} compile + lora r64 merged: first step", compile_s=round(first, 1),
                               first_merge_s=round(merge_s, 1), lora_write_parse_s=round(lora_s, 2),
                               compile_setup_s=round(compile_setup_s, 2), bias_equal=bias_equal, weights_equal=weights_equal,
                               pristine_lock=getattr(state._arena, "last_lock", None),
-                              first_merge_phases=state.report.phases,
+                              first_merge_phases=merge_phases, weight_cache=rep.weight_cache,
                               before_load_s=round(at_section, 1), load_s=round(load_s, 1), to_first_step_s=round(since_start, 1),
                               cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
                               direct_reads=os.environ.get("QUANTLORA_DIRECT_READS", "1") != "0",

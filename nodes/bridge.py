@@ -23,6 +23,7 @@ from ..errors import QuantLoRAError, check_choice
 from ..memory import oom
 from ..memory.sizes import module_bytes
 from ..quant.backends import available_backends, require_backend
+from ..quant import weight_cache
 from ..quant.loader import LayerLoader, LoadReport
 from . import comfy_door
 from .quant_ops import loading_with, operations_for
@@ -69,8 +70,29 @@ def _metadata(src) -> dict | None:
     return meta or None
 
 
-def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, progress=None):
-    """Returns (ModelPatcher, LoadReport)."""
+def weight_cache_dir() -> str:
+    """$QUANTLORA_WEIGHT_CACHE_DIR, else models/quantlora_cache in ComfyUI's models folder."""
+    import folder_paths
+
+    return os.environ.get(weight_cache.ENV_DIR) or os.path.join(folder_paths.models_dir, "quantlora_cache")
+
+
+def _open_weight_cache(src, quantization: str, dtype: torch.dtype, backend, direct) -> tuple:
+    """(CachedWeights found for this load or None, CacheWriter for it or None)."""
+    if direct is None or backend.apply is None:
+        return None, None
+    path, ident = weight_cache.cache_path(weight_cache_dir(), [h.path for h in src.headers], quantization, dtype)
+    found = weight_cache.CachedWeights.find(path, ident)
+    if found is not None:
+        direct.add_file(found.header)
+        return found, None
+    return None, weight_cache.CacheWriter(path, ident)
+
+
+def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, progress=None, weight_cache_mode: str = "off"):
+    """Returns (ModelPatcher, LoadReport). weight_cache_mode 'on': quantized layers read from / written
+    to the weight cache (quant/weight_cache.py)."""
+    check_choice("weight_cache", weight_cache_mode, weight_cache.CHOICES)
     src = open_source(path)
     arch, layout, _ = infer_arch(src.shapes(), src.name)  # names what a non-Flux file is, before ComfyUI sees it
     if arch.hidden_size <= 0 or arch.num_heads <= 0:
@@ -86,7 +108,9 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     backend = require_backend(quantization, load_device)
     n_linears = sum(1 for k, s in src.shapes().items() if k.endswith(".weight") and len(s) == 2)
     direct = DirectReader(src.headers) if DIRECT_READS else None
-    loader = LayerLoader(backend, dtype, load_device, src.name, n_linears, progress, direct=direct)
+    cache, writer = _open_weight_cache(src, quantization, dtype, backend, direct) if weight_cache_mode == "on" else (None, None)
+    loader = LayerLoader(backend, dtype, load_device, src.name, n_linears, progress, direct=direct,
+                         cache=cache, cache_writer=writer)
     ops = operations_for(cast=mm.unet_manual_cast(dtype, load_device) is not None)
     model_options = {"dtype": dtype, "custom_operations": ops}
 
@@ -119,16 +143,25 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     dm = patcher.model.diffusion_model
     if not hasattr(dm, "double_blocks") or not hasattr(dm, "single_blocks"):
         raise QuantLoRAError(f"{src.name}: ComfyUI built a {type(dm).__name__}, not a FLUX.1 transformer.")
+    phases = loader.phases()
+    if writer is not None:  # now, before anything (a LoRA merge) writes into the weights
+        if writer.write():
+            phases["cache_written_s"] = round(writer.written_s, 3)
     report = LoadReport(src.path, layout, quantization, str(dtype).replace("torch.", ""),
                         sorted(set(src.dtypes().values())), loader.elapsed(), module_bytes(dm),
-                        loader.quantized, phases=loader.phases())
+                        loader.quantized, phases=phases)
+    if weight_cache_mode == "on":
+        report.weight_cache = dict(path=(cache or writer).path if (cache or writer) else None,
+                                   read=cache is not None, layers=cache.hits if cache else len(writer.layers) if writer else 0,
+                                   written=bool(writer is not None and writer.written_s))
     comfy_door.set_true_size(patcher, module_bytes(patcher.model))
     patcher.model_options.setdefault("quantlora", {})["report"] = report
     return patcher, report
 
 
 def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank: int = 0, lora_targets: str = "blocks",
-                lora_slot_layout: str = "per-projection", compile: str = "off", attention: str = "auto", progress=None):
+                lora_slot_layout: str = "per-projection", compile: str = "off", attention: str = "auto", progress=None,
+                weight_cache_mode: str = "off"):
     """QuantizedFluxLoader's whole job after its input checks: load, LoRA slots before compiling (when
     asked), regional compile, the pack's sampling wrappers and the attention choice."""
     import os
@@ -136,7 +169,7 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
     from ..speed.compile import compile_blocks
     from . import rope_fusion, runtime
 
-    patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress)
+    patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress, weight_cache_mode)
     dm = patcher.model.diffusion_model
     if lora_max_rank > 0:
         try:
@@ -150,6 +183,16 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
         compile_blocks(dm, cudagraphs=compile == "regional+cudagraphs")
     runtime.install(patcher)
     runtime.set_attention(patcher, attention)
-    log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights",
-             os.path.basename(path), quantization, report.compute_dtype, report.load_s, report.weights_bytes / 2**30)
+    log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights%s",
+             os.path.basename(path), quantization, report.compute_dtype, report.load_s, report.weights_bytes / 2**30,
+             _cache_note(report.weight_cache))
     return patcher
+
+
+def _cache_note(info: dict | None) -> str:
+    if not info:
+        return ""
+    if not info["layers"]:
+        return "; weight cache: nothing to cache for this quantization (torchao's only)"
+    verb = "read from" if info["read"] else "written to" if info["written"] else "not written to"
+    return f"; {info['layers']} quantized layers {verb} the weight cache {info['path']}"

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..checkpoint.sources import list_checkpoints, resolve_checkpoint
 from ..errors import QuantLoRAError, check_choice
 from ..lora.hotswap import SLOT_LAYOUTS, TARGET_SETS
+from ..quant import weight_cache
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
 from ..speed.attention import ATTENTION_CHOICES
 from ..speed.compile import COMPILE_CHOICES
@@ -68,19 +69,25 @@ class QuantizedFluxLoader(io.ComfyNode):
                                        "attention on Hopper/Blackwell GPUs, PyTorch's default elsewhere. fa3: FlashAttention-3 "
                                        "(Hopper + fa3-fwd only). fa3-fp8: its fp8 kernel, q/k/v cast to fp8 (fastest; "
                                        "adds ~0.01 to the error against bf16)."),
+                io.Combo.Input("weight_cache", options=weight_cache.CHOICES, default="off", optional=True,
+                               tooltip="on: the first load also writes the quantized weights to models/quantlora_cache "
+                                       "(or $QUANTLORA_WEIGHT_CACHE_DIR; about half the checkpoint's size on disk for fp8); "
+                                       "later loads of the same file and quantization read them instead of quantizing "
+                                       "again (faster restarts). torchao quantizations only."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model_name, quantization, compute_dtype, lora_max_rank=0, lora_targets="blocks",
-                compile="off", attention="auto", lora_slot_layout="per-projection") -> io.NodeOutput:
+                compile="off", attention="auto", lora_slot_layout="per-projection", weight_cache="off") -> io.NodeOutput:
         check_choice("quantization", quantization, QUANTIZATION_NAMES)
         check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPE_NAMES)
         check_choice("lora_targets", lora_targets, TARGET_SETS)
         check_choice("lora_slot_layout", lora_slot_layout, SLOT_LAYOUTS)
         check_choice("compile", compile, COMPILE_CHOICES)
         check_choice("attention", attention, ATTENTION_CHOICES)
+        check_choice("weight_cache", weight_cache, weight_cache.CHOICES)
         check_attention(attention)  # before loading anything
         check_compile(compile)
         if not isinstance(model_name, str):
@@ -88,5 +95,6 @@ class QuantizedFluxLoader(io.ComfyNode):
         path = resolve_checkpoint(model_name, model_roots())
         bar = comfy.utils.ProgressBar(1)
         patcher = build_model(path, quantization, compute_dtype, lora_max_rank, lora_targets, lora_slot_layout,
-                              compile, attention, progress=lambda done, total: bar.update_absolute(done, total))
+                              compile, attention, progress=lambda done, total: bar.update_absolute(done, total),
+                              weight_cache_mode=weight_cache)
         return io.NodeOutput(patcher)

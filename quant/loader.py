@@ -9,8 +9,10 @@ Plain torch: no ComfyUI import.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,15 +44,21 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
     # host seconds by phase (LayerLoader.phases): where a load's time goes, for the restart figure
     phases: dict = field(default_factory=dict)
+    # the weight cache's part in this load (quant/weight_cache.py): its file, read or written, layers
+    weight_cache: dict | None = None
 
 
 class LayerLoader:
     """Receives each Linear's tensors from ComfyUI's load_state_dict call and places them."""
 
     def __init__(self, backend: Backend, compute_dtype: torch.dtype, device: torch.device, name: str,
-                 total_linears: int = 0, progress: Callable[[int, int], None] | None = None, direct=None):
+                 total_linears: int = 0, progress: Callable[[int, int], None] | None = None, direct=None,
+                 cache=None, cache_writer=None):
         self.backend, self.dtype, self.device, self.name = backend, compute_dtype, torch.device(device), name
         self.direct = direct  # checkpoint.direct_read.DirectReader: weights read for the device, not mapped
+        # quant/weight_cache.py: the quantized layers of an earlier load (CachedWeights, read through
+        # `direct`), or the writer that keeps this load's for the next one
+        self.cache, self.cache_writer = cache, cache_writer
         self.total, self.progress = total_linears, progress
         self.seen = self.quantized = 0
         self.missing: list[str] | None = None  # torch's list for the whole load_state_dict call
@@ -58,7 +66,7 @@ class LayerLoader:
         self.t0 = time.perf_counter()
         # host time placing weights (read, stage, copy launch) and quantizing them; on a GPU the
         # kernels run behind, so a phase that waits on the device shows it here
-        self.times = {"to_device_s": 0.0, "quantize_s": 0.0}
+        self.times = {"to_device_s": 0.0, "quantize_s": 0.0, "cached_s": 0.0}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -87,6 +95,14 @@ class LayerLoader:
         quantize = self.quantizes(prefix)
         device = self.device if quantize else None
         t0 = time.perf_counter()
+        if quantize and scale is None and self.cache is not None and self.direct is not None and self.cache.holds(prefix):
+            self._load_cached(module, prefix)
+            if b is not None:
+                module.bias = nn.Parameter(_small_to(b, device, self.dtype), requires_grad=False)
+            self.times["cached_s"] += time.perf_counter() - t0
+            self.seen += 1
+            self._after(prefix)
+            return
         if device is not None and self.direct is not None and scale is None:
             w = self.direct.to(w, device, self.dtype)
         else:
@@ -99,9 +115,33 @@ class LayerLoader:
         if quantize:
             self._check_width(module, prefix)
             self._quantize(module, prefix)
+            if self.cache_writer is not None:
+                self.cache_writer.add(prefix, module.weight)
             self.times["quantize_s"] += time.perf_counter() - t1
         self.seen += 1
         self._after(prefix)
+
+    def _load_cached(self, module: nn.Module, prefix: str) -> None:
+        """The layer's quantized weight from the weight cache: the first layer of each shape is
+        quantized from a placeholder by the library itself (the module gets what the library gives
+        it), then every layer's weight is rebuilt from that template with its cached tensors."""
+        tpl = self.cache.template(module)
+        if tpl is None:
+            shape = (module.out_features, module.in_features)
+            module.weight = nn.Parameter(torch.ones(shape, dtype=self.dtype, device=self.device), requires_grad=False)
+            self._check_width(module, prefix)
+            self._quantize(module, prefix)
+            self.quantized -= 1  # counted below, as every cached layer
+            self.cache.remember_template(module)
+            self._template_module = module
+        else:  # what the library bound to the template module (torchao: its extra_repr), bound to this one
+            tpl_module = self._template_module
+            for k, v in vars(tpl_module).items():
+                if isinstance(v, types.MethodType) and v.__self__ is tpl_module:
+                    setattr(module, k, _rebind(v, tpl_module, module))
+        w = self.cache.rebuild(module, prefix, lambda key: self.direct.read(key, self.device))
+        module.weight = nn.Parameter(w, requires_grad=False)
+        self.quantized += 1
 
     def _check_width(self, module: nn.Module, prefix: str) -> None:
         m = self.backend.min_in_multiple
@@ -138,10 +178,13 @@ class LayerLoader:
         if self.direct is not None:
             st = self.direct.stats
             out.update(read_s=round(st["read_s"], 3), stage_wait_s=round(st["wait_s"], 3), read_threads=self.direct.threads,
+                       read_chunk_mib=round(self.direct.chunk / 2**20, 2),
                        direct_gib=round(st["direct_bytes"] / 2**30, 3), direct_fallbacks=st["fallback"],
                        read_ahead_hits=st.get("ahead_hits", 0), read_ahead_misses=st.get("ahead_misses", 0),
                        read_ahead_wait_s=round(st.get("ahead_wait_s", 0.0), 3))
-        out["other_s"] = round(self.elapsed() - self.times["to_device_s"] - self.times["quantize_s"], 3)
+        if self.cache is not None:
+            out["cache_hits"] = self.cache.hits
+        out["other_s"] = round(self.elapsed() - sum(self.times.values()), 3)
         return out
 
     def check_complete(self) -> None:
@@ -150,6 +193,16 @@ class LayerLoader:
             raise QuantLoRAError(
                 f"{self.name}: {len(missing)} tensors of the Flux model are missing from the file (e.g. "
                 f"{', '.join(missing[:4])}). The file is incomplete or a different model variant; re-download it.")
+
+
+def _rebind(v, old, new):
+    """v with every method bound to `old` (also inside functools.partial, as torchao nests them) bound to `new`."""
+    if isinstance(v, types.MethodType) and v.__self__ is old:
+        return types.MethodType(_rebind(v.__func__, old, new), new)
+    if isinstance(v, functools.partial):
+        return functools.partial(_rebind(v.func, old, new), *(_rebind(a, old, new) for a in v.args),
+                                 **{k: _rebind(a, old, new) for k, a in v.keywords.items()})
+    return v
 
 
 def _small_to(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor:
