@@ -127,6 +127,13 @@ def watch_autograd_cache():
         lg.propagate = False  # the reason goes into the row, not onto stderr
 
 
+def warmup_stats() -> dict:
+    """The background first-use work (speed/warmup.py): on or off, and how long it took."""
+    from quantlora.speed import warmup
+
+    return dict(enabled=warmup.enabled(), **warmup.stats)
+
+
 def compile_phases(min_s: float = 0.05) -> dict:
     """Dynamo's own timers over this process's compiles (seconds, summed per phase, those over
     `min_s`): where the restart's 'compile from the cache' goes (tracing, guards, inductor's caches)."""
@@ -868,7 +875,7 @@ class Bench:
                               first_merge_s=round(merge_s, 1), lora_write_parse_s=round(lora_s, 2),
                               compile_setup_s=round(compile_setup_s, 2), bias_equal=bias_equal, weights_equal=weights_equal,
                               pristine_lock=getattr(state._arena, "last_lock", None),
-                              first_merge_phases=merge_phases, weight_cache=rep.weight_cache,
+                              first_merge_phases=merge_phases, weight_cache=rep.weight_cache, warmup=warmup_stats(),
                               before_load_s=round(at_section, 1), load_s=round(load_s, 1), to_first_step_s=round(since_start, 1),
                               cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
                               direct_reads=os.environ.get("QUANTLORA_DIRECT_READS", "1") != "0",

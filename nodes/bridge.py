@@ -25,6 +25,7 @@ from ..memory.sizes import module_bytes
 from ..quant.backends import available_backends, require_backend
 from ..quant import weight_cache
 from ..quant.loader import LayerLoader, LoadReport
+from ..speed import warmup
 from . import comfy_door
 from .quant_ops import loading_with, operations_for
 
@@ -106,6 +107,7 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     dtype = resolve_compute_dtype(compute_dtype, n_params)
     load_device = mm.get_torch_device()
     backend = require_backend(quantization, load_device)
+    warmup.start(load_device)  # Triton's cache key, hashed while the load waits on its reads
     n_linears = sum(1 for k, s in src.shapes().items() if k.endswith(".weight") and len(s) == 2)
     direct = DirectReader(src.headers) if DIRECT_READS else None
     cache, writer = _open_weight_cache(src, quantization, dtype, backend, direct) if weight_cache_mode == "on" else (None, None)
@@ -193,6 +195,6 @@ def _cache_note(info: dict | None) -> str:
     if not info:
         return ""
     if not info["layers"]:
-        return "; weight cache: nothing to cache for this quantization (torchao's only)"
+        return "; weight cache: nothing to cache for this quantization (torchao and optimum-quanto int8/fp8 only)"
     verb = "read from" if info["read"] else "written to" if info["written"] else "not written to"
     return f"; {info['layers']} quantized layers {verb} the weight cache {info['path']}"

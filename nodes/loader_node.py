@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..checkpoint.sources import list_checkpoints, resolve_checkpoint
 from ..errors import QuantLoRAError, check_choice
 from ..lora.hotswap import SLOT_LAYOUTS, TARGET_SETS
-from ..quant import weight_cache
+from ..quant import weight_cache as weight_cache_lib
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
 from ..speed.attention import ATTENTION_CHOICES
 from ..speed.compile import COMPILE_CHOICES
@@ -69,11 +69,11 @@ class QuantizedFluxLoader(io.ComfyNode):
                                        "attention on Hopper/Blackwell GPUs, PyTorch's default elsewhere. fa3: FlashAttention-3 "
                                        "(Hopper + fa3-fwd only). fa3-fp8: its fp8 kernel, q/k/v cast to fp8 (fastest; "
                                        "adds ~0.01 to the error against bf16)."),
-                io.Combo.Input("weight_cache", options=weight_cache.CHOICES, default="off", optional=True,
+                io.Combo.Input("weight_cache", options=weight_cache_lib.CHOICES, default="off", optional=True,
                                tooltip="on: the first load also writes the quantized weights to models/quantlora_cache "
                                        "(or $QUANTLORA_WEIGHT_CACHE_DIR; about half the checkpoint's size on disk for fp8); "
                                        "later loads of the same file and quantization read them instead of quantizing "
-                                       "again (faster restarts). torchao quantizations only."),
+                                       "again (faster restarts). torchao and optimum-quanto int8/fp8 quantizations."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -87,7 +87,7 @@ class QuantizedFluxLoader(io.ComfyNode):
         check_choice("lora_slot_layout", lora_slot_layout, SLOT_LAYOUTS)
         check_choice("compile", compile, COMPILE_CHOICES)
         check_choice("attention", attention, ATTENTION_CHOICES)
-        check_choice("weight_cache", weight_cache, weight_cache.CHOICES)
+        check_choice("weight_cache", weight_cache, weight_cache_lib.CHOICES)
         check_attention(attention)  # before loading anything
         check_compile(compile)
         if not isinstance(model_name, str):

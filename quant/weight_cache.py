@@ -12,7 +12,8 @@ shape is quantized from an uninitialised tensor (torchao's own `quantize_`, so t
 everything the library gives it), and every layer's tensor is then the library's tensor subclass
 rebuilt from that template's flattening context with the cached inner tensors
 (`__tensor_flatten__` / `__tensor_unflatten__`, the protocol torch.compile itself uses). Only
-quantizations whose weights are such subclasses (torchao's) are cached; the others load as before.
+quantizations whose weights are such subclasses of plain tensors (torchao's; optimum-quanto's int8 and fp8)
+are cached; the others (bitsandbytes, quanto's packed int4) load as before.
 
 The file's name carries a hash of what its contents depend on: the checkpoint files (path, size,
 modification time, header bytes), the quantization, the compute dtype, torch's and torchao's
@@ -77,7 +78,9 @@ def identity(sources: list[str], quantization: str, dtype: torch.dtype) -> dict:
 def cache_path(cache_dir: str, sources: list[str], quantization: str, dtype: torch.dtype) -> tuple[str, dict]:
     ident = identity(sources, quantization, dtype)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
-    return os.path.join(cache_dir, f"{_stem(sources)}-{quantization}-{digest}.safetensors"), ident
+    # the checkpoint's own path in the name too: two files of one name in two folders keep a cache each
+    where = hashlib.sha256("\n".join(f["path"] for f in ident["files"]).encode()).hexdigest()[:8]
+    return os.path.join(cache_dir, f"{_stem(sources)}-{where}-{quantization}-{digest}.safetensors"), ident
 
 
 def _stem(sources: list[str]) -> str:

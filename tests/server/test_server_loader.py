@@ -28,3 +28,30 @@ def test_txt2img_with_stock_ksampler_saves_image(server):
     png = Image.open(io.BytesIO(server.view(images[0])))
     assert png.size == (64, 64)
     assert len(set(png.getdata())) > 10  # a real decoded image, not a constant fill
+
+
+def _pixels(server, entry):
+    return list(Image.open(io.BytesIO(server.view(entry["outputs"]["save"]["images"][0]))).getdata())
+
+
+def test_weight_cache_written_then_read_gives_the_same_image(server):
+    """weight_cache on: the first load writes models/quantlora_cache/, the next load of the file reads
+    it (a changed attention input makes ComfyUI run the loader again) and samples the same image."""
+    import os
+
+    cache_dir = os.path.join(server.base, "models", "quantlora_cache")
+    plain = loader(quantization="torchao-int8-weight-only")
+    cached = loader(quantization="torchao-int8-weight-only")
+    cached["model"]["inputs"].update(weight_cache="on", attention="auto")
+    e0 = server.run(txt2img(plain, prefix="wcache-off"))
+    assert execution_error(e0) is None, execution_error(e0)
+    e1 = server.run(txt2img(cached, prefix="wcache-write"))
+    assert execution_error(e1) is None, execution_error(e1)
+    files = [f for f in os.listdir(cache_dir) if f.endswith(".safetensors")]
+    assert len(files) == 1 and "torchao-int8-weight-only" in files[0], files
+    cached["model"]["inputs"]["attention"] = "default"
+    e2 = server.run(txt2img(cached, prefix="wcache-read"))
+    assert execution_error(e2) is None, execution_error(e2)
+    log = server.log_tail(200_000)
+    assert "written to the weight cache" in log and "read from the weight cache" in log, log[-3000:]
+    assert _pixels(server, e0) == _pixels(server, e1) == _pixels(server, e2)

@@ -61,6 +61,12 @@ def test_identity_names_what_the_contents_depend_on(ckpt, tmp_path):
     assert ident["torch"] == torch.__version__ and ident["files"][0]["size"] == os.path.getsize(ckpt)
     os.utime(ckpt, ns=(1, 1))  # touched: another file as far as the cache knows
     assert a != wc.cache_path(d, [ckpt], "torchao-int8-weight-only", torch.bfloat16)[0]
+    # a file of the same name elsewhere: its own cache, which does not replace this one's
+    twin = tmp_path / "elsewhere" / os.path.basename(ckpt)
+    twin.parent.mkdir()
+    twin.write_bytes(open(ckpt, "rb").read())
+    b = wc.cache_path(d, [str(twin)], "torchao-int8-weight-only", torch.bfloat16)[0]
+    assert os.path.basename(a).split("-")[:2] != os.path.basename(b).split("-")[:2]
 
 
 def test_a_file_for_another_identity_is_not_used(ckpt, tmp_path, caplog):
