@@ -97,7 +97,10 @@ class LayerLoader:
         t0 = time.perf_counter()
         if quantize and scale is None and self.cache is not None and self.direct is not None and self.cache.holds(prefix):
             self._load_cached(module, prefix)
-            if b is not None:
+            bias_key = self.cache.bias_key(prefix) if b is not None else None
+            if bias_key is not None:
+                module.bias = nn.Parameter(self.direct.read(bias_key, device).to(self.dtype), requires_grad=False)
+            elif b is not None:
                 module.bias = nn.Parameter(_small_to(b, device, self.dtype), requires_grad=False)
             self.times["cached_s"] += time.perf_counter() - t0
             self.seen += 1
@@ -116,7 +119,7 @@ class LayerLoader:
             self._check_width(module, prefix)
             self._quantize(module, prefix)
             if self.cache_writer is not None:
-                self.cache_writer.add(prefix, module.weight)
+                self.cache_writer.add(prefix, module.weight, module.bias if b is not None else None)
             self.times["quantize_s"] += time.perf_counter() - t1
         self.seen += 1
         self._after(prefix)

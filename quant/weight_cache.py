@@ -42,6 +42,7 @@ CHOICES = ["off", "on"]
 ENV_DIR = "QUANTLORA_WEIGHT_CACHE_DIR"
 FREE_MARGIN = 2 << 30  # bytes of disk left free after writing a cache file
 _NAMES = {v: k for k, v in _DTYPES.items()}
+BIAS = "quantlora_bias"  # a layer's bias in the file: <prefix>quantlora_bias (no inner tensor has that name)
 
 
 def cacheable(weight) -> bool:
@@ -119,6 +120,11 @@ class CachedWeights:
     def holds(self, prefix: str) -> bool:
         return prefix in self.layers
 
+    def bias_key(self, prefix: str) -> str | None:
+        """The layer's bias in the file (kept beside its weight, so a load from the disk does not seek
+        through the checkpoint for 300 small tensors), or None."""
+        return prefix + BIAS if prefix + BIAS in self.header.tensors else None
+
     def template_key(self, module) -> tuple:
         return (module.out_features, module.in_features)
 
@@ -153,11 +159,14 @@ class CacheWriter:
     def __init__(self, path: str, ident: dict):
         self.path, self.ident = path, ident
         self.layers: dict[str, object] = {}
+        self.biases: dict[str, torch.Tensor] = {}
         self.written_s = 0.0
 
-    def add(self, prefix: str, weight) -> None:
+    def add(self, prefix: str, weight, bias=None) -> None:
         if cacheable(weight):
             self.layers[prefix] = weight
+            if type(bias) in (torch.Tensor, torch.nn.Parameter) and bias.dtype in _NAMES:
+                self.biases[prefix] = bias
 
     def write(self) -> bool:
         """Writes the cache (before anything else can change the weights, e.g. a LoRA merge). False
@@ -168,8 +177,10 @@ class CacheWriter:
         entries, tensors, offset = {}, [], 0
         for prefix, w in self.layers.items():
             names, _ = w.__tensor_flatten__()
-            for n in names:
-                t = getattr(w, n)
+            inner = [(n, getattr(w, n)) for n in names]
+            if prefix in self.biases:
+                inner.append((BIAS, self.biases[prefix].detach()))
+            for n, t in inner:
                 nbytes = t.numel() * t.element_size()
                 entries[prefix + n] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
                 tensors.append(t)

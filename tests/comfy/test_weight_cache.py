@@ -61,7 +61,7 @@ def _files(d):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("quantization", ["torchao-int8-weight-only", "quanto-int8"])
+@pytest.mark.parametrize("quantization", ["torchao-int8-weight-only", "quanto-int8", "quanto-fp8"])
 def test_second_load_reads_the_cache_and_builds_the_same_model(flux_file, cache_dir, quantization):
     cfg, path = flux_file
     plain, _ = _load(path, quantization, "off")
@@ -73,6 +73,10 @@ def test_second_load_reads_the_cache_and_builds_the_same_model(flux_file, cache_
     assert r2.weight_cache["read"] and r2.weight_cache["layers"] == r1.quantized_layers == r2.quantized_layers, r2.weight_cache
     assert r2.phases["cache_hits"] == r1.quantized_layers and r2.phases["quantize_s"] < 1e-3 + r2.phases["cached_s"]
     assert r2.phases["direct_gib"] < r1.phases["direct_gib"]  # the bf16 weights were not read again
+    from quantlora.quant.weight_cache import BIAS, read_header
+
+    held = read_header(r2.weight_cache["path"]).tensors
+    assert "double_blocks.2.img_attn.qkv." + BIAS in held  # biases read from the cache, beside their weights
     for m in (first, second):
         _assert_same_model(plain, m)
     # the rebuilt weights are the library's own class, with what its quantize_ gives a module

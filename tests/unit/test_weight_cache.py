@@ -35,7 +35,7 @@ def test_round_trip_rebuilds_the_same_tensor(ckpt, tmp_path, monkeypatch):
     layers = {f"blocks.{i}.lin.": _quantized(i) for i in range(3)}
     w = wc.CacheWriter(path, ident)
     for prefix, lin in layers.items():
-        w.add(prefix, lin.weight)
+        w.add(prefix, lin.weight, lin.bias)
     w.add("plain.", nn.Linear(4, 4).weight)  # not a subclass: not cached
     assert w.write() and os.path.isfile(path) and list(w.layers) == list(layers)
     found = wc.CachedWeights.find(path, ident)
@@ -49,6 +49,9 @@ def test_round_trip_rebuilds_the_same_tensor(ckpt, tmp_path, monkeypatch):
         assert type(got) is type(lin.weight)
         for n in lin.weight.__tensor_flatten__()[0]:
             assert torch.equal(getattr(got, n), getattr(lin.weight, n)), (prefix, n)
+        # the bias beside its weight in the file
+        assert torch.equal(reader.read(found.bias_key(prefix), torch.device("cpu")), lin.bias.detach())
+    assert found.bias_key("plain.") is None
     reader.close()
 
 
