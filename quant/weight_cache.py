@@ -18,7 +18,8 @@ are cached; the others (bitsandbytes, quanto's packed int4) load as before.
 The file's name carries a hash of what its contents depend on: the checkpoint files (path, size,
 modification time, header bytes), the quantization, the compute dtype, torch's and torchao's
 versions and this format's number. Anything else is a different file; older files of the same
-checkpoint and quantization are deleted when a new one is written. Written to a temporary name and
+checkpoint and quantization are deleted when a new one is written, and the folder is kept under a size
+limit, least recently used files first. Written to a temporary name and
 renamed when complete, so a crash never leaves a file that looks whole. Plain torch: no ComfyUI import.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ FORMAT = "1"
 CHOICES = ["off", "on"]
 ENV_DIR = "QUANTLORA_WEIGHT_CACHE_DIR"
 FREE_MARGIN = 2 << 30  # bytes of disk left free after writing a cache file
+MAX_GIB = 64.0  # the cache folder's size limit (QUANTLORA_WEIGHT_CACHE_MAX_GIB)
 _NAMES = {v: k for k, v in _DTYPES.items()}
 BIAS = "quantlora_bias"  # a layer's bias in the file: <prefix>quantlora_bias (no inner tensor has that name)
 
@@ -112,7 +114,9 @@ class CachedWeights:
         if not os.path.isfile(path):
             return None
         try:
-            return CachedWeights(path, ident)
+            found = CachedWeights(path, ident)
+            os.utime(path)  # last used now: the size limit drops the least recently used files first
+            return found
         except (QuantLoRAError, ValueError, OSError) as e:  # damaged or foreign: loaded as if absent, rewritten
             log.warning("QuantLoRA: ignoring the weight cache %s (%s); it will be written again", path, e)
             return None
@@ -211,6 +215,7 @@ class CacheWriter:
                 pass
             return False
         _remove_older(self.path)
+        _keep_under_limit(self.path)
         self.written_s = time.perf_counter() - t0
         log.info("QuantLoRA: wrote the weight cache %s (%.2f GiB, %.1f s)", self.path, offset / 2**30, self.written_s)
         return True
@@ -230,12 +235,52 @@ def _write_tensors(f, tensors: list[torch.Tensor]) -> None:
         f.write(memoryview(buf[:n].numpy()))
 
 
+def _is_cache_file(path: str) -> bool:
+    """A file this module wrote (its metadata says so): nothing else in the folder is ever deleted, even
+    where $QUANTLORA_WEIGHT_CACHE_DIR points at a folder of models."""
+    try:
+        return os.path.isfile(path) and "quantlora_identity" in read_header(path, kind="QuantLoRA weight cache").metadata
+    except (QuantLoRAError, OSError, ValueError):
+        return False
+
+
+def limit_bytes() -> int:
+    """$QUANTLORA_WEIGHT_CACHE_MAX_GIB (default 64): the cache folder's files beyond it go, least recently
+    used first (a checkpoint moved or copied elsewhere leaves its old cache file behind)."""
+    try:
+        gib = float(os.environ.get("QUANTLORA_WEIGHT_CACHE_MAX_GIB", "") or MAX_GIB)
+    except ValueError:
+        gib = MAX_GIB
+    return int(max(gib, 0) * 2**30)
+
+
+def _keep_under_limit(just_written: str) -> None:
+    d = os.path.dirname(just_written)
+    files = []
+    for name in os.listdir(d):
+        p = os.path.join(d, name)
+        if name.endswith(".safetensors") and p != just_written and _is_cache_file(p):
+            st = os.stat(p)
+            files.append((st.st_mtime, st.st_size, p))
+    total = os.path.getsize(just_written) + sum(size for _, size, _ in files)
+    for _, size, p in sorted(files):  # oldest use first; the file just written always stays
+        if total <= limit_bytes():
+            break
+        try:
+            os.remove(p)
+            total -= size
+            log.info("QuantLoRA: removed the weight cache %s (the folder holds more than %.0f GiB)", p, limit_bytes() / 2**30)
+        except OSError:
+            pass
+
+
 def _remove_older(path: str) -> None:
     """Other cache files of the same checkpoint and quantization (an edited file, a new torch): stale."""
     d, name = os.path.split(path)
     prefix = name.rsplit("-", 1)[0] + "-"
     for other in os.listdir(d):
-        if other != name and other.startswith(prefix) and (other.endswith(".safetensors") or other.endswith(".partial")):
+        stale = other.endswith(".partial") or other.endswith(".safetensors") and _is_cache_file(os.path.join(d, other))
+        if other != name and other.startswith(prefix) and stale:
             try:
                 os.remove(os.path.join(d, other))
             except OSError:

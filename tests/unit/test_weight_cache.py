@@ -107,3 +107,35 @@ def test_no_room_on_disk_writes_nothing(ckpt, tmp_path, monkeypatch, caplog):
     w.add("l.", _quantized(0).weight)
     assert not w.write() and not os.path.exists(path)
     assert any("weight cache not written" in m for m in caplog.messages)
+
+
+def test_the_folder_keeps_under_its_size_limit_least_recently_used_first(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    d = str(tmp_path / "c")
+    paths = []
+    for i in range(3):  # three checkpoints: a cache file each
+        src = tmp_path / f"m{i}.safetensors"
+        save_file({"x": torch.zeros(4)}, str(src))
+        paths.append(wc.cache_path(d, [str(src)], "torchao-int8-weight-only", torch.bfloat16))
+    size = None
+    for i, (p, ident) in enumerate(paths[:2]):
+        w = wc.CacheWriter(p, ident)
+        w.add("l.", _quantized(i).weight)
+        assert w.write()
+        os.utime(p, (1000 + i, 1000 + i))
+        size = os.path.getsize(p)
+    assert wc.CachedWeights.find(*paths[0]) is not None  # used now: the first file is the newest in use
+    monkeypatch.setenv("QUANTLORA_WEIGHT_CACHE_MAX_GIB", str(2.5 * size / 2**30))  # room for two files
+    p, ident = paths[2]
+    w = wc.CacheWriter(p, ident)
+    w.add("l.", _quantized(2).weight)
+    assert w.write()
+    assert sorted(os.listdir(d)) == sorted(os.path.basename(q) for q in (paths[0][0], p))  # the second went
+    # a file the cache did not write is never deleted, however old (a models folder given as the cache's)
+    save_file({"x": torch.zeros(1 << 16)}, os.path.join(d, "someones-model.safetensors"))
+    os.utime(os.path.join(d, "someones-model.safetensors"), (1, 1))
+    w = wc.CacheWriter(paths[1][0], paths[1][1])
+    w.add("l.", _quantized(1).weight)
+    assert w.write()
+    assert "someones-model.safetensors" in os.listdir(d) and len(os.listdir(d)) == 3
