@@ -875,6 +875,7 @@ class Bench:
                               first_merge_s=round(merge_s, 1), lora_write_parse_s=round(lora_s, 2),
                               compile_setup_s=round(compile_setup_s, 2), bias_equal=bias_equal, weights_equal=weights_equal,
                               pristine_lock=getattr(state._arena, "last_lock", None),
+                              pristine_file_gib=round(state.report.pristine_file_bytes / 2**30, 3),
                               first_merge_phases=merge_phases, weight_cache=rep.weight_cache, warmup=warmup_stats(),
                               before_load_s=round(at_section, 1), load_s=round(load_s, 1), to_first_step_s=round(since_start, 1),
                               cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),

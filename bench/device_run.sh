@@ -23,13 +23,17 @@ export PYTHONPATH=/tmp/site QUANTLORA_COMFYUI="$PWD/.devcarry/ComfyUI" PYTHONUNB
 # image sets PYTHONDONTWRITEBYTECODE=1 and ships none: without this every process compiled ~2,900
 # modules from source (bench_flux's `bytecode_missing`), ~7 s of each restart measured before
 # 2026-12-02. compileall writes the files whatever that variable says.
+# The carried ComfyUI tree and the pack arrive anew with every call (a warm machine keeps /tmp/site but
+# not their bytecode: session 31's last restarts compiled 245 ComfyUI modules each), so they are
+# compiled on every call (compileall skips what is up to date); the packages once per machine.
+tb=$(date +%s)
 if [ ! -f /tmp/site/.bytecode ]; then
-  tb=$(date +%s)
   image_site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  python3 -m compileall -q -j 0 /tmp/site .devcarry/ComfyUI . "$image_site" >/dev/null 2>&1 || true
+  python3 -m compileall -q -j 0 /tmp/site "$image_site" >/dev/null 2>&1 || true
   touch /tmp/site/.bytecode
-  echo "[device_run] bytecode written in $(( $(date +%s) - tb )) s (image packages: $image_site)"
 fi
+python3 -m compileall -q -j 0 .devcarry/ComfyUI . >/dev/null 2>&1 || true
+echo "[device_run] bytecode written in $(( $(date +%s) - tb )) s"
 echo "[device_run] packages ready in $(( $(date +%s) - t0 )) s; $(nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null)"
 script="$1"; shift
 logf=/dev/null

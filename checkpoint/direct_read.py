@@ -73,6 +73,7 @@ class DirectReader:
         self._turn = 0
         self._pool: ThreadPoolExecutor | None = None
         self._keys: dict[str, tuple] = {}  # file key -> entry, for the read-ahead
+        self._mapped: dict[str, object] = {}  # path -> PinnedFile (add_file)
         self._largest = 0
         self._after: dict[tuple, tuple] = {}  # (group, suffix) -> (0: same block / 1: next block, suffix)
         self._last: tuple | None = None
@@ -82,7 +83,7 @@ class DirectReader:
         # ahead_*: weights read in the background before they were asked for (hits), guesses not
         # asked for next (misses), host time waiting for a background read to finish
         self.stats = {"direct": 0, "direct_bytes": 0, "fallback": 0, "read_s": 0.0, "wait_s": 0.0,
-                      "ahead_hits": 0, "ahead_misses": 0, "ahead_wait_s": 0.0}
+                      "ahead_hits": 0, "ahead_misses": 0, "ahead_wait_s": 0.0, "mapped": 0, "mapped_bytes": 0}
 
     def register(self, path: str, key: str, t: torch.Tensor) -> None:
         """t: the mapped tensor the state dict holds for `key` of file `path`."""
@@ -95,9 +96,13 @@ class DirectReader:
         self._keys[key] = entry
         self._largest = max(self._largest, entry[2])
 
-    def add_file(self, header: SafetensorsHeader) -> None:
+    def add_file(self, header: SafetensorsHeader, mapped=None) -> None:
         """Every tensor of another file (the quantized-weight cache, quant/weight_cache.py), readable by
-        name with `read`; its entries join the read-ahead like the checkpoint's."""
+        name with `read`; its entries join the read-ahead like the checkpoint's. mapped: the file as
+        memory/pinned_file.PinnedFile: `read` copies from its locked pages (no read, no staging) where
+        it can, and `host_view` gives the bytes without a copy."""
+        if mapped is not None:
+            self._mapped[header.path] = mapped
         if header not in self._headers:
             self._headers.append(header)
         for key, info in header.tensors.items():
@@ -115,12 +120,25 @@ class DirectReader:
         cuda = device.type == "cuda" and torch.cuda.is_available()
         if e is None or e[3] is None:
             raise QuantLoRAError(f"no readable tensor {key!r} in the files given to the reader")
+        mapped = self._mapped.get(e[0])
+        if mapped is not None and (cuda or device.type == "cpu"):
+            out = torch.empty(e[4], dtype=e[3], device=device)
+            if mapped.copy_to(out.view(-1).view(torch.uint8), e[1]):
+                self.stats["mapped"] += 1
+                self.stats["mapped_bytes"] += e[2]
+                return out
         if not (cuda or (device.type == "cpu" and self.on_cpu)) or not hasattr(os, "preadv"):
             path, offset, nbytes, file_dtype, shape, _ = e
             out = torch.empty(shape, dtype=file_dtype)
             self._read(path, offset, nbytes, out.view(-1).view(torch.uint8))
             return out.to(device)
         return self._load(e, device, cuda)
+
+    def host_view(self, key: str) -> torch.Tensor | None:
+        """The tensor `key` of a mapped file as host memory (its locked pages, no copy), or None."""
+        e = self._keys.get(key)
+        mapped = self._mapped.get(e[0]) if e is not None and e[3] is not None else None
+        return mapped.view(e[1], e[2], e[3], e[4]) if mapped is not None else None
 
     def _entry(self, t: torch.Tensor):
         e = self._entries.get(t.data_ptr()) if t.device.type == "cpu" and t.numel() else None
@@ -188,7 +206,7 @@ class DirectReader:
         the other staging buffer, once that buffer's last copy to the GPU is done."""
         guess = self._learn_and_guess(key)
         e = self._keys.get(guess) if guess is not None else None
-        if e is None or e[2] > self._staging[self._turn ^ 1].numel():
+        if e is None or e[0] in self._mapped or e[2] > self._staging[self._turn ^ 1].numel():
             return
         i = self._turn ^ 1
         ev, self._events[i] = self._events[i], None
@@ -298,3 +316,4 @@ class DirectReader:
         self._files.clear()
         self._entries.clear()
         self._keys.clear()
+        self._mapped.clear()  # the mapped files belong to the caller (the loaded model keeps them)

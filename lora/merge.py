@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import QuantLoRAError
 from ..quant import weight_codecs as codecs
+from ..memory import pinned_file
 from ..memory.pinned import HostArena
 
 log = logging.getLogger("quantlora")
@@ -50,6 +51,7 @@ class MergeReport:
     seconds: float = 0.0       # the last activation, wall clock (synchronized)
     pristine_bytes: int = 0    # bytes held by the pristine copy
     pristine_place: str = "host"
+    pristine_file_bytes: int = 0  # of those, the weight cache file's locked pages (no copy of their own)
     history: list = field(default_factory=list)
     # the last activation's host seconds by phase: the LoRA's matrices page-locked (first use), the
     # pristine copy taken (layers touched for the first time), the restores and merges queued, and
@@ -124,6 +126,18 @@ class MergeState:
         if not todo:
             return
         if self.place == "host":
+            # layers loaded from a mapped weight cache: its locked pages are their pristine copy
+            # (memory/pinned_file.py: nothing to allocate, lock or copy back from the GPU)
+            mapped = pinned_file.of(self.root)
+            for name in list(todo) if mapped is not None else ():
+                views = mapped.views_for(name, todo[name])
+                if views is not None:
+                    self._pristine[name] = views
+                    n = sum(t.numel() * t.element_size() for t in todo.pop(name))
+                    self.report.pristine_bytes += n
+                    self.report.pristine_file_bytes += n
+            if not todo:
+                return
             flat = [t for ts in todo.values() for t in ts]
             copies = self._arena.copies(flat, lock=any(t.is_cuda for t in flat))
             it = iter(copies)

@@ -9,6 +9,7 @@ the pack as they are loaded and block layers are quantized there and then.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 
 import torch
@@ -20,7 +21,7 @@ from ..checkpoint.direct_read import DirectReader
 from ..checkpoint.safetensors_io import TensorReader
 from ..checkpoint.sources import open_source
 from ..errors import QuantLoRAError, check_choice
-from ..memory import oom
+from ..memory import oom, pinned_file
 from ..memory.sizes import module_bytes
 from ..quant.backends import available_backends, require_backend
 from ..quant import weight_cache
@@ -78,16 +79,24 @@ def weight_cache_dir() -> str:
     return os.environ.get(weight_cache.ENV_DIR) or os.path.join(folder_paths.models_dir, "quantlora_cache")
 
 
-def _open_weight_cache(src, quantization: str, dtype: torch.dtype, backend, direct) -> tuple:
-    """(CachedWeights found for this load or None, CacheWriter for it or None)."""
+def _open_weight_cache(src, quantization: str, dtype: torch.dtype, backend, direct, device) -> tuple:
+    """(CachedWeights found for this load or None, CacheWriter for it or None, the found file mapped
+    and being page-locked (memory/pinned_file.py) or None)."""
     if direct is None or backend.apply is None:
-        return None, None
+        return None, None, None
     path, ident = weight_cache.cache_path(weight_cache_dir(), [h.path for h in src.headers], quantization, dtype)
     found = weight_cache.CachedWeights.find(path, ident)
-    if found is not None:
-        direct.add_file(found.header)
-        return found, None
-    return None, weight_cache.CacheWriter(path, ident)
+    if found is None:
+        return None, weight_cache.CacheWriter(path, ident), None
+    pinned = None
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if pinned_file.enabled() and (cuda or (device.type == "cpu" and DirectReader.on_cpu)):
+        try:
+            pinned = pinned_file.PinnedFile(found.path, lock=cuda, bounds=found.pieces(mmap.PAGESIZE))
+        except (OSError, ValueError) as e:  # read as before
+            log.warning("QuantLoRA: could not map the weight cache %s (%s); reading it instead", found.path, e)
+    direct.add_file(found.header, mapped=pinned)
+    return found, None, pinned
 
 
 def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, progress=None, weight_cache_mode: str = "off"):
@@ -110,7 +119,8 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     warmup.start(load_device)  # Triton's cache key, hashed while the load waits on its reads
     n_linears = sum(1 for k, s in src.shapes().items() if k.endswith(".weight") and len(s) == 2)
     direct = DirectReader(src.headers) if DIRECT_READS else None
-    cache, writer = _open_weight_cache(src, quantization, dtype, backend, direct) if weight_cache_mode == "on" else (None, None)
+    cache, writer, pinned = (_open_weight_cache(src, quantization, dtype, backend, direct, load_device)
+                             if weight_cache_mode == "on" else (None, None, None))
     loader = LayerLoader(backend, dtype, load_device, src.name, n_linears, progress, direct=direct,
                          cache=cache, cache_writer=writer)
     ops = operations_for(cast=mm.unet_manual_cast(dtype, load_device) is not None)
@@ -133,6 +143,8 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
         sd = None
         if direct is not None:
             direct.close()
+        if pinned is not None and patcher is None:
+            pinned.unlock()
     if failed is not None:
         # Out of the except block: the OOM's traceback (and the frames holding the partly loaded
         # model) is gone; hand the memory back.
@@ -146,6 +158,9 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
     if not hasattr(dm, "double_blocks") or not hasattr(dm, "single_blocks"):
         raise QuantLoRAError(f"{src.name}: ComfyUI built a {type(dm).__name__}, not a FLUX.1 transformer.")
     phases = loader.phases()
+    if pinned is not None:
+        pinned_file.attach(dm, pinned_file.FileCopy(pinned, loader.file_views))
+        phases["cache_map"] = pinned.describe()
     if writer is not None:  # now, before anything (a LoRA merge) writes into the weights
         if writer.write():
             phases["cache_written_s"] = round(writer.written_s, 3)

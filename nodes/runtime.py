@@ -17,7 +17,7 @@ from ..errors import QuantLoRAError
 from ..lora.formats import FluxDims
 from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
 from ..lora.merge import MergeState
-from ..memory import oom
+from ..memory import oom, pinned_file
 from ..speed import guards
 from ..speed.attention import override_for, sdpa_context, sdpa_override, unavailable
 from ..speed.compile import is_compiled, uses_cudagraphs
@@ -141,9 +141,11 @@ def _log_merge(state: MergeState, merge_set: tuple, pristine_before: int) -> Non
     names = ", ".join(f"{os.path.basename(e[0])}@{e[-1]:g}" for e in merge_set) or "none (bare base restored)"
     grew = r.pristine_bytes - pristine_before
     logging.getLogger("quantlora").info(
-        "QuantLoRA: LoRA merge: %s into %d layers (%d rewritten) in %.3f s; pristine copy %.2f GiB on %s%s",
+        "QuantLoRA: LoRA merge: %s into %d layers (%d rewritten) in %.3f s; pristine copy %.2f GiB on %s%s%s",
         names, r.layers, r.touched, r.seconds, r.pristine_bytes / 2**30, r.pristine_place,
-        f" (+{grew / 2**30:.2f} GiB taken now)" if grew else "")
+        f" (+{grew / 2**30:.2f} GiB taken now)" if grew else "",
+        f", {r.pristine_file_bytes / 2**30:.2f} GiB of it the weight cache file's own locked pages (no copy)"
+        if r.pristine_file_bytes else "")
 
 
 def active_loras(dm) -> tuple:
@@ -209,6 +211,8 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
         guards.for_model(dm).reset()  # each sampling checks its forwards' guards afresh
     if merged is not None:
         merged.verify()  # once per sampling: someone else's write to a merged layer means merge again
+    if dm is not None and (merged is None or merged.place != "host"):
+        pinned_file.release(dm)  # no host-side merge takes the weight cache's locked pages: unlock them
     try:
         out = executor(*args, **kwargs)
     except torch.OutOfMemoryError as e:

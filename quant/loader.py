@@ -59,6 +59,7 @@ class LayerLoader:
         # quant/weight_cache.py: the quantized layers of an earlier load (CachedWeights, read through
         # `direct`), or the writer that keeps this load's for the next one
         self.cache, self.cache_writer = cache, cache_writer
+        self.file_views: dict[str, list[torch.Tensor]] = {}  # layer -> its cached tensors, mapped (no copy)
         self.total, self.progress = total_linears, progress
         self.seen = self.quantized = 0
         self.missing: list[str] | None = None  # torch's list for the whole load_state_dict call
@@ -145,6 +146,11 @@ class LayerLoader:
         w = self.cache.rebuild(module, prefix, lambda key: self.direct.read(key, self.device))
         module.weight = nn.Parameter(w, requires_grad=False)
         self.quantized += 1
+        # the cached bytes as host memory, where the cache file is mapped: the layer's pristine copy
+        # for a LoRA merge (lora/merge.py), in the order of its storage tensors
+        views = [self.direct.host_view(prefix + n) for n in self.cache.template(module)[1]]
+        if views and all(v is not None for v in views):
+            self.file_views[prefix.rstrip(".")] = views
 
     def _check_width(self, module: nn.Module, prefix: str) -> None:
         m = self.backend.min_in_multiple
@@ -184,7 +190,8 @@ class LayerLoader:
                        read_chunk_mib=round(self.direct.chunk / 2**20, 2),
                        direct_gib=round(st["direct_bytes"] / 2**30, 3), direct_fallbacks=st["fallback"],
                        read_ahead_hits=st.get("ahead_hits", 0), read_ahead_misses=st.get("ahead_misses", 0),
-                       read_ahead_wait_s=round(st.get("ahead_wait_s", 0.0), 3))
+                       read_ahead_wait_s=round(st.get("ahead_wait_s", 0.0), 3),
+                       mapped_gib=round(st.get("mapped_bytes", 0) / 2**30, 3))
         if self.cache is not None:
             out["cache_hits"] = self.cache.hits
         out["other_s"] = round(self.elapsed() - sum(self.times.values()), 3)

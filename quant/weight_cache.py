@@ -38,12 +38,14 @@ from ..checkpoint.safetensors_io import _DTYPES, read_header
 from ..errors import QuantLoRAError
 
 log = logging.getLogger("quantlora")
-FORMAT = "1"
+FORMAT = "2"  # 2: each layer starts on an ALIGN boundary of the file (memory/pinned_file.py locks it per layer)
 CHOICES = ["off", "on"]
 ENV_DIR = "QUANTLORA_WEIGHT_CACHE_DIR"
 FREE_MARGIN = 2 << 30  # bytes of disk left free after writing a cache file
 MAX_GIB = 64.0  # the cache folder's size limit (QUANTLORA_WEIGHT_CACHE_MAX_GIB)
 _NAMES = {v: k for k, v in _DTYPES.items()}
+ALIGN = 64 << 10  # a page on every platform (4 KiB x86, up to 64 KiB arm64)
+PAD = "quantlora_pad."  # zero bytes before a layer that must start on the boundary (a valid safetensors file has no gaps)
 BIAS = "quantlora_bias"  # a layer's bias in the file: <prefix>quantlora_bias (no inner tensor has that name)
 
 
@@ -121,6 +123,24 @@ class CachedWeights:
             log.warning("QuantLoRA: ignoring the weight cache %s (%s); it will be written again", path, e)
             return None
 
+    def pieces(self, page: int) -> list[tuple[int, int]]:
+        """Each layer's byte range in the file (its tensors and bias, to the end of their last page), in
+        file order: what memory/pinned_file.py locks, one range per layer. A layer not on a page
+        boundary has none (it is read as before)."""
+        out = []
+        start, size = self.header.data_start, os.path.getsize(self.path)
+        for prefix, names in self.layers.items():
+            keys = [prefix + n for n in names] + [prefix + BIAS]
+            infos = [self.header.tensors[k] for k in keys if k in self.header.tensors]
+            if not infos:
+                continue
+            lo = start + min(i.start for i in infos)
+            hi = min(-(-(start + max(i.end for i in infos)) // page) * page, size)
+            if lo % page == 0:
+                out.append((lo, hi))
+        out.sort()
+        return [r for i, r in enumerate(out) if i + 1 == len(out) or r[1] <= out[i + 1][0]]
+
     def holds(self, prefix: str) -> bool:
         return prefix in self.layers
 
@@ -180,6 +200,11 @@ class CacheWriter:
         t0 = time.perf_counter()
         entries, tensors, offset = {}, [], 0
         for prefix, w in self.layers.items():
+            if offset % ALIGN:
+                pad = ALIGN - offset % ALIGN
+                entries[f"{PAD}{len(entries)}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
+                tensors.append(torch.zeros(pad, dtype=torch.uint8))
+                offset += pad
             names, _ = w.__tensor_flatten__()
             inner = [(n, getattr(w, n)) for n in names]
             if prefix in self.biases:
@@ -192,7 +217,7 @@ class CacheWriter:
         entries["__metadata__"] = {"quantlora_identity": json.dumps(self.ident, sort_keys=True),
                                    "quantlora_layers": json.dumps({p: list(w.__tensor_flatten__()[0]) for p, w in self.layers.items()})}
         head = json.dumps(entries, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
+        head += b" " * (-(8 + len(head)) % ALIGN)  # the data starts on the boundary too
         d = os.path.dirname(self.path)
         try:
             os.makedirs(d, exist_ok=True)

@@ -75,8 +75,18 @@ def test_second_load_reads_the_cache_and_builds_the_same_model(flux_file, cache_
     assert r2.phases["direct_gib"] < r1.phases["direct_gib"]  # the bf16 weights were not read again
     from quantlora.quant.weight_cache import BIAS, read_header
 
-    held = read_header(r2.weight_cache["path"]).tensors
+    header = read_header(r2.weight_cache["path"])
+    held = header.tensors
     assert "double_blocks.2.img_attn.qkv." + BIAS in held  # biases read from the cache, beside their weights
+    # read through the file's mapping (memory/pinned_file.py), each layer on its own 64 KiB boundary
+    from quantlora.memory import pinned_file
+    from quantlora.quant.weight_cache import ALIGN
+
+    assert r2.phases["mapped_gib"] > 0 and r2.phases["cache_map"]["copies"] > 0
+    starts = [header.data_start + min(held[k].start for k in held if k.startswith(p) and not k.startswith("quantlora_pad"))
+              for p in r2_layers(header)]
+    assert starts and all(s % ALIGN == 0 for s in starts)
+    assert set(pinned_file.of(second).views) == {p.rstrip(".") for p in r2_layers(header)}
     for m in (first, second):
         _assert_same_model(plain, m)
     # the rebuilt weights are the library's own class, with what its quantize_ gives a module
@@ -86,6 +96,71 @@ def test_second_load_reads_the_cache_and_builds_the_same_model(flux_file, cache_
     inp = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
            for k, v in flux_inputs(cfg, seed=3).items()}
     assert torch.equal(comfy_forward(second, inp), comfy_forward(plain, inp))
+
+
+def r2_layers(header):
+    import json
+
+    return list(json.loads(header.metadata["quantlora_layers"]))
+
+
+def _lora(names, seed=5, rank=4):
+    from quantlora.lora.formats import LoRATarget, ParsedLoRA
+
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for name, rows, fan_in in names:
+        down = torch.randn(rank, fan_in, generator=g) * fan_in ** -0.5
+        up = torch.randn(rows, rank, generator=g) * 0.05 * fan_in ** -0.5
+        targets.append(LoRATarget(name, 0, rows, down.to(torch.bfloat16), up.to(torch.bfloat16), 1.0))
+    return ParsedLoRA("file-pristine", "test", targets)
+
+
+@torch.no_grad()
+def test_merge_takes_the_mapped_cache_as_its_pristine_copy(flux_file, cache_dir):
+    """A model read from the weight cache merges a LoRA with the cache file's bytes as the pristine copy
+    (nothing copied back from the weights): the merged weights equal those of a model whose pristine
+    copy was taken from its weights, and taking the LoRA off gives the file's weights bit for bit."""
+    from quantlora.lora.merge import MergeState
+    from quantlora.memory import pinned_file
+    from quantlora.quant import weight_codecs as codecs
+
+    _, path = flux_file
+    quantization = "torchao-int8-weight-only"
+    plain, _ = _load(path, quantization, "off")
+    _load(path, quantization, "on")  # writes the cache
+    cached, r = _load(path, quantization, "on")
+    assert r.weight_cache["read"] and pinned_file.of(cached) is not None
+    pristine = {n: [t.clone() for t in codecs.storage(cached.get_submodule(n))]
+                for n in ("double_blocks.1.img_attn.qkv", "single_blocks.2.linear1", "final_layer.linear")}
+    layer = cached.double_blocks[1].img_attn.qkv
+    lin1 = cached.single_blocks[2].linear1
+    fl = cached.final_layer.linear  # not quantized, not in the cache: its pristine copy is taken as before
+    lo = _lora([("double_blocks.1.img_attn.qkv", layer.out_features, layer.in_features),
+                ("single_blocks.2.linear1", lin1.out_features, lin1.in_features),
+                ("final_layer.linear", fl.out_features, fl.in_features)])
+    mine, theirs = MergeState(cached), MergeState(plain)
+    mine.activate(("a",), [(lo, 1.0)])
+    theirs.activate(("a",), [(lo, 1.0)])
+    file_bytes = sum(t.numel() * t.element_size() for n in ("double_blocks.1.img_attn.qkv", "single_blocks.2.linear1")
+                     for t in codecs.storage(cached.get_submodule(n)))
+    assert mine.report.pristine_file_bytes == file_bytes and theirs.report.pristine_file_bytes == 0
+    assert mine.report.pristine_bytes == theirs.report.pristine_bytes
+    for n in pristine:
+        a, b = codecs.storage(cached.get_submodule(n)), codecs.storage(plain.get_submodule(n))
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), n
+        assert not all(torch.equal(x, y) for x, y in zip(a, pristine[n])), f"{n}: the LoRA was not merged"
+    mine.deactivate()
+    for n, before in pristine.items():
+        assert all(torch.equal(x, y) for x, y in zip(codecs.storage(cached.get_submodule(n)), before)), n
+    # released (a sampling with no host-side merge): a later merge state takes its copy from the weights
+    pinned_file.release(cached)
+    again = MergeState(cached)
+    again.activate(("a",), [(lo, 1.0)])
+    assert again.report.pristine_file_bytes == 0
+    again.deactivate()
+    for n, before in pristine.items():
+        assert all(torch.equal(x, y) for x, y in zip(codecs.storage(cached.get_submodule(n)), before)), n
 
 
 @torch.no_grad()
