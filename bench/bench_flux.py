@@ -871,11 +871,12 @@ class Bench:
         merge_phases = dict(state.report.phases)  # the first merge's (the deactivation below has its own)
         state.deactivate()  # the pristine weights back, bit for bit (tests/unit/test_lora_merge.py)
         weights_equal = self.weights_equal(dm)
+        released = self.release_file_copy(dm, state, lora, parsed)
         self.rows.append(dict(variant=f"{self.args.fast_quant} compile + lora r64 merged: first step", compile_s=round(first, 1),
                               first_merge_s=round(merge_s, 1), lora_write_parse_s=round(lora_s, 2),
                               compile_setup_s=round(compile_setup_s, 2), bias_equal=bias_equal, weights_equal=weights_equal,
                               pristine_lock=getattr(state._arena, "last_lock", None),
-                              pristine_file_gib=round(state.report.pristine_file_bytes / 2**30, 3),
+                              pristine_file_gib=round(state.report.pristine_file_bytes / 2**30, 3), file_copy_release=released,
                               first_merge_phases=merge_phases, weight_cache=rep.weight_cache, warmup=warmup_stats(),
                               before_load_s=round(at_section, 1), load_s=round(load_s, 1), to_first_step_s=round(since_start, 1),
                               cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
@@ -887,6 +888,26 @@ class Bench:
                               before_load_phases=before_load_phases(),
                               compile_phases=compile_phases()))
         log(json.dumps(self.rows[-1]))
+
+    def release_file_copy(self, dm, state, lora, parsed) -> dict | None:
+        """After the measured part, what a sampling without a host-side merge does (nodes/runtime.py):
+        the mapped cache's pages unlocked; then a new merge state takes its pristine copy from the GPU,
+        and taking the LoRA off again gives the loaded weights bit for bit."""
+        from quantlora.lora.merge import MergeState
+        from quantlora.memory import pinned_file
+
+        if pinned_file.of(dm) is None:
+            return None
+        t0 = time.perf_counter()
+        pinned_file.release(dm)
+        unlock_s = time.perf_counter() - t0
+        dm._quantlora_merge_bench = again = MergeState(dm)
+        again.activate((lora, 1.0), [(parsed, 1.0)])
+        again.deactivate()
+        self.sync()
+        return dict(unlock_s=round(unlock_s, 3), capture_after_s=again.report.phases.get("capture_s"),
+                    pristine_file_gib_after=round(again.report.pristine_file_bytes / 2**30, 3),
+                    weights_equal_after=self.weights_equal(dm))
 
     def bias_equal(self, dm, names=("double_blocks.{d}.img_attn.qkv", "single_blocks.{s}.linear2")) -> bool:
         """The quantized layers' biases (moved to the GPU at load, asynchronously) equal the file's."""
