@@ -321,8 +321,17 @@ def _on(stream):
 
 
 def pristine_bytes_needed(root: nn.Module, loras: list) -> int:
-    """Bytes a pristine copy of the layers `loras` touch would take (for the auto mode's check)."""
-    return sum(codecs.nbytes(base_layer(root, n)) for n in deltas_of(root, loras))
+    """Host bytes a pristine copy of the layers `loras` touch would take (for the auto mode's check):
+    none for layers whose copy is the mapped weight cache's own pages (memory/pinned_file.py)."""
+    mapped = pinned_file.of(root)
+
+    def new_bytes(name: str) -> int:
+        layer = base_layer(root, name)
+        if mapped is not None and mapped.views_for(name, codecs.storage(layer)) is not None:
+            return 0
+        return codecs.nbytes(layer)
+
+    return sum(new_bytes(n) for n in deltas_of(root, loras))
 
 
 # Measured LoRA-effect error after a merge (tests/test_lora_merge.py, delta ~5% of the weight):

@@ -139,6 +139,10 @@ def test_merge_takes_the_mapped_cache_as_its_pristine_copy(flux_file, cache_dir)
     lo = _lora([("double_blocks.1.img_attn.qkv", layer.out_features, layer.in_features),
                 ("single_blocks.2.linear1", lin1.out_features, lin1.in_features),
                 ("final_layer.linear", fl.out_features, fl.in_features)])
+    from quantlora.lora.merge import pristine_bytes_needed
+
+    # auto mode's host-memory check counts only what a merge would copy: here the final layer
+    assert pristine_bytes_needed(cached, [(lo, 1.0)]) == codecs.nbytes(fl) < pristine_bytes_needed(plain, [(lo, 1.0)])
     mine, theirs = MergeState(cached), MergeState(plain)
     mine.activate(("a",), [(lo, 1.0)])
     theirs.activate(("a",), [(lo, 1.0)])
