@@ -37,12 +37,15 @@ def main():
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--map", default="", help="instead: map this file and lock its page-cache pages (memory/pinned_file.py)")
+    ap.add_argument("--map-gib", type=float, default=0.0, help="instead: the same on a file of this size written in --workdir")
+    ap.add_argument("--workdir", default="/tmp/quantlora-pin")
     a = ap.parse_args()
     _env.setup(cpu=a.device == "cpu")
     rows = []
     n = int(a.gib * 2**30)
     cuda = a.device == "cuda" and torch.cuda.is_available()
-    src = torch.empty(n, dtype=torch.uint8, device="cuda" if cuda else "cpu")
+    src = torch.empty(0 if a.map or a.map_gib else n, dtype=torch.uint8, device="cuda" if cuda else "cpu")
 
     def d2h(buf):
         if not cuda:
@@ -133,12 +136,73 @@ def main():
             unregister(buf.data_ptr())
         del buf
 
+    if a.map or a.map_gib:
+        return map_probe(a, cuda, row)
     for f in (lambda: huge(False), lambda: huge(True), lambda: whole(False), lambda: whole(True), lambda: chunks(False), lambda: chunks(True), hostalloc,
               lambda: whole(False)):
         try:
             f()
         except Exception as e:
             row("error", error=f"{type(e).__name__}: {e}")
+
+
+def map_probe(a, cuda, row):
+    """A file mapped read-only and its page-cache pages locked in place (what the loader does with the
+    weight cache): how long locking takes, the host-to-device rate from those pages against an
+    anonymous page-locked buffer, a second mapping of the same file locked too (two models of one
+    checkpoint, two ComfyUI processes on one host), and unlocking."""
+    from quantlora.memory.pinned_file import PinnedFile
+
+    path = a.map
+    if not path:
+        os.makedirs(a.workdir, exist_ok=True)
+        path = os.path.join(a.workdir, "map-probe.bin")
+        n = int(a.map_gib * 2**30)
+        with open(path, "wb") as f:
+            block = torch.randint(0, 255, (64 << 20,), dtype=torch.uint8).numpy().tobytes()
+            for o in range(0, n, len(block)):
+                f.write(block[:min(len(block), n - o)])
+    size = os.path.getsize(path)
+    a.gib = round(size / 2**30, 2)  # the rows' label
+    t = time.perf_counter()
+    first = PinnedFile(path, lock=cuda)
+    ready = first.ready(0, size) and first.locked
+    row("file mapped, page cache locked", gib=round(size / 2**30, 3), seconds=round(time.perf_counter() - t, 3),
+        locked=ready, **{k: v for k, v in first.describe().items() if k in ("pieces", "locked_gib", "failed", "register_s")})
+    sample = min(size, 2 << 30)
+    if cuda and ready:
+        dst = torch.empty(size, dtype=torch.uint8, device="cuda")
+
+        def h2d(copy, nbytes):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            copy()
+            torch.cuda.synchronize()
+            return round(nbytes / (time.perf_counter() - t0) / 1e9, 1)
+
+        whole = h2d(lambda: first.copy_to(dst, 0), size)
+        part = h2d(lambda: first.copy_to(dst[:sample], 0), sample)
+        anon = torch.empty(sample, dtype=torch.uint8, pin_memory=True)
+        anon_rate = h2d(lambda: dst[:sample].copy_(anon, non_blocking=True), sample)
+        row("host-to-device from the locked page cache", gb_s_whole=whole, gb_s_2gib=part, gb_s_2gib_anonymous_pinned=anon_rate)
+        t = time.perf_counter()
+        second = PinnedFile(path, lock=True)
+        again = second.ready(0, size)
+        same = None
+        if again:
+            other = torch.empty(sample, dtype=torch.uint8, device="cuda")
+            second.copy_to(other, 0)
+            same = bool(torch.equal(other, dst[:sample]))
+        row("the same file mapped and locked a second time", seconds=round(time.perf_counter() - t, 3), locked=again,
+            failed=second.failed, same_bytes=same)
+        t = time.perf_counter()
+        second.unlock()
+        first.unlock()
+        row("both unlocked", seconds=round(time.perf_counter() - t, 3))
+    else:
+        out = torch.empty(sample, dtype=torch.uint8)
+        row("copied from the mapping (not locked)", copied=first.copy_to(out, 0) if not first.locked else False)
+        first.unlock()
 
 
 if __name__ == "__main__":

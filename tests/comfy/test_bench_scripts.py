@@ -83,6 +83,7 @@ def _dry_run_args(work):
         "soak": ("soak.py", ["--size", "tiny", "--quantization", "none", "--compile", "regional", "--prompts", "24",
                              "--steps", "1", "--px", "128", "--workdir", work("soak")], 900),
         "pin": ("pin_probe.py", ["--gib", "0.02", "--chunks", "2"], 600),
+        "pinmap": ("pin_probe.py", ["--map-gib", "0.02", "--workdir", work("pinmap")], 600),
         "oom": ("oom_check.py", [], 600),
         "peers": ("comfy_peers.py", ["--size", "tiny", "--fast-quant", "torchao-int8-weight-only", "--profile-merge",
                                      "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2",
@@ -92,7 +93,7 @@ def _dry_run_args(work):
 
 # which dry run each test collects (only the selected tests' runs start)
 DRY_RUN_OF_TEST = {"test_bench_flux_sections": "flux", "test_bench_offload": "offload", "test_soak_dry_run": "soak",
-                   "test_pin_probe_dry_run": "pin", "test_oom_check_dry_run": "oom", "test_comfy_peers_dry_run": "peers"}
+                   "test_pin_probe_dry_run": "pin", "test_pin_probe_map_dry_run": "pinmap", "test_oom_check_dry_run": "oom", "test_comfy_peers_dry_run": "peers"}
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +201,18 @@ def test_pin_probe_dry_run(dry_runs):
     got = rows(run.out / "results-pin.json")
     assert len(got) == 6 and not any("error" in r for r in got.values()), got  # hostalloc: CUDA only
     assert not any(r["locked"] for r in got.values())
+
+
+def test_pin_probe_map_dry_run(dry_runs):
+    """The probe of a file locked in place (memory/pinned_file.py): on CPU the file is mapped, not locked,
+    and copied from the mapping."""
+    run = dry_runs["pinmap"]
+    run.wait()
+    got = rows(run.out / "results-pin.json")
+    assert not any("error" in r for r in got.values()), got
+    mapped = next(r for v, r in got.items() if "file mapped" in v)
+    assert mapped["gib"] > 0.019 and not mapped["locked"]
+    assert next(r for v, r in got.items() if "copied from the mapping" in v)["copied"] is True
 
 
 def test_oom_check_dry_run(dry_runs):
