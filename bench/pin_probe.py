@@ -189,10 +189,11 @@ def map_probe(a, cuda, row):
         second = PinnedFile(path, lock=True)
         again = second.ready(0, size)
         same = None
-        if again:
-            other = torch.empty(sample, dtype=torch.uint8, device="cuda")
+        if again:  # (dst's first 2 GiB were overwritten by the anonymous buffer's copy: copy them again)
+            other, ref = (torch.empty(sample, dtype=torch.uint8, device="cuda") for _ in range(2))
             second.copy_to(other, 0)
-            same = bool(torch.equal(other, dst[:sample]))
+            first.copy_to(ref, 0)
+            same = bool(torch.equal(other, ref))
         row("the same file mapped and locked a second time", seconds=round(time.perf_counter() - t, 3), locked=again,
             failed=second.failed, same_bytes=same)
         t = time.perf_counter()
