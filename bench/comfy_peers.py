@@ -457,6 +457,68 @@ class Peers:
         del p
         self.free()
 
+    def section_cache_merge(self):
+        """The restart's workflow through the nodes on the mapped weight cache (memory/pinned_file.py):
+        QuantizedFluxLoader(fast quantization, compile regional, weight_cache on) loaded once to write the
+        cache, then again to read it mapped -> LoRAHotswap(merge) -> sampling, one LoRA after another. The
+        merges take the cache file's locked pages as their pristine copy; the loader's bare MODEL sampled
+        after them gets the loaded weights back bit for bit; a third load sampled without a LoRA gives
+        its pages back (nodes/runtime.py)."""
+        from quantlora.checkpoint.direct_read import DirectReader
+        from quantlora.memory import pinned_file
+        from quantlora.nodes import runtime
+        from quantlora.nodes.hotswap_node import LoRAHotswap
+        from quantlora.nodes.loader_node import QuantizedFluxLoader
+        from quantlora.quant import weight_codecs as codecs
+
+        torch = self.torch
+        os.environ.setdefault("QUANTLORA_WEIGHT_CACHE_DIR", os.path.join(self.args.workdir, "wcache"))
+        DirectReader.on_cpu = not self.cuda  # the dry run reads (and maps) as a GPU load does
+        q, name = self.args.fast_quant, os.path.basename(self.b.path)
+        probe = ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear2")
+
+        def load():
+            t = time.perf_counter()
+            p = QuantizedFluxLoader.execute(name, q, "auto", compile="regional", weight_cache="on").args[0]
+            return p, time.perf_counter() - t
+
+        self.free()
+        p, first_load_s = load()
+        dm = p.model.diffusion_model
+        loaded = {n: [t.clone() for t in codecs.storage(dm.get_submodule(n))] for n in probe}
+        written = p.model_options["quantlora"]["report"].weight_cache
+        del p, dm
+        self.free()
+        p, load_s = load()
+        dm = p.model.diffusion_model
+        rep = p.model_options["quantlora"]["report"]
+        copy = pinned_file.of(dm)
+        mapped_gib = copy.pinned.locked_bytes() / self.GIB if copy is not None else 0.0
+        same_load = all(torch.equal(a, b) for n in probe for a, b in zip(codecs.storage(dm.get_submodule(n)), loaded[n]))
+        switch, first = [], None
+        for lora_name in self.lora_names:
+            m = LoRAHotswap.execute(p, lora_name, 1.0, 64, "blocks", "merge").args[0]
+            r = self.sample(m, 2)
+            first = r["first"] if first is None else first
+            switch.append(runtime.merge_state(dm).report.seconds)
+        report = runtime.merge_state(dm).report
+        kept = pinned_file.of(dm) is not None
+        self.sample(p, 2)  # the bare MODEL: restored from the file's pages
+        bare_equal = all(torch.equal(a, b) for n in probe for a, b in zip(codecs.storage(dm.get_submodule(n)), loaded[n]))
+        del p, dm, m
+        self.free()
+        p3, _ = load()
+        self.sample(p3, 1)
+        released = pinned_file.of(p3.model.diffusion_model) is None
+        del p3
+        self.free()
+        DirectReader.on_cpu = False
+        self.row(f"ours {q} compile (regional), weight cache mapped + LoRA merge", cache=written, load_s=load_s,
+                 first_load_s=first_load_s, mapped_gib=mapped_gib, load_phases=rep.phases, loaded_equal=same_load,
+                 first_sampling_s=first, switch_s=switch, pristine_gib=report.pristine_bytes / self.GIB,
+                 pristine_file_gib=report.pristine_file_bytes / self.GIB, kept_for_merges=kept,
+                 bare_equal_after_merges=bare_equal, released_without_merge=released)
+
     @staticmethod
     def cat_rewrites() -> int | None:
         """Single blocks whose linear2 input CatQuantPass rewrote in this process (QUANTLORA_ROWQUANT_CAT=1)."""
@@ -630,6 +692,7 @@ class Peers:
                          80 if {"tune", "cppwrap"} & set(extra) else 40))
         plan += [
                  ("ours fp8 compile + slots", lambda: self.section_ours_fp8(True), 40),
+                 ("ours weight cache + merge", self.section_cache_merge, 60),
                  ("graph", self.section_graph, 45),
                  ("ours fp8 compile, no slots", lambda: self.section_ours_fp8(False), 25)]
         only = [s for s in self.args.sections.split(",") if s]
