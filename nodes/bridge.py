@@ -202,14 +202,20 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
     runtime.set_attention(patcher, attention)
     log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights%s",
              os.path.basename(path), quantization, report.compute_dtype, report.load_s, report.weights_bytes / 2**30,
-             _cache_note(report.weight_cache))
+             _cache_note(report.weight_cache, report.phases.get("cache_map")))
     return patcher
 
 
-def _cache_note(info: dict | None) -> str:
+def _cache_note(info: dict | None, mapped: dict | None = None) -> str:
     if not info:
         return ""
     if not info["layers"]:
         return "; weight cache: nothing to cache for this quantization (torchao and optimum-quanto int8/fp8 only)"
     verb = "read from" if info["read"] else "written to" if info["written"] else "not written to"
-    return f"; {info['layers']} quantized layers {verb} the weight cache {info['path']}"
+    note = f"; {info['layers']} quantized layers {verb} the weight cache {info['path']}"
+    if mapped and mapped.get("locked_gib"):
+        note += (f" ({mapped['locked_gib']:.2f} GiB of its pages locked in place: a LoRA merge's pristine copy; "
+                 "given back at the first sampling without one)")
+    elif mapped and mapped.get("failed"):
+        note += f" (its pages could not be locked: {mapped['failed']}; read instead)"
+    return note
