@@ -17,6 +17,16 @@ elif ls .whl/*.whl >/dev/null 2>&1; then  # older carries: plain wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site QUANTLORA_COMFYUI="$PWD/.devcarry/ComfyUI" PYTHONUNBUFFERED=1
+# The server call (bench/server_restart.py) carries .devcarry/server.tar.xz instead of .devcarry/ComfyUI:
+# the whole ComfyUI tree and what its server imports at start (bench/carry-server-wheels.txt).
+if [ -f .devcarry/server.tar.xz ]; then
+  if [ ! -f /tmp/srv/.unpacked ]; then
+    rm -rf /tmp/srv && mkdir -p /tmp/srv
+    python3 -c "import tarfile; tarfile.open('.devcarry/server.tar.xz').extractall('/tmp/srv', filter='fully_trusted')" || exit 1
+    touch /tmp/srv/.unpacked
+  fi
+  export PYTHONPATH=/tmp/site:/tmp/srv/site QUANTLORA_COMFYUI=/tmp/srv/ComfyUI
+fi
 # Bytecode, once per machine, for the carried trees, the pack and the device image's own packages
 # (torch, triton, sympy, networkx, numpy...): a user's ComfyUI imports from cached bytecode after its
 # first start (pip writes it on install, Python on first import), so a restart figure must too. The
@@ -29,10 +39,10 @@ export PYTHONPATH=/tmp/site QUANTLORA_COMFYUI="$PWD/.devcarry/ComfyUI" PYTHONUNB
 tb=$(date +%s)
 if [ ! -f /tmp/site/.bytecode ]; then
   image_site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  python3 -m compileall -q -j 0 /tmp/site "$image_site" >/dev/null 2>&1 || true
+  python3 -m compileall -q -j 0 /tmp/site $( [ -d /tmp/srv/site ] && echo /tmp/srv/site ) "$image_site" >/dev/null 2>&1 || true
   touch /tmp/site/.bytecode
 fi
-python3 -m compileall -q -j 0 .devcarry/ComfyUI . >/dev/null 2>&1 || true
+python3 -m compileall -q -j 0 "$QUANTLORA_COMFYUI" . >/dev/null 2>&1 || true
 echo "[device_run] bytecode written in $(( $(date +%s) - tb )) s"
 echo "[device_run] packages ready in $(( $(date +%s) - t0 )) s; $(nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null)"
 script="$1"; shift

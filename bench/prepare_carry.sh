@@ -15,7 +15,12 @@ bash scripts/setup.sh
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 mkdir -p .git/info .whl .devcarry
 for p in /.whl/ /.devcarry/; do grep -qxF "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude; done
-grep -vE '^\s*(#|$)' bench/carry-wheels.txt | while read -r pkg; do
+# --server: also .devcarry/server.tar.xz (bench/carry-server-wheels.txt and the whole ComfyUI tree) for
+# bench/server_restart.py; carry it with the site archive alone (the tree is in it):
+#   carry=[".devcarry/site.tar.xz", ".devcarry/server.tar.xz"]
+lists=bench/carry-wheels.txt
+[ "${1:-}" = "--server" ] && lists="$lists bench/carry-server-wheels.txt"
+cat $lists | grep -vE '^\s*(#|$)' | while read -r pkg; do
   name="$(echo "${pkg%%==*}" | tr '-' '_')"; ver="${pkg##*==}"
   ls .whl/ 2>/dev/null | grep -qi "^${name}-${ver}-" && continue
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -24,50 +29,11 @@ grep -vE '^\s*(#|$)' bench/carry-wheels.txt | while read -r pkg; do
     | { grep -v "is ignored" || true; }
 done
 # One archive of every carried wheel, unpacked as pip --target would lay it out (no scripts needed).
-if [ ! -f .devcarry/site.tar.xz ] || [ -n "$(find .whl bench/carry-wheels.txt bench/prepare_carry.sh -newer .devcarry/site.tar.xz -print -quit)" ]; then
-  "$PY" - <<'EOF'
-import lzma, os, re, shutil, tarfile, tempfile, zipfile
-
-want = [l.strip() for l in open("bench/carry-wheels.txt") if l.strip() and not l.startswith("#")]
-norm = lambda s: re.sub(r"[-_.]+", "_", s).lower()
-wheels = {}
-for f in sorted(os.listdir(".whl")):
-    if f.endswith(".whl"):
-        name, ver = f.split("-")[:2]
-        wheels[(norm(name), ver)] = f
-stage = tempfile.mkdtemp()
-for pkg in want:
-    name, ver = pkg.split("==")
-    f = wheels[(norm(name), ver)]  # KeyError: the download above failed
-    with zipfile.ZipFile(os.path.join(".whl", f)) as z:
-        for info in z.infolist():
-            n = info.filename
-            if n.startswith("comfy_kitchen/backends/hip/"):
-                continue
-            if re.match(r"bitsandbytes/libbitsandbytes_(?!cuda130\.so$|cpu\.so$)", n):
-                continue
-            m = re.match(r"[^/]+\.data/(purelib|platlib)/(.*)", n)
-            if m:
-                n = m.group(2)
-            elif re.match(r"[^/]+\.data/", n):
-                continue
-            if n.endswith("/"):
-                continue
-            dest = os.path.join(stage, n)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with z.open(info) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
-            mode = (info.external_attr >> 16) & 0o777
-            if mode:
-                os.chmod(dest, mode)
-tmp = ".devcarry/site.tar.xz.part"
-with tarfile.open(tmp, "w:xz", preset=6) as t:
-    for e in sorted(os.listdir(stage)):
-        t.add(os.path.join(stage, e), arcname=e)
-os.replace(tmp, ".devcarry/site.tar.xz")
-shutil.rmtree(stage)
-print(f"site.tar.xz: {os.path.getsize('.devcarry/site.tar.xz') / 2**20:.1f} MiB, {len(want)} distributions")
-EOF
+if [ ! -f .devcarry/site.tar.xz ] || [ -n "$(find .whl bench/carry-wheels.txt bench/carry_pack.py -newer .devcarry/site.tar.xz -print -quit)" ]; then
+  "$PY" bench/carry_pack.py bench/carry-wheels.txt .devcarry/site.tar.xz
+fi
+if [ "${1:-}" = "--server" ]; then
+  "$PY" bench/carry_pack.py bench/carry-server-wheels.txt .devcarry/server.tar.xz --under site --tree .harness/ComfyUI=ComfyUI
 fi
 rm -rf .devcarry/ComfyUI && mkdir -p .devcarry/ComfyUI
 (cd .harness/ComfyUI && find comfy comfy_api comfy_execution comfy_config comfy_extras app utils folder_paths.py \

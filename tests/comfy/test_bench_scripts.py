@@ -25,8 +25,9 @@ class DryRun:
     independent processes, each mostly one thread of Python: they start together (dry_runs below)
     and each test collects its own, so the 2-core CI machine runs them side by side."""
 
-    def __init__(self, script, out, *args, timeout=900):
+    def __init__(self, script, out, *args, timeout=900, carries=("carry-wheels.txt",), absent_ok=()):
         self.script, self.out, self.timeout = script, out, timeout
+        self.carries, self.absent_ok = carries, absent_ok
         out.mkdir(parents=True, exist_ok=True)
         self.imports = os.path.join(str(out), "imports.txt")
         if os.path.exists(self.imports):
@@ -55,7 +56,7 @@ class DryRun:
         assert "import-only stand-ins for av (forced" in err, err[-2000:]
         assert os.path.getsize(self.imports) > 0, "no import log: the script does not import bench/_env.py"
         # No stand-ins named: a forced stand-in is logged without a file and passes; the real PyAV would not.
-        check_device_imports(self.imports, stand_ins=())
+        check_device_imports(self.imports, stand_ins=self.absent_ok, carries=self.carries)
         return out
 
     def close(self):
@@ -67,7 +68,7 @@ class DryRun:
 
 
 def _dry_run_args(work):
-    """Each dry run: (script, args, timeout). `work(name)` is that run's scratch folder."""
+    """Each dry run: (script, args, timeout[, DryRun options]). `work(name)` is that run's scratch folder."""
     return {
         "flux": ("bench_flux.py", ["--size", "tiny", "--sections", "base,lora,profile,merge,firststep",
                                    "--quant", "torchao-int8-weight-only", "--compile-quant", "",
@@ -88,12 +89,26 @@ def _dry_run_args(work):
         "peers": ("comfy_peers.py", ["--size", "tiny", "--fast-quant", "torchao-int8-weight-only", "--profile-merge",
                                      "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2",
                                      "--switches", "1", "--workdir", work("peers")], 1200),
+        # the real server, restarted: its imports checked against the server call's carry too; ComfyUI's
+        # template and docs packages are not carried (imported in try/except: the server logs and goes on)
+        "server": ("server_restart.py", ["--size", "tiny", "--workdir", work("server"), "--quant", "torchao-int8-weight-only",
+                                         "--compile", "off", "--comfy-dtype", "default", "--px", "128", "--steps", "2",
+                                         "--restarts", "1", "--comfy-restarts", "1"], 600,
+                   dict(carries=("carry-wheels.txt", "carry-server-wheels.txt"), absent_ok=SERVER_NOT_CARRIED)),
     }
+
+
+# imported by ComfyUI's server in try/except ImportError, not carried (bench/carry-server-wheels.txt)
+SERVER_NOT_CARRIED = ("comfyui_embedded_docs", "comfyui_workflow_templates", "comfyui_workflow_templates_core",
+                      "comfyui_workflow_templates_json", "comfyui_workflow_templates_media_api",
+                      "comfyui_workflow_templates_media_assets_01", "comfyui_workflow_templates_media_image",
+                      "comfyui_workflow_templates_media_other", "comfyui_workflow_templates_media_video")
 
 
 # which dry run each test collects (only the selected tests' runs start)
 DRY_RUN_OF_TEST = {"test_bench_flux_sections": "flux", "test_bench_offload": "offload", "test_soak_dry_run": "soak",
-                   "test_pin_probe_dry_run": "pin", "test_pin_probe_map_dry_run": "pinmap", "test_oom_check_dry_run": "oom", "test_comfy_peers_dry_run": "peers"}
+                   "test_pin_probe_dry_run": "pin", "test_pin_probe_map_dry_run": "pinmap", "test_oom_check_dry_run": "oom", "test_comfy_peers_dry_run": "peers",
+                   "test_server_restart_dry_run": "server"}
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +116,10 @@ def dry_runs(request, tmp_path_factory):
     wanted = {DRY_RUN_OF_TEST[item.originalname] for item in request.session.items
               if item.module is request.module and item.originalname in DRY_RUN_OF_TEST}
     base = tmp_path_factory.mktemp("dry-runs")
-    runs = {name: DryRun(script, base / name, *args, timeout=timeout)
-            for name, (script, args, timeout) in _dry_run_args(lambda n: str(base / n / "work")).items() if name in wanted}
+    runs = {}
+    for name, (script, args, timeout, *options) in _dry_run_args(lambda n: str(base / n / "work")).items():
+        if name in wanted:
+            runs[name] = DryRun(script, base / name, *args, timeout=timeout, **(options[0] if options else {}))
     yield runs
     for r in runs.values():
         r.close()
@@ -220,15 +237,16 @@ def test_oom_check_dry_run(dry_runs):
     assert "dry run on cpu" in out and "skipped: needs a CUDA device" in out
 
 
-def _device_allowed() -> set[str]:
+def _device_allowed(carries=("carry-wheels.txt",)) -> set[str]:
     """Distributions a script may import on the GPU device: the image's, the carried wheels', and
-    what the image's own distributions require, transitively (the image brings those with them)."""
+    what the image's own distributions require, transitively (the image brings those with them).
+    carries: the wheel lists the call carries (the server call adds carry-server-wheels.txt)."""
     import importlib.metadata as md
     import re
 
     norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()  # noqa: E731
     read = lambda f: [l.strip().split("==")[0] for l in open(os.path.join(ROOT, "bench", f)) if l.strip() and not l.startswith("#")]  # noqa: E731,E741
-    image, carried = {norm(n) for n in read("device-image.txt")}, {norm(n) for n in read("carry-wheels.txt")}
+    image, carried = {norm(n) for n in read("device-image.txt")}, {norm(n) for f in carries for n in read(f)}
     requires = {}
     for d in md.distributions():
         requires.setdefault(norm(d.metadata["Name"]), set()).update(
@@ -242,7 +260,7 @@ def _device_allowed() -> set[str]:
     return brought | carried
 
 
-def check_device_imports(log_path, stand_ins=("av",)):
+def check_device_imports(log_path, stand_ins=("av",), carries=("carry-wheels.txt",)):
     """Every third-party module the script's processes imported maps to a distribution the device
     has or a call carries (bench/device-image.txt, bench/carry-wheels.txt); issue 11: a device call
     once found torchsde and PyAV missing. Modules named in stand_ins are let through wherever they
@@ -253,7 +271,7 @@ def check_device_imports(log_path, stand_ins=("av",)):
     import site
 
     norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()  # noqa: E731
-    allowed = _device_allowed()
+    allowed = _device_allowed(carries)
     owners = md.packages_distributions()
     roots = [os.path.realpath(p) for p in site.getsitepackages()]
     missing = {}
@@ -333,3 +351,23 @@ def test_forced_stand_in_answers_any_av_module(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "JPEG", (r.stdout + r.stderr)[-4000:]
     assert "av\t\n" in imports.read_text()
     check_device_imports(imports, stand_ins=())
+
+
+def test_server_restart_dry_run(dry_runs):
+    """The real server restarted with each graph: the first run writes the weight cache, the restart reads
+    it; the LoRA is merged; the KSampler's first step is timed after the server answered and the loader ran;
+    ComfyUI's own graph runs too; and (DryRun.wait) the server's own imports are on the device or carried."""
+    run = dry_runs["server"]
+    run.wait()
+    got = rows(run.out / "results-server.json")
+    assert set(got) == {"server ours: cold", "server ours: restart-1", "server comfy: cold", "server comfy: restart-1"}, got
+    for name, r in got.items():
+        assert "error" not in r, (name, r.get("error"))
+        assert r["images"] == 1 and 0 < r["ready_s"] < r["to_first_step_s"] <= r["done_s"], (name, r)
+        assert (run.out / f"server-{r['graph']}-{r['run']}.log").exists()
+    for label, cache in (("cold", "written to the weight cache"), ("restart-1", "read from the weight cache")):
+        r = got[f"server ours: {label}"]
+        assert r["node_s"]["QuantizedFluxLoader"] > 0 and "KSampler" in r["node_s"], r["node_s"]
+        log = " ".join(r["pack_log"])
+        assert cache in log and "LoRA merge: " in log, log
+    assert "UNETLoader" in got["server comfy: restart-1"]["node_s"]
