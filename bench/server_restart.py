@@ -156,6 +156,7 @@ def graph(kind: str, files: dict, args) -> dict:
 _BOOT = """import runpy, sys
 sys.path.insert(0, sys.argv[1])
 import _env
+sys.path.remove(sys.argv[1])  # bench/'s other modules must not shadow a package ComfyUI imports
 b = _env.bootstrap
 if b.needs_stubs():
     b.settle_optional_imports()

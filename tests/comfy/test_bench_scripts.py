@@ -98,8 +98,9 @@ def _dry_run_args(work):
     }
 
 
-# imported by ComfyUI's server in try/except ImportError, not carried (bench/carry-server-wheels.txt)
-SERVER_NOT_CARRIED = ("comfyui_embedded_docs", "comfyui_workflow_templates", "comfyui_workflow_templates_core",
+# imported by ComfyUI's server where a failed import is logged and passed over (docs, templates, the GLSL
+# node), not carried (bench/carry-server-wheels.txt)
+SERVER_NOT_CARRIED = ("OpenGL", "comfy_angle", "comfyui_embedded_docs", "comfyui_workflow_templates", "comfyui_workflow_templates_core",
                       "comfyui_workflow_templates_json", "comfyui_workflow_templates_media_api",
                       "comfyui_workflow_templates_media_assets_01", "comfyui_workflow_templates_media_image",
                       "comfyui_workflow_templates_media_other", "comfyui_workflow_templates_media_video")
