@@ -14,7 +14,7 @@ ROOT = os.path.dirname(HERE)
 BEGIN, END = "<!-- tables:begin (bench/report.py) -->", "<!-- tables:end -->"
 COLS = ["variant", "step_s", "step_ratio", "weights_gib", "weights_ratio", "peak_vram_gib", "load_s", "rel_err",
         "compile_s", "swap_s", "recompiles", "slot_gib", "lora_mib", "step_ratio_vs_no_offload", "peak_ratio_vs_no_offload",
-        "to_first_step_s", "before_load_s", "bytecode_cached", "tflops", "kernel_ms", "calls", "share", "ok", "detail",
+        "to_first_step_s", "ready_s", "done_s", "before_load_s", "bytecode_cached", "tflops", "kernel_ms", "calls", "share", "ok", "detail",
         # comfy_peers.py (copy only its merged results-peers.json into raw/)
         "bare_forward_s", "load_to_first_step_s", "switch_s_median", "step_lora_s", "used_max_gib", "equal",
         "max_abs_diff", "gap_idle_ms_per_step", "gap_idle_after_sync_ms_per_step", "sync_calls_per_step",

@@ -31,6 +31,7 @@ import argparse  # noqa: E402
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -210,7 +211,7 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
     srv.log_path = os.path.join(base, "server.log")
     if os.path.exists(srv.log_path):
         os.remove(srv.log_path)
-    events, row = [], dict(variant=f"server {kind}: {label}", graph=kind, run=label)
+    events, row = [], dict(variant=f"server {kind}: {label}", graph=kind, attempt=label)
     t0 = time.perf_counter()
     try:
         # ComfyServer.start polls every 0.5 s: fine for tests, coarse for a figure; poll every 50 ms here
@@ -255,12 +256,22 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
     finally:
         srv.stop()
         shutil.copy(srv.log_path, os.path.join(args.out, f"server-{kind}-{label}.log"))
-    row["pack_log"] = [ln.strip()[:400] for ln in open(srv.log_path, errors="replace")
+    lines = open(srv.log_path, errors="replace").read().splitlines()
+    row["pack_log"] = [ln.strip()[:400] for ln in lines
                        if "quantlora" in ln.lower() and ("load" in ln.lower() or "merge" in ln.lower())][-8:]
+    # built-in node modules that did not load (a package not carried): the start is that much shorter
+    row["import_failed"] = [ln.strip()[:200] for ln in lines if "Cannot import" in ln or "IMPORT FAILED" in ln][:12]
+    for ln in lines:
+        m = re.search(r"pytorch version: (\S+)", ln)
+        if m:
+            TORCH_VERSION[0] = m.group(1)
     rows.append(row)
     flush(args, rows)
     print(json.dumps(row), flush=True)
     return row
+
+
+TORCH_VERSION = ["?"]  # as the server logs it (this process never imports torch)
 
 
 def flush(args, rows):
@@ -268,7 +279,7 @@ def flush(args, rows):
     device = os.environ.get("QUANTLORA_BENCH_DEVICE_NAME", args.device)
     with open(os.path.join(args.out, "results-server.json"), "w") as f:
         json.dump({"device": device, "date": datetime.date.today().isoformat(), "size": args.size,
-                   "comfyui": os.path.basename(COMFY), "rows": rows}, f, indent=1)
+                   "torch": TORCH_VERSION[0], "comfyui": os.path.basename(COMFY), "rows": rows}, f, indent=1)
 
 
 def device_name(args) -> str:
