@@ -67,7 +67,7 @@ class DirectReader:
         self.chunk = read_chunk()
         self._entries: dict[int, tuple] = {}
         self._files: dict[str, int] = {}
-        self._headers = headers
+        self._headers = list(headers)  # add_file must not add the cache file to the checkpoint's own list (the state dict ComfyUI gets)
         self._staging: list[torch.Tensor] = []
         self._events: list = []
         self._turn = 0

@@ -4,6 +4,7 @@ equal bit for bit to a load without the cache (every quantized tensor's inner te
 A changed checkpoint, another quantization, a damaged cache file: each is a miss that loads from the
 checkpoint and writes a fresh file. On this CPU machine the load device is the CPU
 (DirectReader.on_cpu makes the reads those a GPU load makes)."""
+import logging
 import os
 
 import pytest
@@ -62,14 +63,19 @@ def _files(d):
 
 @torch.no_grad()
 @pytest.mark.parametrize("quantization", ["torchao-int8-weight-only", "quanto-int8", "quanto-fp8"])
-def test_second_load_reads_the_cache_and_builds_the_same_model(flux_file, cache_dir, quantization):
+def test_second_load_reads_the_cache_and_builds_the_same_model(flux_file, cache_dir, quantization, caplog):
     cfg, path = flux_file
     plain, _ = _load(path, quantization, "off")
     assert not cache_dir.exists()  # off writes nothing
     first, r1 = _load(path, quantization, "on")
     assert r1.weight_cache["written"] and not r1.weight_cache["read"] and r1.weight_cache["layers"] == r1.quantized_layers > 0
     assert len(_files(cache_dir)) == 1
-    second, r2 = _load(path, quantization, "on")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        second, r2 = _load(path, quantization, "on")
+    # the cache file's alignment padding never reaches ComfyUI (its "unet unexpected: [quantlora_pad.3, ...]"
+    # warning, ~300 names long on the full model, was in every cached load's log on the H200)
+    assert not [m for m in caplog.messages if "unexpected" in m or "quantlora_pad" in m], caplog.messages
     assert r2.weight_cache["read"] and r2.weight_cache["layers"] == r1.quantized_layers == r2.quantized_layers, r2.weight_cache
     assert r2.phases["cache_hits"] == r1.quantized_layers and r2.phases["quantize_s"] < 1e-3 + r2.phases["cached_s"]
     assert r2.phases["direct_gib"] < r1.phases["direct_gib"]  # the bf16 weights were not read again
