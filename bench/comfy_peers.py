@@ -42,6 +42,7 @@ it, nothing here decodes video) and, with QUANTLORA_IMPORT_LOG=<file>, logs each
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import gc
 import json
@@ -396,9 +397,10 @@ class Peers:
         if cpp_wrapper:
             os.environ["QUANTLORA_INDUCTOR_CPP_WRAPPER"] = "1"
         try:
-            p = QuantizedFluxLoader.execute(os.path.basename(self.b.path), q, "auto", lora_max_rank=64 if slots else 0,
-                                            compile="regional+cudagraphs" if graphs else "regional",
-                                            attention=attention).args[0]
+            p = asyncio.run(QuantizedFluxLoader.execute(os.path.basename(self.b.path), q, "auto",
+                                                        lora_max_rank=64 if slots else 0,
+                                                        compile="regional+cudagraphs" if graphs else "regional",
+                                                        attention=attention)).args[0]
         finally:
             os.environ.pop("QUANTLORA_INDUCTOR_TUNE", None)
             os.environ.pop("QUANTLORA_INDUCTOR_CPP_WRAPPER", None)
@@ -479,7 +481,7 @@ class Peers:
 
         def load():
             t = time.perf_counter()
-            p = QuantizedFluxLoader.execute(name, q, "auto", compile="regional", weight_cache="on").args[0]
+            p = asyncio.run(QuantizedFluxLoader.execute(name, q, "auto", compile="regional", weight_cache="on")).args[0]
             return p, time.perf_counter() - t
 
         self.free()
@@ -622,7 +624,7 @@ class Peers:
         if self.cuda:
             self.reset_peak()
         t0 = time.perf_counter()
-        m = QuantizedFluxLoader.execute(flux, self.args.graph_quant, "auto").args[0]
+        m = asyncio.run(QuantizedFluxLoader.execute(flux, self.args.graph_quant, "auto")).args[0]
         m = LoRAHotswap.execute(m, lora, 1.0, 64, "blocks").args[0]
         lat = nodes.common_ksampler(m, 42, steps, 1.0, "euler", "simple", self.pos, self.neg, self.latent)[0]["samples"]
         self.save(f"graph {self.args.graph_quant} + LoRAHotswap + KSampler", lat)
@@ -636,7 +638,7 @@ class Peers:
         # (c) bf16 -> FP8LayerwiseCast -> LoRAHotswap -> CPUOffloadSampler (none, then block)
         loads0, before = dict(self.loads), self.used()
         t0 = time.perf_counter()
-        m = QuantizedFluxLoader.execute(flux, "none", "auto").args[0]
+        m = asyncio.run(QuantizedFluxLoader.execute(flux, "none", "auto")).args[0]
         m8, msg = cast_model(m, "float8_e4m3fn", "auto")
         del m
         cast_s = time.perf_counter() - t0

@@ -119,7 +119,7 @@ def write_files(args) -> dict:
 # ---------------------------------------------------------------- graphs
 def graph(kind: str, files: dict, args) -> dict:
     px, steps = args.px, args.steps
-    if kind == "ours":
+    if kind.startswith("ours"):
         model = {"1": {"class_type": "QuantizedFluxLoader", "inputs": {
                      "model_name": files["flux"], "quantization": args.quant, "compute_dtype": "auto", "lora_max_rank": 0,
                      "lora_targets": "blocks", "lora_slot_layout": "per-projection", "compile": args.compile,
@@ -221,6 +221,8 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
             os.symlink(ROOT, os.path.join(nodes_dir, "QuantLoRA"))
         srv._log = open(srv.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if kind == "ours-seq":  # the loader before the text encoders, as before session 34 (nodes/load_overlap.py)
+            env["QUANTLORA_OVERLAP_LOAD"] = "0"
         srv.proc = subprocess.Popen(srv.command(), cwd=COMFY, env=env, stdout=srv._log, stderr=subprocess.STDOUT)
         while True:
             if srv.proc.poll() is not None:
@@ -244,13 +246,24 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
         steps = [t for t, k, n, v in events if k == "progress" and str(n) == "20"]
         row["to_first_step_s"] = steps[0] if steps else None
         row["steps_s"] = round(steps[-1] - steps[0], 3) if len(steps) > 1 else None
-        # each node's span: from its 'executing' to the next node's (the sampler's to its first step)
+        # each node's span: from its 'executing' to the next node's (the sampler's to its first step); the
+        # loader, which ComfyUI runs beside the next nodes (async, nodes/load_overlap.py): to its last
+        # progress event, sent when its load is done
         starts = [(t, str(n)) for t, k, n, v in events if k == "executing"]
         types = {n: v["class_type"] for n, v in graph(kind, files, args).items()}
         ends = [t for t, _ in starts[1:]] + [row["done_s"]]
-        row["node_s"] = {types.get(n, n): round((row["to_first_step_s"] if n == "20" and steps else end) - t, 2)
+        last_progress = {}
+        for t, k, n, v in events:
+            if k == "progress":
+                last_progress[str(n)] = t
+        row["node_s"] = {types.get(n, n): round((row["to_first_step_s"] if n == "20" and steps else
+                                                 last_progress.get(n, end) if n == "1" else end) - t, 2)
                          for (t, n), end in zip(starts, ends)}
         row["queued_to_start_s"] = round(starts[0][0] - row["ready_s"], 2) if starts else None
+        # when each node started and the loader ended, from the launch: what ran beside what
+        row["timeline"] = [[t, types.get(n, n)] for t, n in starts] + (
+            [[last_progress["1"], "loader done"]] if "1" in last_progress else [])
+        row["image_sha"] = pixel_sha(res.outputs[0]) if res.outputs else None
     except Exception as e:  # noqa: BLE001 - a failed run is a row with its error, the next run goes on
         row["error"] = f"{type(e).__name__}: {e}"[-3000:]
     finally:
@@ -269,6 +282,19 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
     flush(args, rows)
     print(json.dumps(row), flush=True)
     return row
+
+
+def pixel_sha(path: str) -> str | None:
+    """The image's pixels, hashed (the PNG's own bytes hold the graph, which names the variant)."""
+    try:
+        import hashlib
+
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return hashlib.sha256(im.tobytes()).hexdigest()[:16]
+    except Exception:  # noqa: BLE001 - a figure without the check, not a failed run
+        return None
 
 
 TORCH_VERSION = ["?"]  # as the server logs it (this process never imports torch)
@@ -301,6 +327,9 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--px", type=int, default=1024)
     ap.add_argument("--restarts", type=int, default=3, help="restarts of our graph after its cold run")
+    ap.add_argument("--seq-restarts", type=int, default=0,
+                    help="restarts of our graph with the loader run before the text encoders (QUANTLORA_OVERLAP_LOAD=0), "
+                         "alternating with --restarts")
     ap.add_argument("--comfy-restarts", type=int, default=2, help="restarts of ComfyUI's own graph (0: none)")
     ap.add_argument("--budget-s", type=float, default=520, help="no new run starts after this many seconds")
     ap.add_argument("--ready-timeout", type=float, default=180)
@@ -322,7 +351,9 @@ def main():
         raise SystemExit(f"writing the model files failed ({proc.returncode}):\n{proc.stdout[-2000:]}")
     files = json.loads(lines[-1][len("FILES "):])
     rows = []
-    plan = [("ours", "cold")] + [("ours", f"restart-{i + 1}") for i in range(args.restarts)]
+    plan = [("ours", "cold")]
+    for i in range(max(args.restarts, args.seq_restarts)):
+        plan += [(k, f"restart-{i + 1}") for k, n in (("ours", args.restarts), ("ours-seq", args.seq_restarts)) if i < n]
     if args.comfy_restarts:
         plan += [("comfy", "cold")] + [("comfy", f"restart-{i + 1}") for i in range(args.comfy_restarts)]
     for kind, label in plan:

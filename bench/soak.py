@@ -18,6 +18,7 @@ Checked, each a row in <out>/results-soak.json (exit status 1 if one fails):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -103,8 +104,8 @@ def run(args) -> list[dict]:
     latent = {"samples": torch.zeros(1, 16, args.px // 8, args.px // 8)}
 
     def load():
-        return QuantizedFluxLoader.execute(flux_name, args.quantization, "auto", lora_max_rank=args.max_rank,
-                                           compile=args.compile).args[0]
+        return asyncio.run(QuantizedFluxLoader.execute(flux_name, args.quantization, "auto", lora_max_rank=args.max_rank,
+                                                       compile=args.compile)).args[0]
 
     def sample(base, setting, seed):
         m = base

@@ -178,12 +178,14 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
 
 def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank: int = 0, lora_targets: str = "blocks",
                 lora_slot_layout: str = "per-projection", compile: str = "off", attention: str = "auto", progress=None,
-                weight_cache_mode: str = "off"):
+                weight_cache_mode: str = "off", warm_compiler: bool = False):
     """QuantizedFluxLoader's whole job after its input checks: load, LoRA slots before compiling (when
-    asked), regional compile, the pack's sampling wrappers and the attention choice."""
+    asked), regional compile, the pack's sampling wrappers and the attention choice. warm_compiler
+    (a load beside the graph's other nodes, nodes/load_overlap.py): the compiler's modules are imported
+    now rather than in the first sampling step (speed/warmup.py)."""
     import os
 
-    from ..speed.compile import compile_blocks
+    from ..speed.compile import compile_backend, compile_blocks
     from . import rope_fusion, runtime
 
     patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress, weight_cache_mode)
@@ -198,6 +200,8 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
     if compile != "off":
         rope_fusion.install_if_enabled()  # unless QUANTLORA_FUSE_ROPE=0: before the first trace
         compile_blocks(dm, cudagraphs=compile == "regional+cudagraphs")
+        if warm_compiler and compile_backend() in (None, "inductor"):
+            warmup.warm_compiler(patcher.load_device)
     runtime.install(patcher)
     runtime.set_attention(patcher, attention)
     log.info("QuantLoRA: loaded %s as %s/%s in %.1f s, %.2f GiB of weights%s",

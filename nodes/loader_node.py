@@ -14,6 +14,7 @@ from ..quant import weight_cache as weight_cache_lib
 from ..quant.backends import BACKENDS, QUANTIZATION_NAMES
 from ..speed.attention import ATTENTION_CHOICES
 from ..speed.compile import COMPILE_CHOICES
+from . import load_overlap
 from .runtime import check_attention, check_compile
 from .bridge import COMPUTE_DTYPE_NAMES, build_model
 from .search_aliases import search_aliases
@@ -79,7 +80,7 @@ class QuantizedFluxLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_name, quantization, compute_dtype, lora_max_rank=0, lora_targets="blocks",
+    async def execute(cls, model_name, quantization, compute_dtype, lora_max_rank=0, lora_targets="blocks",
                 compile="off", attention="auto", lora_slot_layout="per-projection", weight_cache="off") -> io.NodeOutput:
         check_choice("quantization", quantization, QUANTIZATION_NAMES)
         check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPE_NAMES)
@@ -94,7 +95,11 @@ class QuantizedFluxLoader(io.ComfyNode):
             raise QuantLoRAError(f"model_name {model_name!r}: give a file name from the model list.")
         path = resolve_checkpoint(model_name, model_roots())
         bar = comfy.utils.ProgressBar(1)
-        patcher = build_model(path, quantization, compute_dtype, lora_max_rank, lora_targets, lora_slot_layout,
-                              compile, attention, progress=lambda done, total: bar.update_absolute(done, total),
-                              weight_cache_mode=weight_cache)
-        return io.NodeOutput(patcher)
+
+        def build(beside_other_nodes: bool):
+            return build_model(path, quantization, compute_dtype, lora_max_rank, lora_targets, lora_slot_layout,
+                               compile, attention, progress=lambda done, total: bar.update_absolute(done, total),
+                               weight_cache_mode=weight_cache, warm_compiler=beside_other_nodes)
+
+        # async: ComfyUI starts this node first and runs the text encoders while it loads (load_overlap.py)
+        return io.NodeOutput(await load_overlap.run(build, path, quantization))

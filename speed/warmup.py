@@ -52,3 +52,44 @@ def start(device) -> bool:
     _thread = threading.Thread(target=run, name="quantlora-warmup", daemon=True)
     _thread.start()
     return True
+
+
+# What a restart's first compiled call imports (torch imports inductor lazily, at the first compile):
+# ~1-2 s of module bodies on the sampler's first step (cProfile of a restart on an H200, BENCHMARKS.md
+# issue 12). Imported where the load runs beside ComfyUI's text encoders (nodes/load_overlap.py), they
+# are no longer on the path to the first step. Any that is missing or fails is left to torch.
+COMPILER_MODULES = (
+    "torch._functorch.aot_autograd",
+    "torch._inductor.compile_fx",
+    "torch._inductor.fx_passes.post_grad",
+    "torch._inductor.select_algorithm",
+    "torch._inductor.codecache",
+)
+CUDA_COMPILER_MODULES = ("torch._inductor.runtime.triton_heuristics", "torch._inductor.codegen.triton")
+
+
+def warm_compiler(device) -> float:
+    """Imports COMPILER_MODULES (and the Triton side for a CUDA device) and computes inductor's cache key
+    of torch's own files; seconds spent (stats['compiler_s']). QUANTLORA_WARMUP=0: nothing."""
+    if not enabled():
+        return 0.0
+    import importlib
+
+    t0 = time.perf_counter()
+    names = COMPILER_MODULES + (CUDA_COMPILER_MODULES if getattr(device, "type", str(device)) == "cuda" else ())
+    failed = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - torch imports it itself when it needs it
+            failed.append(f"{name}: {type(e).__name__}")
+    try:
+        from torch._inductor.codecache import torch_key
+
+        torch_key()  # lru-cached: hashes torch's sources once per process
+    except Exception as e:  # noqa: BLE001
+        failed.append(f"torch_key: {type(e).__name__}")
+    stats["compiler_s"] = round(time.perf_counter() - t0, 3)
+    if failed:
+        stats["compiler_failed"] = failed[:6]
+    return stats["compiler_s"]

@@ -93,7 +93,7 @@ def _dry_run_args(work):
         # template and docs packages are not carried (imported in try/except: the server logs and goes on)
         "server": ("server_restart.py", ["--size", "tiny", "--workdir", work("server"), "--quant", "torchao-int8-weight-only",
                                          "--compile", "off", "--comfy-dtype", "default", "--px", "128", "--steps", "2",
-                                         "--restarts", "1", "--comfy-restarts", "1"], 600,
+                                         "--restarts", "1", "--seq-restarts", "1", "--comfy-restarts", "1"], 600,
                    dict(carries=("carry-wheels.txt", "carry-server-wheels.txt"), absent_ok=SERVER_NOT_CARRIED)),
     }
 
@@ -361,7 +361,8 @@ def test_server_restart_dry_run(dry_runs):
     run = dry_runs["server"]
     run.wait()
     got = rows(run.out / "results-server.json")
-    assert set(got) == {"server ours: cold", "server ours: restart-1", "server comfy: cold", "server comfy: restart-1"}, got
+    assert set(got) == {"server ours: cold", "server ours: restart-1", "server ours-seq: restart-1", "server comfy: cold",
+                        "server comfy: restart-1"}, got
     for name, r in got.items():
         assert "error" not in r, (name, r.get("error"))
         assert r["images"] == 1 and 0 < r["ready_s"] < r["to_first_step_s"] <= r["done_s"], (name, r)
@@ -372,3 +373,12 @@ def test_server_restart_dry_run(dry_runs):
         log = " ".join(r["pack_log"])
         assert cache in log and "LoRA merge: " in log, log
     assert "UNETLoader" in got["server comfy: restart-1"]["node_s"]
+    # the loader beside the text encoder (nodes/load_overlap.py), or before it with QUANTLORA_OVERLAP_LOAD=0;
+    # the same image either way
+    for variant, beside in (("server ours: restart-1", True), ("server ours-seq: restart-1", False)):
+        order = [name for _, name in got[variant]["timeline"]]
+        assert order.index("QuantizedFluxLoader") < order.index("CLIPTextEncode"), (variant, order)
+        assert ("loader done" in order and order.index("loader done") > order.index("QuantizedFluxLoader")), order
+        log = " ".join(open(run.out / f"server-{got[variant]['graph']}-restart-1.log").read().splitlines())
+        assert ("while ComfyUI runs the graph's other nodes" in log) is beside, variant
+    assert got["server ours: restart-1"]["image_sha"] == got["server ours-seq: restart-1"]["image_sha"] is not None

@@ -2,6 +2,8 @@
 exception type (KeyError, TypeError, ZeroDivisionError, RuntimeError from torch or a quantization
 library, FileNotFoundError) now raise QuantLoRAError naming the input and what to do. In-process
 on CPU, plus two cases through the real server (API-format values the UI cannot send)."""
+import asyncio
+import inspect
 import itertools
 import json
 import math
@@ -20,7 +22,9 @@ _seeds = itertools.count(int.from_bytes(os.urandom(3), "big"))
 
 def _raises(fn, *args, **kwargs) -> str:
     with pytest.raises(QuantLoRAError) as e:
-        fn(*args, **kwargs)
+        out = fn(*args, **kwargs)
+        if inspect.iscoroutine(out):  # QuantizedFluxLoader.execute is async (nodes/load_overlap.py)
+            asyncio.run(out)
     assert type(e.value) is QuantLoRAError
     return str(e.value)
 

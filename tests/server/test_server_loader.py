@@ -55,3 +55,22 @@ def test_weight_cache_written_then_read_gives_the_same_image(server):
     log = server.log_tail(200_000)
     assert "written to the weight cache" in log and "read from the weight cache" in log, log[-3000:]
     assert _pixels(server, e0) == _pixels(server, e1) == _pixels(server, e2)
+
+
+def test_loader_starts_first_and_loads_while_the_text_encoder_runs(server, tmp_path):
+    """QuantizedFluxLoader's execute is async (nodes/load_overlap.py): ComfyUI starts it before the other
+    ready nodes and goes on with the text encoder while it loads."""
+    import uuid
+
+    from quantlora.client import run_workflow
+
+    graph = txt2img(loader(), prefix="overlap")
+    graph["model"]["inputs"]["lora_max_rank"] = 3  # inputs no earlier test used: the loader runs, not its cache
+    graph["pos"]["inputs"]["text"] = f"a red fox in the snow {uuid.uuid4().hex[:8]}"
+    events = []
+    result = run_workflow(server.url, graph, out_dir=tmp_path / "out", timeout=600, progress=events.append)
+    assert len(result.outputs) == 1
+    executing = [str(e.node) for e in events if e.kind == "executing"]
+    assert executing.index("model") < executing.index("pos"), executing  # the text is new: it runs too
+    log = server.log_tail(200_000)
+    assert "while ComfyUI runs the graph's other nodes" in log, log[-3000:]
