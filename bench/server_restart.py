@@ -150,6 +150,13 @@ def graph(kind: str, files: dict, args) -> dict:
             "23": {"class_type": "SaveImage", "inputs": {"filename_prefix": f"sr-{kind}", "images": ["22", 0]}}}
 
 
+# Variants of our graph: the same graph, the server started with these settings (nodes/load_overlap.py)
+VARIANT_ENV = {
+    "ours-seq": {"QUANTLORA_OVERLAP_LOAD": "0"},  # the loader before the text encoders, as before session 34
+    "ours-noswitch": {"QUANTLORA_OVERLAP_SWITCH_MS": "0"},  # beside them, Python's own 5 ms switch interval
+}
+
+
 # ---------------------------------------------------------------- one server run
 # main.py through bench/_env.py: its import-only stand-in for PyAV where PyAV is missing (the device: not
 # carried, see bench/carry-server-wheels.txt) or forced (the CI dry run), the harness's torchvision
@@ -221,8 +228,7 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
             os.symlink(ROOT, os.path.join(nodes_dir, "QuantLoRA"))
         srv._log = open(srv.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if kind == "ours-seq":  # the loader before the text encoders, as before session 34 (nodes/load_overlap.py)
-            env["QUANTLORA_OVERLAP_LOAD"] = "0"
+        env.update(VARIANT_ENV.get(kind, {}))
         srv.proc = subprocess.Popen(srv.command(), cwd=COMFY, env=env, stdout=srv._log, stderr=subprocess.STDOUT)
         while True:
             if srv.proc.poll() is not None:
@@ -327,9 +333,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--px", type=int, default=1024)
     ap.add_argument("--restarts", type=int, default=3, help="restarts of our graph after its cold run")
-    ap.add_argument("--seq-restarts", type=int, default=0,
-                    help="restarts of our graph with the loader run before the text encoders (QUANTLORA_OVERLAP_LOAD=0), "
-                         "alternating with --restarts")
+    ap.add_argument("--alternate", default="", help="comma-separated variants of our graph (VARIANT_ENV) restarted "
+                                                     "--restarts times each, alternating with ours")
     ap.add_argument("--comfy-restarts", type=int, default=2, help="restarts of ComfyUI's own graph (0: none)")
     ap.add_argument("--budget-s", type=float, default=520, help="no new run starts after this many seconds")
     ap.add_argument("--ready-timeout", type=float, default=180)
@@ -351,9 +356,11 @@ def main():
         raise SystemExit(f"writing the model files failed ({proc.returncode}):\n{proc.stdout[-2000:]}")
     files = json.loads(lines[-1][len("FILES "):])
     rows = []
-    plan = [("ours", "cold")]
-    for i in range(max(args.restarts, args.seq_restarts)):
-        plan += [(k, f"restart-{i + 1}") for k, n in (("ours", args.restarts), ("ours-seq", args.seq_restarts)) if i < n]
+    kinds = ["ours"] + [k for k in args.alternate.split(",") if k]
+    unknown = [k for k in kinds[1:] if k not in VARIANT_ENV]
+    if unknown:
+        raise SystemExit(f"--alternate: unknown variants {unknown}; known: {sorted(VARIANT_ENV)}")
+    plan = [("ours", "cold")] + [(k, f"restart-{i + 1}") for i in range(args.restarts) for k in kinds]
     if args.comfy_restarts:
         plan += [("comfy", "cold")] + [("comfy", f"restart-{i + 1}") for i in range(args.comfy_restarts)]
     for kind, label in plan:

@@ -93,7 +93,7 @@ def _dry_run_args(work):
         # template and docs packages are not carried (imported in try/except: the server logs and goes on)
         "server": ("server_restart.py", ["--size", "tiny", "--workdir", work("server"), "--quant", "torchao-int8-weight-only",
                                          "--compile", "off", "--comfy-dtype", "default", "--px", "128", "--steps", "2",
-                                         "--restarts", "1", "--seq-restarts", "1", "--comfy-restarts", "1"], 600,
+                                         "--restarts", "1", "--alternate", "ours-seq", "--comfy-restarts", "1"], 600,
                    dict(carries=("carry-wheels.txt", "carry-server-wheels.txt"), absent_ok=SERVER_NOT_CARRIED)),
     }
 
