@@ -153,7 +153,6 @@ def graph(kind: str, files: dict, args) -> dict:
 # Variants of our graph: the same graph, the server started with these settings (nodes/load_overlap.py)
 VARIANT_ENV = {
     "ours-seq": {"QUANTLORA_OVERLAP_LOAD": "0"},  # the loader before the text encoders, as before session 34
-    "ours-noswitch": {"QUANTLORA_OVERLAP_SWITCH_MS": "0"},  # beside them, Python's own 5 ms switch interval
 }
 
 

@@ -7,10 +7,10 @@ thread runs while ComfyUI loads and runs the text encoders, instead of after the
 two are each ~2 s (H200, BENCHMARKS.md issue 12). The model and the error a user sees are the same;
 only when the work happens changes.
 
-While the worker runs, Python's thread switch interval is 0.5 ms instead of 5 ms
-(QUANTLORA_OVERLAP_SWITCH_MS; 0 leaves it): ComfyUI's thread gives up the interpreter lock at every
-wait on the GPU or the disk and, with the worker busy in Python, waits up to a whole interval to get it
-back (the "convoy": the text encoder ran 1.5 -> 3.4 s beside the load on an H200).
+Both threads hold the interpreter lock for most of their work, so the overlap is partial: beside the
+load the text encoder took 2.7-3.5 s instead of 1.4-1.6 s (H200); what is gained is the other's waits
+on the GPU and the disk. A shorter thread switch interval (0.5 ms) while the worker ran did not change
+that and was dropped (BENCHMARKS.md issue 12, sixteenth round).
 
 Run inline (the old order) where the device's free memory cannot hold the model beside a text encoder
 (`HEADROOM`), and with QUANTLORA_OVERLAP_LOAD=0. One of the pack's loads at a time: two loader nodes
@@ -19,10 +19,8 @@ of one graph take turns.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import sys
 import threading
 
 import torch
@@ -35,7 +33,6 @@ from . import comfy_door
 
 log = logging.getLogger("quantlora")
 ENV = "QUANTLORA_OVERLAP_LOAD"
-SWITCH_ENV = "QUANTLORA_OVERLAP_SWITCH_MS"
 # Room left for what ComfyUI loads meanwhile: a T5-XXL in fp16 is 9.5 GB; most graphs load less.
 HEADROOM = 10 * 2 ** 30
 _LOADS = threading.Lock()
@@ -79,37 +76,12 @@ def decide(path: str, quantization: str, device) -> tuple[bool, str]:
     return True, f"{free / gib:.1f} GiB free on {device}"
 
 
-def switch_interval_s() -> float | None:
-    """The switch interval while a load runs beside other nodes (None: Python's own)."""
-    try:
-        ms = float(os.environ.get(SWITCH_ENV, "0.5"))
-    except ValueError:
-        return None
-    return ms / 1000 if ms > 0 else None
-
-
-@contextlib.contextmanager
-def _short_switch_interval():
-    want, old = switch_interval_s(), sys.getswitchinterval()
-    if want is None or want >= old:
-        yield
-        return
-    sys.setswitchinterval(want)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
-
-
 def _locked(build, beside_other_nodes: bool, inference: bool = False, grad: bool = True):
     # inference and grad mode are per thread: the worker takes the node's (ComfyUI executes a prompt under
     # torch.inference_mode), else the weights would not be inference tensors and torchao's tensors
     # fail at their first detach in the sampler ("Cannot set version_counter for inference tensor")
     with _LOADS, torch.inference_mode(inference), torch.set_grad_enabled(grad):
-        if not beside_other_nodes:
-            return build(False)
-        with _short_switch_interval():
-            return build(True)
+        return build(beside_other_nodes)
 
 
 async def run(build, path: str, quantization: str):

@@ -122,25 +122,3 @@ def test_the_thread_builds_in_the_nodes_inference_mode(flux_path, inference):
     (made_inference, grad), _ = _play(node, lambda: None)
     assert made_inference is inference and grad is (not inference)
 
-
-def test_the_switch_interval_is_short_while_the_worker_loads_and_restored_after(flux_path, monkeypatch):
-    import sys
-
-    from quantlora.nodes import load_overlap
-
-    before = sys.getswitchinterval()
-    seen = {}
-
-    def build(beside):
-        seen[beside] = sys.getswitchinterval()
-        return beside
-
-    _play(lambda: load_overlap.run(build, flux_path, "none"), lambda: None)
-    assert seen[True] == pytest.approx(0.0005) and 0.0005 < before == sys.getswitchinterval()
-    monkeypatch.setenv(load_overlap.SWITCH_ENV, "0")  # Python's own
-    _play(lambda: load_overlap.run(build, flux_path, "none"), lambda: None)
-    assert seen[True] == before
-    monkeypatch.setenv(load_overlap.ENV, "0")  # inline: never changed
-    monkeypatch.delenv(load_overlap.SWITCH_ENV)
-    _play(lambda: load_overlap.run(build, flux_path, "none"), lambda: None)
-    assert seen[False] == before == sys.getswitchinterval()
