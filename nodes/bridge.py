@@ -179,17 +179,20 @@ def load_flux_model_patcher(path: str, quantization: str, compute_dtype: str, pr
 
 def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank: int = 0, lora_targets: str = "blocks",
                 lora_slot_layout: str = "per-projection", compile: str = "off", attention: str = "auto", progress=None,
-                weight_cache_mode: str = "off", warm_compiler: bool = False):
+                weight_cache_mode: str = "off", warm_compiler: bool = False, between_phases=None):
     """QuantizedFluxLoader's whole job after its input checks: load, LoRA slots before compiling (when
     asked), regional compile, the pack's sampling wrappers and the attention choice. warm_compiler
     (a load beside the graph's other nodes, nodes/load_overlap.py): the compiler's modules are imported
-    now rather than in the first sampling step (speed/warmup.py)."""
+    now rather than in the first sampling step (speed/warmup.py). between_phases: called between the phases
+    (nodes/load_overlap.py: a load whose prompt has ended raises there)."""
     import os
 
     from ..speed.compile import compile_backend, compile_blocks
     from . import rope_fusion, runtime
 
     patcher, report = load_flux_model_patcher(path, quantization, compute_dtype, progress, weight_cache_mode)
+    if between_phases is not None:
+        between_phases()
     dm = patcher.model.diffusion_model
     if lora_max_rank > 0:
         try:
@@ -204,6 +207,8 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
         rope_fusion.install_if_enabled()  # unless QUANTLORA_FUSE_ROPE=0: before the first trace
         compile_blocks(dm, cudagraphs=compile == "regional+cudagraphs")
         set_up = f"; blocks set up for torch.compile in {time.perf_counter() - t0:.2f} s"
+        if between_phases is not None:
+            between_phases()
         if warm_compiler and compile_backend() in (None, "inductor"):
             set_up += f", the compiler's modules imported in {warmup.warm_compiler(patcher.load_device):.2f} s"
     runtime.install(patcher)

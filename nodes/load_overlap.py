@@ -19,6 +19,7 @@ of one graph take turns.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import threading
@@ -36,6 +37,22 @@ ENV = "QUANTLORA_OVERLAP_LOAD"
 # Room left for what ComfyUI loads meanwhile: a T5-XXL in fp16 is 9.5 GB; most graphs load less.
 HEADROOM = 10 * 2 ** 30
 _LOADS = threading.Lock()
+# Set when the awaiting node is cancelled (another node failed, or the user interrupted and ComfyUI's
+# own thread took the interrupt): the worker stops at its next check instead of loading on, and the end
+# of the prompt, which waits for the worker thread, comes at once.
+_STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("quantlora_load_stop", default=None)
+
+
+class LoadCancelled(Exception):
+    """The node that asked for this load is gone; nothing will use the model."""
+
+
+def check_cancelled() -> None:
+    """Raises LoadCancelled in a worker whose node was cancelled; nothing elsewhere. Called at each layer
+    (the loader's progress) and between the load's phases."""
+    stop = _STOP.get()
+    if stop is not None and stop.is_set():
+        raise LoadCancelled("the prompt ended before the load finished")
 
 
 def enabled() -> bool:
@@ -97,4 +114,13 @@ async def run(build, path: str, quantization: str):
         return _locked(build, False, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
     log.info("QuantLoRA: loading %s while ComfyUI runs the graph's other nodes (%s; %s=0 loads first)",
              name, why, ENV)
-    return await asyncio.to_thread(_locked, build, True, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+    stop = threading.Event()
+    token = _STOP.set(stop)  # copied into the worker's context by to_thread
+    try:
+        return await asyncio.to_thread(_locked, build, True, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+    except asyncio.CancelledError:
+        stop.set()
+        log.info("QuantLoRA: the load of %s stops: the prompt ended first", name)
+        raise
+    finally:
+        _STOP.reset(token)

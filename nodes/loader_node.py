@@ -96,10 +96,14 @@ class QuantizedFluxLoader(io.ComfyNode):
         path = resolve_checkpoint(model_name, model_roots())
         bar = comfy.utils.ProgressBar(1)
 
+        def progress(done, total):
+            load_overlap.check_cancelled()  # a load beside other nodes whose prompt has ended stops here
+            bar.update_absolute(done, total)
+
         def build(beside_other_nodes: bool):
             return build_model(path, quantization, compute_dtype, lora_max_rank, lora_targets, lora_slot_layout,
-                               compile, attention, progress=lambda done, total: bar.update_absolute(done, total),
-                               weight_cache_mode=weight_cache, warm_compiler=beside_other_nodes)
+                               compile, attention, progress=progress, weight_cache_mode=weight_cache,
+                               warm_compiler=beside_other_nodes, between_phases=load_overlap.check_cancelled)
 
         # async: ComfyUI starts this node first and runs the text encoders while it loads (load_overlap.py)
         return io.NodeOutput(await load_overlap.run(build, path, quantization))

@@ -122,3 +122,56 @@ def test_the_thread_builds_in_the_nodes_inference_mode(flux_path, inference):
     (made_inference, grad), _ = _play(node, lambda: None)
     assert made_inference is inference and grad is (not inference)
 
+
+
+def test_a_cancelled_node_stops_its_worker_at_the_next_check(flux_path):
+    """Another node failed, or ComfyUI's own thread took the user's interrupt: the prompt ends, asyncio
+    cancels the pending loader and then waits for its worker thread. The worker must stop at its next
+    check, not load on (a cold load: a minute)."""
+    import time
+
+    from quantlora.nodes import load_overlap
+
+    started = threading.Event()
+    seen = {}
+
+    def build(_):
+        started.set()
+        t0 = time.perf_counter()
+        try:
+            while time.perf_counter() - t0 < 30:  # a long load: one check per layer
+                load_overlap.check_cancelled()
+                time.sleep(0.01)
+        except load_overlap.LoadCancelled:
+            seen["stopped_after_s"] = time.perf_counter() - t0
+            raise
+        return "loaded on"
+
+    async def prompt():
+        task = asyncio.create_task(load_overlap.run(build, flux_path, "none"))
+        await asyncio.sleep(0)
+        await asyncio.to_thread(started.wait, 10)
+        raise RuntimeError("a node failed")  # asyncio.run cancels the task, then joins the worker
+
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="a node failed"):
+        asyncio.run(prompt())
+    assert time.perf_counter() - t0 < 10 and seen["stopped_after_s"] < 10, seen
+    load_overlap.check_cancelled()  # outside a cancelled worker: nothing
+
+
+def test_the_loader_node_checks_for_cancellation_at_each_layer(comfy, flux_path, monkeypatch):
+    """QuantizedFluxLoader's progress goes through check_cancelled: a cancelled worker stops inside the load."""
+    import os
+
+    import folder_paths
+
+    from quantlora.nodes import load_overlap
+    from quantlora.nodes.loader_node import QuantizedFluxLoader
+
+    monkeypatch.setattr(folder_paths, "get_folder_paths", lambda kind: [os.path.dirname(flux_path)])
+    calls = []
+    real = load_overlap.check_cancelled
+    monkeypatch.setattr(load_overlap, "check_cancelled", lambda: (calls.append(1), real()))
+    model = asyncio.run(QuantizedFluxLoader.execute(os.path.basename(flux_path), "none", "fp32")).args[0]
+    assert model is not None and len(calls) >= 4, len(calls)  # per layer and between the phases
