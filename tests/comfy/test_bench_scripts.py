@@ -89,6 +89,9 @@ def _dry_run_args(work):
         "peers": ("comfy_peers.py", ["--size", "tiny", "--fast-quant", "torchao-int8-weight-only", "--profile-merge",
                                      "--graph-quant", "torchao-int8-weight-only", "--steps", "3", "--graph-steps", "2",
                                      "--switches", "1", "--workdir", work("peers")], 1200),
+        # one Flux block compiled ahead of time (AOTInductor) against torch.compile, each restarted
+        "aoti": ("aoti_probe.py", ["--device", "cpu", "--hidden", "128", "--tokens", "64", "--repeats", "1",
+                                   "--workdir", work("aoti")], 600),
         # the real server, restarted: its imports checked against the server call's carry too; ComfyUI's
         # template and docs packages are not carried (imported in try/except: the server logs and goes on)
         "server": ("server_restart.py", ["--size", "tiny", "--workdir", work("server"), "--quant", "torchao-int8-weight-only",
@@ -109,7 +112,7 @@ SERVER_NOT_CARRIED = ("OpenGL", "comfy_angle", "comfyui_embedded_docs", "comfyui
 # which dry run each test collects (only the selected tests' runs start)
 DRY_RUN_OF_TEST = {"test_bench_flux_sections": "flux", "test_bench_offload": "offload", "test_soak_dry_run": "soak",
                    "test_pin_probe_dry_run": "pin", "test_pin_probe_map_dry_run": "pinmap", "test_oom_check_dry_run": "oom", "test_comfy_peers_dry_run": "peers",
-                   "test_server_restart_dry_run": "server"}
+                   "test_server_restart_dry_run": "server", "test_aoti_probe_dry_run": "aoti"}
 
 
 @pytest.fixture(scope="module")
@@ -382,3 +385,19 @@ def test_server_restart_dry_run(dry_runs):
         log = " ".join(open(run.out / f"server-{got[variant]['graph']}-restart-1.log").read().splitlines())
         assert ("while ComfyUI runs the graph's other nodes" in log) is beside, variant
     assert got["server ours: restart-1"]["image_sha"] == got["server ours-seq: restart-1"]["image_sha"] is not None
+
+
+def test_aoti_probe_dry_run(dry_runs):
+    """A block compiled ahead of time loads in a fresh process without inductor's compiler (fewer modules
+    than torch.compile's restart imports) and computes what the eager block computes; the torch.compile
+    restart row is there to compare with."""
+    run = dry_runs["aoti"]
+    run.wait()
+    got = rows(run.out / "results-aoti.json")
+    aoti = got["aoti probe, double block 128: aoti restart 1"]
+    compiled = got["aoti probe, double block 128: compile restart 1"]
+    assert "error" not in aoti and "error" not in compiled, (aoti, compiled)
+    assert aoti["compile_fx_imported"] is False and compiled["compile_fx_imported"] is True
+    assert aoti["modules_imported"] < compiled["modules_imported"], (aoti, compiled)
+    assert aoti["max_abs_diff"] < 1e-4 and compiled["max_abs_diff"] < 1e-4, (aoti, compiled)
+    assert aoti["first_call_s"] > 0 and aoti["load_s"] > 0

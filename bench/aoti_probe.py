@@ -1,0 +1,178 @@
+"""What would ahead-of-time compiled blocks save at a restart? (issue 12: the restart's own seconds after
+ComfyUI answers are host Python, most of it torch.compile's start: inductor's imports when the blocks are
+set up, dynamo tracing and the compiled graphs from the caches at the first step.)
+
+One ComfyUI Flux DoubleStreamBlock (ComfyUI's own class and operations, --hidden wide, 128-wide heads,
+seeded weights, the compute dtype of the device) in fresh processes, each timing the restart's work only:
+  compile   block.compile() (the set-up: what QuantizedFluxLoader does) and its first call, inductor's
+            caches warm (one process run first to fill them): what a restart pays today per block kind
+  aoti      torch._inductor.aoti_load_package of the block exported and compiled ahead of time
+            (torch.export + aoti_compile_and_package, done once before) and its first call
+Each row also gives the modules the process imported for it and the output's largest difference from the
+eager block. Weights are constants of the package here; a product version would take them as inputs.
+
+    bash bench/device_run.sh aoti_probe.py --out $OUT/aoti                # on the GPU
+    python bench/aoti_probe.py --device cpu --hidden 128 --out /tmp/aoti  # a CPU check (CI)
+Rows go to <out>/results-aoti.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+PROCESS_START = time.perf_counter()
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _env  # noqa: E402  (stdlib only at import)
+
+
+def block_and_inputs(args):
+    """ComfyUI's DoubleStreamBlock with seeded weights and FLUX-shaped inputs (--tokens image, 1/8 text)."""
+    import torch
+
+    import comfy.ops
+    from comfy.ldm.flux.layers import DoubleStreamBlock
+
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    blk = DoubleStreamBlock(args.hidden, args.hidden // 128, 4.0, qkv_bias=True,
+                            operations=comfy.ops.disable_weight_init, dtype=dtype, device=dev)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    g = torch.Generator(device=dev).manual_seed(1)
+    n_txt = max(args.tokens // 8, 1)
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, device=dev, dtype=dt)
+
+    inputs = (rnd(1, args.tokens, args.hidden), rnd(1, n_txt, args.hidden), rnd(1, args.hidden),
+              rnd(1, 1, args.tokens + n_txt, 64, 2, 2, dt=torch.float32))
+    return blk.eval(), inputs
+
+
+def wrap(blk):
+    """The block as ComfyUI's Flux calls it, its tensors positional (for torch.export)."""
+    import torch
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            self.b = b
+
+        def forward(self, img, txt, vec, pe):
+            return self.b(img, txt, vec, pe, transformer_options={})
+
+    return Wrap(blk).eval()
+
+
+def sync(args):
+    import torch
+
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def child(args) -> dict:
+    """One process: --phase build | aoti | compile; returns its row."""
+    _env.setup(cpu=args.device == "cpu")
+    import torch
+
+    import comfy.model_management  # noqa: F401  what the server has imported when the loader runs
+    import comfy.model_patcher  # noqa: F401
+    import comfy.sd  # noqa: F401
+
+    blk, inputs = block_and_inputs(args)
+    row = dict(phase=args.phase, setup_s=round(time.perf_counter() - PROCESS_START, 2))
+    with torch.inference_mode():
+        ref = blk(*inputs, transformer_options={})
+        sync(args)
+        mods0 = len(sys.modules)
+        t0 = time.perf_counter()
+        if args.phase == "build":
+            ep = torch.export.export(wrap(blk), inputs)
+            row["export_s"] = round(time.perf_counter() - t0, 2)
+            t1 = time.perf_counter()
+            torch._inductor.aoti_compile_and_package(ep, package_path=args.package)
+            row["aoti_compile_s"] = round(time.perf_counter() - t1, 2)
+            return row
+        if args.phase == "aoti":
+            runner = torch._inductor.aoti_load_package(args.package)
+            row["load_s"] = round(time.perf_counter() - t0, 3)
+            t1 = time.perf_counter()
+            out = runner(*inputs)
+        else:
+            blk.compile()
+            row["load_s"] = round(time.perf_counter() - t0, 3)  # the set-up
+            t1 = time.perf_counter()
+            out = blk(*inputs, transformer_options={})
+        sync(args)
+        row["first_call_s"] = round(time.perf_counter() - t1, 3)
+        row["restart_work_s"] = round(time.perf_counter() - t0, 3)
+        row["modules_imported"] = len(sys.modules) - mods0
+        row["compile_fx_imported"] = "torch._inductor.compile_fx" in sys.modules
+        outs, refs = (out if isinstance(out, (list, tuple)) else [out]), (ref if isinstance(ref, tuple) else [ref])
+        row["max_abs_diff"] = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, refs))
+    return row
+
+
+def run_child(args, phase) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--phase", phase, "--device", args.device,
+           "--hidden", str(args.hidden), "--tokens", str(args.tokens), "--package", args.package]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)  # its stderr: ours
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+    if proc.returncode != 0 or not lines:
+        return dict(phase=phase, error=f"rc {proc.returncode} (its log above): {proc.stdout[-1500:]}")
+    return json.loads(lines[-1][4:])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--hidden", type=int, default=3072, help="FLUX.1: 3072 (24 heads of 128)")
+    ap.add_argument("--tokens", type=int, default=4096, help="image tokens (1024x1024: 4096); text: 1/8 of it")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--workdir", default="/tmp/quantlora-aoti")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--phase", default="")
+    ap.add_argument("--package", default="")
+    args = ap.parse_args()
+    if args.child:
+        print("ROW " + json.dumps(child(args)), flush=True)
+        return
+    _env.install_stand_ins()  # (logged) what each child installs too
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    args.package = os.path.join(args.workdir, f"double-{args.device}-{args.hidden}.pt2")
+    rows = []
+
+    def flush():
+        with open(os.path.join(args.out, "results-aoti.json"), "w") as f:
+            json.dump({"device": os.environ.get("QUANTLORA_BENCH_DEVICE_NAME", args.device),
+                       "date": datetime.date.today().isoformat(), "hidden": args.hidden, "tokens": args.tokens,
+                       "rows": rows}, f, indent=1)
+
+    plan = [("build", "build"), ("compile", "compile cold (fills inductor's caches)")]
+    for i in range(args.repeats):
+        plan += [("aoti", f"aoti restart {i + 1}"), ("compile", f"compile restart {i + 1}")]
+    for phase, label in plan:
+        r = run_child(args, phase)
+        r["variant"] = f"aoti probe, double block {args.hidden}: {label}"
+        rows.append(r)
+        flush()
+        print(json.dumps(r), flush=True)
+    failed = [r["variant"] for r in rows if "error" in r]
+    if failed:
+        raise SystemExit(f"failed: {failed}")
+
+
+if __name__ == "__main__":
+    main()
