@@ -81,7 +81,8 @@ class QuantizedFluxLoader(io.ComfyNode):
 
     @classmethod
     async def execute(cls, model_name, quantization, compute_dtype, lora_max_rank=0, lora_targets="blocks",
-                compile="off", attention="auto", lora_slot_layout="per-projection", weight_cache="off") -> io.NodeOutput:
+                      compile="off", attention="auto", lora_slot_layout="per-projection",
+                      weight_cache="off") -> io.NodeOutput:
         check_choice("quantization", quantization, QUANTIZATION_NAMES)
         check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPE_NAMES)
         check_choice("lora_targets", lora_targets, TARGET_SETS)
