@@ -9,7 +9,8 @@ seeded weights, the compute dtype of the device) in fresh processes, each timing
   aoti      torch._inductor.aoti_load_package of the block exported and compiled ahead of time
             (torch.export + aoti_compile_and_package, done once before) and its first call
 Each row also gives the modules the process imported for it and the output's largest difference from the
-eager block. Weights are constants of the package here; a product version would take them as inputs.
+eager block. aoti: the weights are constants of the package; aoti-shared: they are an input (one package
+for every block of a kind, the pack's own weight tensors), checked with a second block's weights too.
 
     bash bench/device_run.sh aoti_probe.py --out $OUT/aoti                # on the GPU
     python bench/aoti_probe.py --device cpu --hidden 128 --out /tmp/aoti  # a CPU check (CI)
@@ -72,6 +73,30 @@ def wrap(blk):
     return Wrap(blk).eval()
 
 
+def weights_as_inputs(blk):
+    """The block's forward with its weights as an input (a dict, name -> tensor): one package for every
+    block of a kind, whose weights (LoRA merges included) stay the pack's own tensors."""
+    import torch
+
+    class Shared(torch.nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            object.__setattr__(self, "_b", b)  # not a submodule: its weights are no constants of the package
+
+        def forward(self, weights, img, txt, vec, pe):
+            return torch.func.functional_call(self._b, weights, (img, txt, vec, pe), {"transformer_options": {}})
+
+    return Shared(blk).eval()
+
+
+def other_weights(blk):
+    """Another block's weights (seeded differently), for the shared package's second call."""
+    import torch
+
+    g = torch.Generator(device=next(blk.parameters()).device).manual_seed(7)
+    return {n: torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.02 for n, p in blk.named_parameters()}
+
+
 def sync(args):
     import torch
 
@@ -80,7 +105,7 @@ def sync(args):
 
 
 def child(args) -> dict:
-    """One process: --phase build | aoti | compile; returns its row."""
+    """One process: --phase build | aoti | compile | build-shared | aoti-shared; returns its row."""
     _env.setup(cpu=args.device == "cpu")
     import torch
 
@@ -90,35 +115,53 @@ def child(args) -> dict:
 
     blk, inputs = block_and_inputs(args)
     row = dict(phase=args.phase, setup_s=round(time.perf_counter() - PROCESS_START, 2))
+    shared = args.phase.endswith("-shared")
+    package = args.package.replace(".pt2", "-shared.pt2") if shared else args.package
+    weights = {n: p.detach() for n, p in blk.named_parameters()}
+
+    def fresh():  # FLUX's blocks add into their inputs and return them: every call gets its own copies
+        return tuple(t.clone() for t in inputs)
+
+    def outputs(out):
+        return [o.clone() for o in (out if isinstance(out, (list, tuple)) else [out])]
+
     with torch.inference_mode():
-        ref = blk(*inputs, transformer_options={})
+        ref = outputs(blk(*fresh(), transformer_options={}))
         sync(args)
         mods0 = len(sys.modules)
         t0 = time.perf_counter()
-        if args.phase == "build":
-            ep = torch.export.export(wrap(blk), inputs)
+        if args.phase.startswith("build"):
+            ep = (torch.export.export(weights_as_inputs(blk), (weights, *fresh())) if shared else
+                  torch.export.export(wrap(blk), fresh()))
             row["export_s"] = round(time.perf_counter() - t0, 2)
             t1 = time.perf_counter()
-            torch._inductor.aoti_compile_and_package(ep, package_path=args.package)
+            torch._inductor.aoti_compile_and_package(ep, package_path=package)
             row["aoti_compile_s"] = round(time.perf_counter() - t1, 2)
             return row
-        if args.phase == "aoti":
-            runner = torch._inductor.aoti_load_package(args.package)
+        if args.phase.startswith("aoti"):
+            runner = torch._inductor.aoti_load_package(package)
             row["load_s"] = round(time.perf_counter() - t0, 3)
             t1 = time.perf_counter()
-            out = runner(*inputs)
+            out = runner(weights, *fresh()) if shared else runner(*fresh())
         else:
             blk.compile()
             row["load_s"] = round(time.perf_counter() - t0, 3)  # the set-up
             t1 = time.perf_counter()
-            out = blk(*inputs, transformer_options={})
+            out = blk(*fresh(), transformer_options={})
         sync(args)
         row["first_call_s"] = round(time.perf_counter() - t1, 3)
         row["restart_work_s"] = round(time.perf_counter() - t0, 3)
         row["modules_imported"] = len(sys.modules) - mods0
         row["compile_fx_imported"] = "torch._inductor.compile_fx" in sys.modules
-        outs, refs = (out if isinstance(out, (list, tuple)) else [out]), (ref if isinstance(ref, tuple) else [ref])
-        row["max_abs_diff"] = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, refs))
+        outs = outputs(out)
+        row["max_abs_diff"] = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, ref))
+        if shared:  # the same package with another block's weights, against that block run eagerly
+            other = other_weights(blk)
+            ref_b = outputs(torch.func.functional_call(blk, other, fresh(), {"transformer_options": {}}))
+            out_b = outputs(runner(other, *fresh()))
+            row["other_block_max_abs_diff"] = max(float((o.float() - r.float()).abs().max())
+                                                  for o, r in zip(out_b, ref_b))
+            row["other_block_differs"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(out_b, outs))
     return row
 
 
@@ -160,9 +203,11 @@ def main():
                        "date": datetime.date.today().isoformat(), "hidden": args.hidden, "tokens": args.tokens,
                        "rows": rows}, f, indent=1)
 
-    plan = [("build", "build"), ("compile", "compile cold (fills inductor's caches)")]
+    plan = [("build", "build"), ("build-shared", "build, weights as an input"),
+            ("compile", "compile cold (fills inductor's caches)")]
     for i in range(args.repeats):
-        plan += [("aoti", f"aoti restart {i + 1}"), ("compile", f"compile restart {i + 1}")]
+        plan += [("aoti", f"aoti restart {i + 1}"), ("aoti-shared", f"aoti weights as an input, restart {i + 1}"),
+                 ("compile", f"compile restart {i + 1}")]
     for phase, label in plan:
         r = run_child(args, phase)
         r["variant"] = f"aoti probe, double block {args.hidden}: {label}"

@@ -401,3 +401,7 @@ def test_aoti_probe_dry_run(dry_runs):
     assert aoti["modules_imported"] < compiled["modules_imported"], (aoti, compiled)
     assert aoti["max_abs_diff"] < 1e-4 and compiled["max_abs_diff"] < 1e-4, (aoti, compiled)
     assert aoti["first_call_s"] > 0 and aoti["load_s"] > 0
+    # one package for every block of a kind: the weights an input, another block's give that block's output
+    shared = got["aoti probe, double block 128: aoti weights as an input, restart 1"]
+    assert "error" not in shared and shared["max_abs_diff"] < 1e-4, shared
+    assert shared["other_block_max_abs_diff"] < 1e-4 < shared["other_block_differs"], shared
