@@ -32,8 +32,11 @@ sys.path.insert(0, HERE)
 import _env  # noqa: E402  (stdlib only at import)
 
 
-def block_and_inputs(args):
-    """ComfyUI's DoubleStreamBlock with seeded weights and FLUX-shaped inputs (--tokens image, 1/8 text)."""
+def make_block(args, seed: int = 0):
+    """ComfyUI's DoubleStreamBlock with seeded weights, as the pack compiles it: with --quant fp8 its
+    Linears are the pack's torchao-fp8-dynamic (quant/backends.py), and the block is prepared as
+    speed/compile.py prepares it before a trace (sigmoid GELU, one-pass fp8 quantization). Quantized
+    weights are unwrapped into plain tensors (torchao's unwrap_tensor_subclass: what torch.export takes)."""
     import torch
 
     import comfy.ops
@@ -41,12 +44,33 @@ def block_and_inputs(args):
 
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     blk = DoubleStreamBlock(args.hidden, args.hidden // 128, 4.0, qkv_bias=True,
                             operations=comfy.ops.disable_weight_init, dtype=dtype, device=dev)
     with torch.no_grad():
         for p in blk.parameters():
             p.copy_(torch.randn_like(p) * 0.02)
+    if args.quant == "fp8":
+        from quantlora.quant.backends import quantize_block, require_backend
+
+        quantize_block(require_backend("torchao-fp8-dynamic", dev), blk, dtype, dev)
+    from quantlora.speed.compile import prepare_block
+
+    prepare_block(blk)
+    if args.quant == "fp8" and args.phase != "compile":
+        from torchao.utils import unwrap_tensor_subclass
+
+        unwrap_tensor_subclass(blk)
+    return blk.eval()
+
+
+def block_and_inputs(args):
+    """The block (make_block) and FLUX-shaped inputs (--tokens image, 1/8 text)."""
+    import torch
+
+    blk = make_block(args)
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     g = torch.Generator(device=dev).manual_seed(1)
     n_txt = max(args.tokens // 8, 1)
 
@@ -55,7 +79,7 @@ def block_and_inputs(args):
 
     inputs = (rnd(1, args.tokens, args.hidden), rnd(1, n_txt, args.hidden), rnd(1, args.hidden),
               rnd(1, 1, args.tokens + n_txt, 64, 2, 2, dt=torch.float32))
-    return blk.eval(), inputs
+    return blk, inputs
 
 
 def wrap(blk):
@@ -89,12 +113,24 @@ def weights_as_inputs(blk):
     return Shared(blk).eval()
 
 
-def other_weights(blk):
-    """Another block's weights (seeded differently), for the shared package's second call."""
-    import torch
+def other_weights(args):
+    """Another block's weights (seeded differently, quantized alike), for the shared package's second call."""
+    other = make_block(args, seed=7)
+    return other, {n: p.detach() for n, p in other.named_parameters()}
 
-    g = torch.Generator(device=next(blk.parameters()).device).manual_seed(7)
-    return {n: torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.02 for n, p in blk.named_parameters()}
+
+def call_ms(args, call, fresh, n: int = 10) -> float:
+    """Median of n calls after the first (each on its own input copies, made before the clock starts)."""
+    import statistics
+
+    times = []
+    for x in [fresh() for _ in range(n)]:
+        sync(args)
+        t = time.perf_counter()
+        call(x)
+        sync(args)
+        times.append((time.perf_counter() - t) * 1e3)
+    return round(statistics.median(times), 3)
 
 
 def sync(args):
@@ -144,7 +180,9 @@ def child(args) -> dict:
             t1 = time.perf_counter()
             out = runner(weights, *fresh()) if shared else runner(*fresh())
         else:
-            blk.compile()
+            from quantlora.speed.compile import inductor_options
+
+            blk.compile(options=inductor_options() if args.device == "cuda" else None)  # as compile_blocks does
             row["load_s"] = round(time.perf_counter() - t0, 3)  # the set-up
             t1 = time.perf_counter()
             out = blk(*fresh(), transformer_options={})
@@ -154,10 +192,19 @@ def child(args) -> dict:
         row["modules_imported"] = len(sys.modules) - mods0
         row["compile_fx_imported"] = "torch._inductor.compile_fx" in sys.modules
         outs = outputs(out)
+        call = (lambda x: runner(weights, *x)) if shared else (
+            (lambda x: runner(*x)) if args.phase.startswith("aoti") else (lambda x: blk(*x, transformer_options={})))
+        row["call_ms"] = call_ms(args, call, fresh)
+        compiled_out = os.path.join(os.path.dirname(args.package), f"out-compile-{args.quant}.pt")
+        if args.phase == "compile":
+            torch.save([o.cpu() for o in outs], compiled_out)
+        elif os.path.exists(compiled_out):
+            row["diff_to_compiled"] = max(float((o.float().cpu() - c.float()).abs().max())
+                                          for o, c in zip(outs, torch.load(compiled_out)))
         row["max_abs_diff"] = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, ref))
         if shared:  # the same package with another block's weights, against that block run eagerly
-            other = other_weights(blk)
-            ref_b = outputs(torch.func.functional_call(blk, other, fresh(), {"transformer_options": {}}))
+            other_blk, other = other_weights(args)
+            ref_b = outputs(other_blk(*fresh(), transformer_options={}))
             out_b = outputs(runner(other, *fresh()))
             row["other_block_max_abs_diff"] = max(float((o.float() - r.float()).abs().max())
                                                   for o, r in zip(out_b, ref_b))
@@ -167,7 +214,8 @@ def child(args) -> dict:
 
 def run_child(args, phase) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--phase", phase, "--device", args.device,
-           "--hidden", str(args.hidden), "--tokens", str(args.tokens), "--package", args.package]
+           "--hidden", str(args.hidden), "--tokens", str(args.tokens), "--package", args.package,
+           "--quant", args.quant]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)  # its stderr: ours
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
     if proc.returncode != 0 or not lines:
@@ -184,6 +232,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--workdir", default="/tmp/quantlora-aoti")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--quant", default="none", choices=["none", "fp8"],
+                    help="fp8: the pack's torchao-fp8-dynamic Linears (unwrapped into plain tensors for export)")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--phase", default="")
     ap.add_argument("--package", default="")
@@ -194,13 +244,14 @@ def main():
     _env.install_stand_ins()  # (logged) what each child installs too
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
-    args.package = os.path.join(args.workdir, f"double-{args.device}-{args.hidden}.pt2")
+    args.package = os.path.join(args.workdir, f"double-{args.device}-{args.hidden}-{args.quant}.pt2")
     rows = []
 
     def flush():
-        with open(os.path.join(args.out, "results-aoti.json"), "w") as f:
+        with open(os.path.join(args.out, f"results-aoti-{args.quant}.json"), "w") as f:
             json.dump({"device": os.environ.get("QUANTLORA_BENCH_DEVICE_NAME", args.device),
                        "date": datetime.date.today().isoformat(), "hidden": args.hidden, "tokens": args.tokens,
+                       "quant": args.quant,
                        "rows": rows}, f, indent=1)
 
     plan = [("build", "build"), ("build-shared", "build, weights as an input"),
@@ -210,7 +261,7 @@ def main():
                  ("compile", f"compile restart {i + 1}")]
     for phase, label in plan:
         r = run_child(args, phase)
-        r["variant"] = f"aoti probe, double block {args.hidden}: {label}"
+        r["variant"] = f"aoti probe, double block {args.hidden} {args.quant}: {label}"
         rows.append(r)
         flush()
         print(json.dumps(r), flush=True)

@@ -153,21 +153,27 @@ def compile_blocks(model: nn.Module, cudagraphs: bool = False, **compile_kwargs)
     for name in BLOCK_LISTS:
         for block in getattr(model, name, ()):
             if getattr(block, "_compiled_call_impl", None) is None:
-                if gelu.enabled():
-                    gelu.swap_tanh_gelus(block)  # before the trace: the graph holds the sigmoid form
-                if rowquant_enabled():
-                    from . import rowquant  # registers its op (and imports Triton) only when compiling
-
-                    rowquant.use_in(block, fuse_gelu=gelu.enabled())
-                    if rowquant_cat_wanted() and gelu.enabled():
-                        from . import rowquant_cat
-
-                        rowquant_cat.use_in(block)
-                if "triton.cudagraphs" in compile_kwargs.get("options", {}):
-                    block.forward = types.MethodType(_forward_on_copies, block)  # one function for every block: no recompiles
+                prepare_block(block, inputs_copied="triton.cudagraphs" in compile_kwargs.get("options", {}))
                 block.compile(**compile_kwargs)
                 n += 1
     return n
+
+
+def prepare_block(block: nn.Module, inputs_copied: bool = False) -> None:
+    """What a block's forward becomes before it is traced (torch.compile, or an export ahead of time):
+    the sigmoid GELU, the one-pass fp8 quantization, and (inputs_copied, CUDA graphs) its inputs copied."""
+    if gelu.enabled():
+        gelu.swap_tanh_gelus(block)  # before the trace: the graph holds the sigmoid form
+    if rowquant_enabled():
+        from . import rowquant  # registers its op (and imports Triton) only when compiling
+
+        rowquant.use_in(block, fuse_gelu=gelu.enabled())
+        if rowquant_cat_wanted() and gelu.enabled():
+            from . import rowquant_cat
+
+            rowquant_cat.use_in(block)
+    if inputs_copied:
+        block.forward = types.MethodType(_forward_on_copies, block)  # one function for every block: no recompiles
 
 
 def uses_cudagraphs(model: nn.Module) -> bool:

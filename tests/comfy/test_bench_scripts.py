@@ -393,15 +393,18 @@ def test_aoti_probe_dry_run(dry_runs):
     restart row is there to compare with."""
     run = dry_runs["aoti"]
     run.wait()
-    got = rows(run.out / "results-aoti.json")
-    aoti = got["aoti probe, double block 128: aoti restart 1"]
-    compiled = got["aoti probe, double block 128: compile restart 1"]
+    got = rows(run.out / "results-aoti-none.json")
+    aoti = got["aoti probe, double block 128 none: aoti restart 1"]
+    compiled = got["aoti probe, double block 128 none: compile restart 1"]
     assert "error" not in aoti and "error" not in compiled, (aoti, compiled)
     assert aoti["compile_fx_imported"] is False and compiled["compile_fx_imported"] is True
     assert aoti["modules_imported"] < compiled["modules_imported"], (aoti, compiled)
     assert aoti["max_abs_diff"] < 1e-4 and compiled["max_abs_diff"] < 1e-4, (aoti, compiled)
     assert aoti["first_call_s"] > 0 and aoti["load_s"] > 0
     # one package for every block of a kind: the weights an input, another block's give that block's output
-    shared = got["aoti probe, double block 128: aoti weights as an input, restart 1"]
+    shared = got["aoti probe, double block 128 none: aoti weights as an input, restart 1"]
     assert "error" not in shared and shared["max_abs_diff"] < 1e-4, shared
     assert shared["other_block_max_abs_diff"] < 1e-4 < shared["other_block_differs"], shared
+    # the package computes what the compiled block computes (compared with the compile cold run's output)
+    assert aoti["diff_to_compiled"] < 1e-4 and shared["diff_to_compiled"] < 1e-4, (aoti, shared)
+    assert aoti["call_ms"] > 0 and compiled["call_ms"] > 0
