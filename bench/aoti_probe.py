@@ -142,6 +142,9 @@ def sync(args):
 
 def child(args) -> dict:
     """One process: --phase build | aoti | compile | build-shared | aoti-shared; returns its row."""
+    import faulthandler
+
+    faulthandler.enable()  # a crash in a loaded package's C++ still says where Python was
     _env.setup(cpu=args.device == "cpu")
     import torch
 
@@ -149,6 +152,10 @@ def child(args) -> dict:
     import comfy.model_patcher  # noqa: F401
     import comfy.sd  # noqa: F401
 
+    if args.rope == "plain":  # the pack's compiled graphs trace ComfyUI's pure-torch RoPE (nodes/rope_fusion.py)
+        from quantlora.nodes import rope_fusion
+
+        rope_fusion.install()  # torch.compile (dynamo)
     blk, inputs = block_and_inputs(args)
     row = dict(phase=args.phase, setup_s=round(time.perf_counter() - PROCESS_START, 2))
     shared = args.phase.endswith("-shared")
@@ -167,15 +174,31 @@ def child(args) -> dict:
         mods0 = len(sys.modules)
         t0 = time.perf_counter()
         if args.phase.startswith("build"):
-            ep = (torch.export.export(weights_as_inputs(blk), (weights, *fresh())) if shared else
-                  torch.export.export(wrap(blk), fresh()))
+            training = comfy.model_management.in_training
+            # export does not go through dynamo's substitution: ComfyUI's own switch picks its pure-torch RoPE
+            comfy.model_management.in_training = args.rope == "plain"
+            try:
+                ep = (torch.export.export(weights_as_inputs(blk), (weights, *fresh())) if shared else
+                      torch.export.export(wrap(blk), fresh()))
+            finally:
+                comfy.model_management.in_training = training
             row["export_s"] = round(time.perf_counter() - t0, 2)
+            row["custom_ops"] = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function"
+                                        and not str(n.target).startswith(("aten.", "<"))})
             t1 = time.perf_counter()
             torch._inductor.aoti_compile_and_package(ep, package_path=package)
             row["aoti_compile_s"] = round(time.perf_counter() - t1, 2)
+            print(f"[aoti_probe] {args.phase}: loading the package in the process that built it", file=sys.stderr, flush=True)
+            runner = torch._inductor.aoti_load_package(package)
+            out = runner(weights, *fresh()) if shared else runner(*fresh())
+            sync(args)
+            row["same_process_max_abs_diff"] = max(float((o.float() - r.float()).abs().max())
+                                                   for o, r in zip(outputs(out), ref))
             return row
         if args.phase.startswith("aoti"):
+            print(f"[aoti_probe] {args.phase}: loading {package}", file=sys.stderr, flush=True)
             runner = torch._inductor.aoti_load_package(package)
+            print(f"[aoti_probe] {args.phase}: loaded; first call", file=sys.stderr, flush=True)
             row["load_s"] = round(time.perf_counter() - t0, 3)
             t1 = time.perf_counter()
             out = runner(weights, *fresh()) if shared else runner(*fresh())
@@ -215,7 +238,7 @@ def child(args) -> dict:
 def run_child(args, phase) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--phase", phase, "--device", args.device,
            "--hidden", str(args.hidden), "--tokens", str(args.tokens), "--package", args.package,
-           "--quant", args.quant]
+           "--quant", args.quant, "--rope", args.rope]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)  # its stderr: ours
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
     if proc.returncode != 0 or not lines:
@@ -234,6 +257,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--quant", default="none", choices=["none", "fp8"],
                     help="fp8: the pack's torchao-fp8-dynamic Linears (unwrapped into plain tensors for export)")
+    ap.add_argument("--rope", default="plain", choices=["plain", "kernel"],
+                    help="plain: ComfyUI's pure-torch RoPE in the traced graphs, as the pack compiles them; "
+                         "kernel: comfy_kitchen's custom op")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--phase", default="")
     ap.add_argument("--package", default="")
