@@ -1,0 +1,89 @@
+"""Why did every AOTInductor package die at load on the GPU (session 35, bench/aoti_probe.py: SIGSEGV in
+torch's _load_aoti, even in the process that built it)? A tiny model (two Linears) is exported, compiled
+ahead of time and loaded in a fresh process per environment, each one step closer to the probe's:
+  plain      the device image's Python alone (no carried packages)
+  carried    + PYTHONPATH=/tmp/site (bench/device_run.sh's carried wheels: torchao, ...)
+  comfy      + ComfyUI's modules imported first (comfy.model_management, comfy.ops: comfy_kitchen, aimdo)
+  cpu        the carried environment, the model on the CPU
+Each row: the exit status (negative: killed by that signal), how far it got, the shared libraries the
+package's .so needs (ldd) and the compiler inductor used.
+
+    python3 bench/aoti_load_check.py --out $OUT/aoti-load    # on the device, after device_run.sh unpacked
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CHILD = r'''
+import faulthandler, os, sys, time, glob, zipfile, subprocess
+faulthandler.enable()
+dev = sys.argv[1]; pkg = sys.argv[2]; comfy = sys.argv[3] == "1"
+def say(s): print("STAGE " + s, flush=True)
+import torch
+say(f"torch {torch.__version__} cuda {torch.version.cuda}")
+if comfy:
+    sys.path.insert(0, os.environ["QUANTLORA_COMFYUI"])
+    import comfy.model_management, comfy.ops  # noqa
+    say("comfy imported")
+m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).to(dev).eval()
+x = torch.randn(8, 64, device=dev)
+with torch.inference_mode():
+    ref = m(x)
+    ep = torch.export.export(m, (x,))
+    say("exported")
+    t = time.time()
+    torch._inductor.aoti_compile_and_package(ep, package_path=pkg)
+    say(f"packaged in {time.time() - t:.1f} s")
+    z = zipfile.ZipFile(pkg)
+    sos = [n for n in z.namelist() if n.endswith(".so")]
+    d = pkg + ".x"; z.extractall(d)
+    for n in sos:
+        out = subprocess.run(["ldd", os.path.join(d, n)], capture_output=True, text=True).stdout
+        say("ldd " + n + ": " + " | ".join(l.strip() for l in out.splitlines()))
+    from torch._inductor import config
+    say("cpp compiler " + str(getattr(config.cpp, "cxx", None)))
+    r = torch._inductor.aoti_load_package(pkg)
+    say("loaded")
+    y = r(x)
+    if dev == "cuda": torch.cuda.synchronize()
+    say(f"called: max diff {float((y - ref).abs().max()):.2e}")
+'''
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--workdir", default="/tmp/aoti-load")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    carried = dict(base, PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+    variants = [("plain", "cuda", base, "0"), ("carried", "cuda", carried, "0"), ("comfy", "cuda", carried, "1"),
+                ("cpu", "cpu", carried, "0")]
+    rows = []
+    for name, dev, env, comfy in variants:
+        t = time.time()
+        pkg = os.path.join(args.workdir, f"tiny-{name}.pt2")
+        try:
+            p = subprocess.run([sys.executable, "-c", CHILD, dev, pkg, comfy], env=env, capture_output=True,
+                               text=True, timeout=150)
+            rc, out, err = p.returncode, p.stdout, p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out, err = "timeout", (e.stdout or b"").decode(errors="replace"), (e.stderr or b"").decode(errors="replace")
+        stages = [ln[6:] for ln in out.splitlines() if ln.startswith("STAGE ")]
+        row = dict(variant=f"aoti load check: {name}", rc=rc, seconds=round(time.time() - t, 1), stages=stages,
+                   stderr_tail=err[-2500:] if rc != 0 else "")
+        rows.append(row)
+        print(json.dumps(row)[:3000], flush=True)
+        with open(os.path.join(args.out, "results-aoti-load.json"), "w") as f:
+            json.dump({"device": os.environ.get("QUANTLORA_BENCH_DEVICE_NAME", ""), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
