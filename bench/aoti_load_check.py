@@ -46,7 +46,8 @@ with torch.inference_mode():
         out = subprocess.run(["ldd", os.path.join(d, n)], capture_output=True, text=True).stdout
         say("ldd " + n + ": " + " | ".join(l.strip() for l in out.splitlines()))
     from torch._inductor import config
-    say("cpp compiler " + str(getattr(config.cpp, "cxx", None)))
+    say("cpp compiler " + str(getattr(config.cpp, "cxx", None)) + " " + subprocess.run(
+        [os.environ.get("CXX") or "/opt/gcc/bin/g++", "--version"], capture_output=True, text=True).stdout.split(chr(10))[0])
     r = torch._inductor.aoti_load_package(pkg)
     say("loaded")
     y = r(x)
@@ -59,6 +60,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--workdir", default="/tmp/aoti-load")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--cxx", default="", help="the C++ compiler inductor uses (its CXX variable), e.g. /usr/bin/g++")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
@@ -66,10 +69,14 @@ def main():
     carried = dict(base, PYTHONPATH=os.environ.get("PYTHONPATH", ""))
     variants = [("plain", "cuda", base, "0"), ("carried", "cuda", carried, "0"), ("comfy", "cuda", carried, "1"),
                 ("cpu", "cpu", carried, "0")]
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only.split(",")]
+    if args.cxx:
+        variants = [(f"{n} CXX={args.cxx}", d, dict(e, CXX=args.cxx), c) for n, d, e, c in variants]
     rows = []
     for name, dev, env, comfy in variants:
         t = time.time()
-        pkg = os.path.join(args.workdir, f"tiny-{name}.pt2")
+        pkg = os.path.join(args.workdir, f"tiny-{name.split()[0]}.pt2")
         try:
             p = subprocess.run([sys.executable, "-c", CHILD, dev, pkg, comfy], env=env, capture_output=True,
                                text=True, timeout=150)
