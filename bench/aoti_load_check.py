@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,8 +47,12 @@ with torch.inference_mode():
         out = subprocess.run(["ldd", os.path.join(d, n)], capture_output=True, text=True).stdout
         say("ldd " + n + ": " + " | ".join(l.strip() for l in out.splitlines()))
     from torch._inductor import config
-    say("cpp compiler " + str(getattr(config.cpp, "cxx", None)) + " " + subprocess.run(
-        [os.environ.get("CXX") or "/opt/gcc/bin/g++", "--version"], capture_output=True, text=True).stdout.split(chr(10))[0])
+    cxx = os.environ.get("CXX") or [c for c in (config.cpp.cxx if isinstance(config.cpp.cxx, tuple) else (config.cpp.cxx,)) if c][-1]
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split(chr(10))[0]
+    except OSError as e:
+        version = str(e)
+    say(f"cpp compiler {cxx}: {version}")
     r = torch._inductor.aoti_load_package(pkg)
     say("loaded")
     y = r(x)
@@ -61,6 +66,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--workdir", default="/tmp/aoti-load")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--gdb", action="store_true", help="run each child under gdb (where the image has it): "
+                    "the C++ backtrace of a crash goes into the row's stderr_tail")
     ap.add_argument("--cxx", default="", help="the C++ compiler inductor uses (its CXX variable), e.g. /usr/bin/g++")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -78,9 +85,13 @@ def main():
         t = time.time()
         pkg = os.path.join(args.workdir, f"tiny-{name.split()[0]}.pt2")
         try:
-            p = subprocess.run([sys.executable, "-c", CHILD, dev, pkg, comfy], env=env, capture_output=True,
-                               text=True, timeout=150)
+            cmd = [sys.executable, "-c", CHILD, dev, pkg, comfy]
+            if args.gdb and shutil.which("gdb"):
+                cmd = ["gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 25", "--args"] + cmd
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
             rc, out, err = p.returncode, p.stdout, p.stderr
+            if args.gdb:  # gdb exits 0 after a crash: the backtrace says what happened
+                err = (err + out[-4000:]) if "SIGSEGV" in out else err
         except subprocess.TimeoutExpired as e:
             rc, out, err = "timeout", (e.stdout or b"").decode(errors="replace"), (e.stderr or b"").decode(errors="replace")
         stages = [ln[6:] for ln in out.splitlines() if ln.startswith("STAGE ")]

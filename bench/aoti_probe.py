@@ -157,7 +157,8 @@ def child(args) -> dict:
 
         rope_fusion.install()  # torch.compile (dynamo)
     blk, inputs = block_and_inputs(args)
-    row = dict(phase=args.phase, setup_s=round(time.perf_counter() - PROCESS_START, 2))
+    row = dict(phase=args.phase, setup_s=round(time.perf_counter() - PROCESS_START, 2), torch=torch.__version__,
+               gpu=torch.cuda.get_device_name() if args.device == "cuda" else "")
     shared = args.phase.endswith("-shared")
     package = args.package.replace(".pt2", "-shared.pt2") if shared else args.package
     weights = {n: p.detach() for n, p in blk.named_parameters()}
