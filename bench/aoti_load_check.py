@@ -13,6 +13,7 @@ package's .so needs (ldd) and the compiler inductor used.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -100,7 +101,8 @@ def main():
         rows.append(row)
         print(json.dumps(row)[:3000], flush=True)
         with open(os.path.join(args.out, "results-aoti-load.json"), "w") as f:
-            json.dump({"device": os.environ.get("QUANTLORA_BENCH_DEVICE_NAME", ""), "rows": rows}, f, indent=1)
+            json.dump({"device": os.environ.get("QUANTLORA_BENCH_DEVICE_NAME", ""),
+                       "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

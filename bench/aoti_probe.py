@@ -276,9 +276,9 @@ def main():
 
     def flush():
         with open(os.path.join(args.out, f"results-aoti-{args.quant}.json"), "w") as f:
-            json.dump({"device": os.environ.get("QUANTLORA_BENCH_DEVICE_NAME", args.device),
+            json.dump({"device": next((r["gpu"] for r in rows if r.get("gpu")), args.device),
                        "date": datetime.date.today().isoformat(), "hidden": args.hidden, "tokens": args.tokens,
-                       "quant": args.quant,
+                       "quant": args.quant, "torch": next((r["torch"] for r in rows if r.get("torch")), "?"),
                        "rows": rows}, f, indent=1)
 
     plan = [("build", "build"), ("build-shared", "build, weights as an input"),
