@@ -2,7 +2,7 @@
 ComfyUI answers are host Python, most of it torch.compile's start: inductor's imports when the blocks are
 set up, dynamo tracing and the compiled graphs from the caches at the first step.)
 
-One ComfyUI Flux DoubleStreamBlock (ComfyUI's own class and operations, --hidden wide, 128-wide heads,
+One ComfyUI Flux DoubleStreamBlock (--kind single: a SingleStreamBlock; ComfyUI's own class and operations, --hidden wide, 128-wide heads,
 seeded weights, the compute dtype of the device) in fresh processes, each timing the restart's work only:
   compile   block.compile() (the set-up: what QuantizedFluxLoader does) and its first call, inductor's
             caches warm (one process run first to fill them): what a restart pays today per block kind
@@ -40,13 +40,17 @@ def make_block(args, seed: int = 0):
     import torch
 
     import comfy.ops
-    from comfy.ldm.flux.layers import DoubleStreamBlock
+    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
 
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(seed)
-    blk = DoubleStreamBlock(args.hidden, args.hidden // 128, 4.0, qkv_bias=True,
-                            operations=comfy.ops.disable_weight_init, dtype=dtype, device=dev)
+    if args.kind == "single":
+        blk = SingleStreamBlock(args.hidden, args.hidden // 128, 4.0, operations=comfy.ops.disable_weight_init,
+                                dtype=dtype, device=dev)
+    else:
+        blk = DoubleStreamBlock(args.hidden, args.hidden // 128, 4.0, qkv_bias=True,
+                                operations=comfy.ops.disable_weight_init, dtype=dtype, device=dev)
     with torch.no_grad():
         for p in blk.parameters():
             p.copy_(torch.randn_like(p) * 0.02)
@@ -77,9 +81,10 @@ def block_and_inputs(args):
     def rnd(*shape, dt=dtype):
         return torch.randn(*shape, generator=g, device=dev, dtype=dt)
 
-    inputs = (rnd(1, args.tokens, args.hidden), rnd(1, n_txt, args.hidden), rnd(1, args.hidden),
-              rnd(1, 1, args.tokens + n_txt, 64, 2, 2, dt=torch.float32))
-    return blk, inputs
+    pe = rnd(1, 1, args.tokens + n_txt, 64, 2, 2, dt=torch.float32)
+    if args.kind == "single":  # text and image tokens in one sequence
+        return blk, (rnd(1, args.tokens + n_txt, args.hidden), rnd(1, args.hidden), pe)
+    return blk, (rnd(1, args.tokens, args.hidden), rnd(1, n_txt, args.hidden), rnd(1, args.hidden), pe)
 
 
 def wrap(blk):
@@ -91,8 +96,8 @@ def wrap(blk):
             super().__init__()
             self.b = b
 
-        def forward(self, img, txt, vec, pe):
-            return self.b(img, txt, vec, pe, transformer_options={})
+        def forward(self, *inputs):
+            return self.b(*inputs, transformer_options={})
 
     return Wrap(blk).eval()
 
@@ -107,8 +112,8 @@ def weights_as_inputs(blk):
             super().__init__()
             object.__setattr__(self, "_b", b)  # not a submodule: its weights are no constants of the package
 
-        def forward(self, weights, img, txt, vec, pe):
-            return torch.func.functional_call(self._b, weights, (img, txt, vec, pe), {"transformer_options": {}})
+        def forward(self, weights, *inputs):
+            return torch.func.functional_call(self._b, weights, inputs, {"transformer_options": {}})
 
     return Shared(blk).eval()
 
@@ -219,7 +224,7 @@ def child(args) -> dict:
         call = (lambda x: runner(weights, *x)) if shared else (
             (lambda x: runner(*x)) if args.phase.startswith("aoti") else (lambda x: blk(*x, transformer_options={})))
         row["call_ms"] = call_ms(args, call, fresh)
-        compiled_out = os.path.join(os.path.dirname(args.package), f"out-compile-{args.quant}.pt")
+        compiled_out = os.path.join(os.path.dirname(args.package), f"out-compile-{args.kind}-{args.quant}.pt")
         if args.phase == "compile":
             torch.save([o.cpu() for o in outs], compiled_out)
         elif os.path.exists(compiled_out):
@@ -239,7 +244,7 @@ def child(args) -> dict:
 def run_child(args, phase) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--phase", phase, "--device", args.device,
            "--hidden", str(args.hidden), "--tokens", str(args.tokens), "--package", args.package,
-           "--quant", args.quant, "--rope", args.rope]
+           "--quant", args.quant, "--rope", args.rope, "--kind", args.kind]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)  # its stderr: ours
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
     if proc.returncode != 0 or not lines:
@@ -258,6 +263,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--quant", default="none", choices=["none", "fp8"],
                     help="fp8: the pack's torchao-fp8-dynamic Linears (unwrapped into plain tensors for export)")
+    ap.add_argument("--kind", default="double", choices=["double", "single"], help="FLUX's two block kinds")
     ap.add_argument("--rope", default="plain", choices=["plain", "kernel"],
                     help="plain: ComfyUI's pure-torch RoPE in the traced graphs, as the pack compiles them; "
                          "kernel: comfy_kitchen's custom op")
@@ -271,11 +277,11 @@ def main():
     _env.install_stand_ins()  # (logged) what each child installs too
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
-    args.package = os.path.join(args.workdir, f"double-{args.device}-{args.hidden}-{args.quant}.pt2")
+    args.package = os.path.join(args.workdir, f"{args.kind}-{args.device}-{args.hidden}-{args.quant}.pt2")
     rows = []
 
     def flush():
-        with open(os.path.join(args.out, f"results-aoti-{args.quant}.json"), "w") as f:
+        with open(os.path.join(args.out, f"results-aoti-{args.quant}{'-single' if args.kind == 'single' else ''}.json"), "w") as f:
             json.dump({"device": next((r["gpu"] for r in rows if r.get("gpu")), args.device),
                        "date": datetime.date.today().isoformat(), "hidden": args.hidden, "tokens": args.tokens,
                        "quant": args.quant, "torch": next((r["torch"] for r in rows if r.get("torch")), "?"),
@@ -288,7 +294,7 @@ def main():
                  ("compile", f"compile restart {i + 1}")]
     for phase, label in plan:
         r = run_child(args, phase)
-        r["variant"] = f"aoti probe, double block {args.hidden} {args.quant}: {label}"
+        r["variant"] = f"aoti probe, {args.kind} block {args.hidden} {args.quant}: {label}"
         rows.append(r)
         flush()
         print(json.dumps(r), flush=True)
