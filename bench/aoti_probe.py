@@ -2,19 +2,22 @@
 ComfyUI answers are host Python, most of it torch.compile's start: inductor's imports when the blocks are
 set up, dynamo tracing and the compiled graphs from the caches at the first step.)
 
-One ComfyUI Flux DoubleStreamBlock (--kind single: a SingleStreamBlock; ComfyUI's own class and operations, --hidden wide, 128-wide heads,
-seeded weights, the compute dtype of the device) in fresh processes, each timing the restart's work only:
-  compile   block.compile() (the set-up: what QuantizedFluxLoader does) and its first call, inductor's
-            caches warm (one process run first to fill them): what a restart pays today per block kind
-  aoti      torch._inductor.aoti_load_package of the block exported and compiled ahead of time
-            (torch.export + aoti_compile_and_package, done once before) and its first call
-Each row also gives the modules the process imported for it and the output's largest difference from the
-eager block. aoti: the weights are constants of the package; aoti-shared: they are an input (one package
-for every block of a kind, the pack's own weight tensors), checked with a second block's weights too.
+One ComfyUI Flux block (--kind double | single: ComfyUI's own class and operations, --hidden wide,
+128-wide heads, seeded weights, the compute dtype of the device; --quant fp8: the pack's
+torchao-fp8-dynamic Linears) in fresh processes, each timing the restart's work only:
+  compile      block.compile() (the set-up: what QuantizedFluxLoader does) and its first call, inductor's
+               caches warm (one process run first to fill them): what a restart pays today per block kind
+  aoti         torch._inductor.aoti_load_package of the block exported and compiled ahead of time with
+               its weights as constants (done once before), called with the tensors
+  aoti-shared  the pack's speed/aot_blocks.py: the weights an input (one package for every block of a
+               kind), the call's record beside the package, the block called as ComfyUI calls it and the
+               package taking the call in place of torch.compile; checked with a second block too
+Each row also gives the modules the process imported for it, the steady call time, and the output's
+largest difference from the eager block and from the compiled block.
 
-    bash bench/device_run.sh aoti_probe.py --out $OUT/aoti                # on the GPU
-    python bench/aoti_probe.py --device cpu --hidden 128 --out /tmp/aoti  # a CPU check (CI)
-Rows go to <out>/results-aoti.json.
+    bash bench/device_run.sh aoti_probe.py --quant fp8 --out $OUT/aoti      # on the GPU
+    python bench/aoti_probe.py --device cpu --hidden 128 --out /tmp/aoti    # a CPU check (CI)
+Rows go to <out>/results-aoti-<quant>[-single].json.
 """
 from __future__ import annotations
 
@@ -35,8 +38,9 @@ import _env  # noqa: E402  (stdlib only at import)
 def make_block(args, seed: int = 0):
     """ComfyUI's DoubleStreamBlock with seeded weights, as the pack compiles it: with --quant fp8 its
     Linears are the pack's torchao-fp8-dynamic (quant/backends.py), and the block is prepared as
-    speed/compile.py prepares it before a trace (sigmoid GELU, one-pass fp8 quantization). Quantized
-    weights are unwrapped into plain tensors (torchao's unwrap_tensor_subclass: what torch.export takes)."""
+    speed/compile.py prepares it before a trace (sigmoid GELU, one-pass fp8 quantization). For the
+    package with the weights as constants, quantized weights are unwrapped into plain tensors (torchao's
+    unwrap_tensor_subclass: what torch.export takes); speed/aot_blocks.py flattens them itself."""
     import torch
 
     import comfy.ops
@@ -61,7 +65,7 @@ def make_block(args, seed: int = 0):
     from quantlora.speed.compile import prepare_block
 
     prepare_block(blk)
-    if args.quant == "fp8" and args.phase != "compile":
+    if args.quant == "fp8" and args.phase in ("build", "aoti"):
         from torchao.utils import unwrap_tensor_subclass
 
         unwrap_tensor_subclass(blk)
@@ -102,26 +106,17 @@ def wrap(blk):
     return Wrap(blk).eval()
 
 
-def weights_as_inputs(blk):
-    """The block's forward with its weights as an input (a dict, name -> tensor): one package for every
-    block of a kind, whose weights (LoRA merges included) stay the pack's own tensors."""
+def comfy_call(args, blk, x, options=None):
+    """(args, kwargs) of the block's call as ComfyUI's Flux makes it (v0.33 forward_orig): a double block's
+    inputs by keyword, a single block's image first; transformer_options as Flux fills them."""
     import torch
 
-    class Shared(torch.nn.Module):
-        def __init__(self, b):
-            super().__init__()
-            object.__setattr__(self, "_b", b)  # not a submodule: its weights are no constants of the package
-
-        def forward(self, weights, *inputs):
-            return torch.func.functional_call(self._b, weights, inputs, {"transformer_options": {}})
-
-    return Shared(blk).eval()
-
-
-def other_weights(args):
-    """Another block's weights (seeded differently, quantized alike), for the shared package's second call."""
-    other = make_block(args, seed=7)
-    return other, {n: p.detach() for n, p in other.named_parameters()}
+    opts = options if options is not None else {
+        "patches": {}, "patches_replace": {}, "cond_or_uncond": [0], "sigmas": torch.ones(1, device=args.device),
+        "block_type": args.kind, "block_index": 0, "total_blocks": 38 if args.kind == "single" else 19}
+    if args.kind == "single":
+        return (x[0],), dict(vec=x[1], pe=x[2], attn_mask=None, transformer_options=opts)
+    return (), dict(img=x[0], txt=x[1], vec=x[2], pe=x[3], attn_mask=None, transformer_options=opts)
 
 
 def call_ms(args, call, fresh, n: int = 10) -> float:
@@ -146,7 +141,10 @@ def sync(args):
 
 
 def child(args) -> dict:
-    """One process: --phase build | aoti | compile | build-shared | aoti-shared; returns its row."""
+    """One process: --phase build | aoti | compile | build-shared | aoti-shared; returns its row.
+    build/aoti: a package with the weights as constants, called with the tensors only. build-shared/
+    aoti-shared: the pack's speed/aot_blocks.py (the weights an input, a record of the call beside the
+    package), the block called as ComfyUI calls it, the package taking the call in place of torch.compile."""
     import faulthandler
 
     faulthandler.enable()  # a crash in a loaded package's C++ still says where Python was
@@ -166,7 +164,7 @@ def child(args) -> dict:
                gpu=torch.cuda.get_device_name() if args.device == "cuda" else "")
     shared = args.phase.endswith("-shared")
     package = args.package.replace(".pt2", "-shared.pt2") if shared else args.package
-    weights = {n: p.detach() for n, p in blk.named_parameters()}
+    cuda_options = args.device == "cuda"
 
     def fresh():  # FLUX's blocks add into their inputs and return them: every call gets its own copies
         return tuple(t.clone() for t in inputs)
@@ -174,18 +172,31 @@ def child(args) -> dict:
     def outputs(out):
         return [o.clone() for o in (out if isinstance(out, (list, tuple)) else [out])]
 
+    def run(block, x):  # as ComfyUI calls it
+        a, k = comfy_call(args, block, x)
+        return block(*a, **k)
+
+    def diff(xs, ys):
+        return max(float((o.float().cpu() - r.float().cpu()).abs().max()) for o, r in zip(xs, ys))
+
     with torch.inference_mode():
-        ref = outputs(blk(*fresh(), transformer_options={}))
+        ref = outputs(run(blk, fresh()))
         sync(args)
         mods0 = len(sys.modules)
         t0 = time.perf_counter()
         if args.phase.startswith("build"):
+            from quantlora.speed import aot_blocks
+
             training = comfy.model_management.in_training
             # export does not go through dynamo's substitution: ComfyUI's own switch picks its pure-torch RoPE
             comfy.model_management.in_training = args.rope == "plain"
             try:
-                ep = (torch.export.export(weights_as_inputs(blk), (weights, *fresh())) if shared else
-                      torch.export.export(wrap(blk), fresh()))
+                if shared:
+                    a, k = comfy_call(args, blk, fresh())
+                    ep, sig, layout = aot_blocks.export_block(blk, a, k)
+                    aot_blocks.save_record(package + ".json", blk, sig, layout)
+                else:
+                    ep = torch.export.export(wrap(blk), fresh())
             finally:
                 comfy.model_management.in_training = training
             row["export_s"] = round(time.perf_counter() - t0, 2)
@@ -196,48 +207,64 @@ def child(args) -> dict:
             row["aoti_compile_s"] = round(time.perf_counter() - t1, 2)
             print(f"[aoti_probe] {args.phase}: loading the package in the process that built it", file=sys.stderr, flush=True)
             runner = torch._inductor.aoti_load_package(package)
-            out = runner(weights, *fresh()) if shared else runner(*fresh())
+            if shared:
+                aot_blocks.use_package(blk, runner, sig, layout)
+                out = run(blk, fresh())
+            else:
+                out = runner(*fresh())
             sync(args)
-            row["same_process_max_abs_diff"] = max(float((o.float() - r.float()).abs().max())
-                                                   for o, r in zip(outputs(out), ref))
+            row["same_process_max_abs_diff"] = diff(outputs(out), ref)
             return row
+        dispatch = None
         if args.phase.startswith("aoti"):
             print(f"[aoti_probe] {args.phase}: loading {package}", file=sys.stderr, flush=True)
-            runner = torch._inductor.aoti_load_package(package)
+            if shared:
+                from quantlora.speed import aot_blocks
+                from quantlora.speed.compile import inductor_options
+
+                loaded = aot_blocks.load_record(package + ".json", blk)
+                if loaded is None:
+                    raise SystemExit("the record beside the package does not fit this block")
+                runner = aot_blocks.load_package(package)
+                dispatch = aot_blocks.use_package(blk, runner, *loaded, compile_kwargs=dict(
+                    options=inductor_options()) if cuda_options else {})
+            else:
+                runner = torch._inductor.aoti_load_package(package)
             print(f"[aoti_probe] {args.phase}: loaded; first call", file=sys.stderr, flush=True)
             row["load_s"] = round(time.perf_counter() - t0, 3)
             t1 = time.perf_counter()
-            out = runner(weights, *fresh()) if shared else runner(*fresh())
+            out = run(blk, fresh()) if shared else runner(*fresh())
         else:
             from quantlora.speed.compile import inductor_options
 
-            blk.compile(options=inductor_options() if args.device == "cuda" else None)  # as compile_blocks does
+            blk.compile(options=inductor_options() if cuda_options else None)  # as compile_blocks does
             row["load_s"] = round(time.perf_counter() - t0, 3)  # the set-up
             t1 = time.perf_counter()
-            out = blk(*fresh(), transformer_options={})
+            out = run(blk, fresh())
         sync(args)
         row["first_call_s"] = round(time.perf_counter() - t1, 3)
         row["restart_work_s"] = round(time.perf_counter() - t0, 3)
         row["modules_imported"] = len(sys.modules) - mods0
         row["compile_fx_imported"] = "torch._inductor.compile_fx" in sys.modules
         outs = outputs(out)
-        call = (lambda x: runner(weights, *x)) if shared else (
-            (lambda x: runner(*x)) if args.phase.startswith("aoti") else (lambda x: blk(*x, transformer_options={})))
+        call = (lambda x: runner(*x)) if args.phase == "aoti" else (lambda x: run(blk, x))
         row["call_ms"] = call_ms(args, call, fresh)
+        if dispatch is not None:
+            row["package_calls"] = dict(dispatch.calls)
         compiled_out = os.path.join(os.path.dirname(args.package), f"out-compile-{args.kind}-{args.quant}.pt")
         if args.phase == "compile":
             torch.save([o.cpu() for o in outs], compiled_out)
         elif os.path.exists(compiled_out):
-            row["diff_to_compiled"] = max(float((o.float().cpu() - c.float()).abs().max())
-                                          for o, c in zip(outs, torch.load(compiled_out)))
-        row["max_abs_diff"] = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, ref))
-        if shared:  # the same package with another block's weights, against that block run eagerly
-            other_blk, other = other_weights(args)
-            ref_b = outputs(other_blk(*fresh(), transformer_options={}))
-            out_b = outputs(runner(other, *fresh()))
-            row["other_block_max_abs_diff"] = max(float((o.float() - r.float()).abs().max())
-                                                  for o, r in zip(out_b, ref_b))
-            row["other_block_differs"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(out_b, outs))
+            row["diff_to_compiled"] = diff(outs, torch.load(compiled_out))
+        row["max_abs_diff"] = diff(outs, ref)
+        if shared:  # the same package for another block of the kind, against that block run eagerly
+            other = make_block(args, seed=7)
+            ref_b = outputs(run(other, fresh()))
+            other_dispatch = aot_blocks.use_package(other, runner, *aot_blocks.load_record(package + ".json", other))
+            out_b = outputs(run(other, fresh()))
+            row["other_block_max_abs_diff"] = diff(out_b, ref_b)
+            row["other_block_differs"] = diff(out_b, outs)
+            row["other_block_package_calls"] = dict(other_dispatch.calls)
     return row
 
 

@@ -405,6 +405,10 @@ def test_aoti_probe_dry_run(dry_runs):
     shared = got["aoti probe, double block 128 none: aoti weights as an input, restart 1"]
     assert "error" not in shared and shared["max_abs_diff"] < 1e-4, shared
     assert shared["other_block_max_abs_diff"] < 1e-4 < shared["other_block_differs"], shared
+    # through the pack's speed/aot_blocks.py: ComfyUI's calls (keywords, Flux's transformer_options) all
+    # taken by the package, nothing left to torch.compile
+    assert shared["package_calls"]["fallback"] == 0 < shared["package_calls"]["package"], shared
+    assert shared["other_block_package_calls"] == {"package": 1, "fallback": 0}, shared
     # the package computes what the compiled block computes (compared with the compile cold run's output)
     assert aoti["diff_to_compiled"] < 1e-4 and shared["diff_to_compiled"] < 1e-4, (aoti, shared)
     assert aoti["call_ms"] > 0 and compiled["call_ms"] > 0

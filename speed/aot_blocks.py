@@ -1,0 +1,346 @@
+"""A transformer block compiled ahead of time (AOTInductor), called in place of its torch.compile'd form
+where the call is the one it was exported for. Groundwork for issue 12's restart (not wired into the
+loader yet: AOTInductor's loader crashes in the device image, BENCHMARKS.md seventeenth round).
+
+Why: a restart spends 3-5 s of host Python per block kind on torch.compile's start (inductor's imports,
+dynamo's tracing, the cached graphs' loading; bench/aoti_probe.py on an H200). A package is a shared
+library and its kernels: loaded, not traced.
+
+How it stays correct without dynamo's guards:
+- The weights are an input (`plain_weights`): every block of a kind shares one package, and the live
+  tensors are read at each call, so a LoRA merged in place, or a weight ComfyUI swaps, is what runs.
+  Tensor subclasses (torchao's fp8 weights) go in as their inner tensors and are rebuilt inside the
+  exported graph (`rebuild`), the module itself untouched.
+- `record_options` runs the block once eagerly with a transformer_options dict that records which keys
+  the block reads; the package is exported with exactly those, and `AOTDispatch` takes the package only
+  when a call's inputs have the exported shapes, dtypes, devices and strides, its other arguments the
+  exported values, the recorded keys the recorded values, and no layer of the block carries ComfyUI's
+  per-layer patch functions. Any other call goes to the fallback (the block's torch.compile'd call).
+Plain torch; no ComfyUI import.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+_MISSING = object()
+
+
+# --- the weights as an input ---------------------------------------------------------------------
+def _is_subclass(t) -> bool:
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
+def weight_layout(block: nn.Module) -> dict[str, tuple]:
+    """name -> (tensor subclass, inner names, its flatten context, size, stride) for each subclass
+    parameter or buffer; plain ones map to None. What `rebuild` needs, fixed at export."""
+    layout = {}
+    for name, t in _named_state(block):
+        if _is_subclass(t):
+            inner, ctx = t.__tensor_flatten__()
+            if any(_is_subclass(getattr(t, n)) for n in inner):
+                raise TypeError(f"{name}: nested tensor subclasses are not supported ({type(t).__name__})")
+            layout[name] = (type(t), tuple(inner), ctx, tuple(t.shape), tuple(t.stride()))
+        else:
+            layout[name] = None
+    return layout
+
+
+def _named_state(block: nn.Module):
+    yield from block.named_parameters(remove_duplicate=False)
+    yield from block.named_buffers(remove_duplicate=False)
+
+
+def plain_weights(block: nn.Module, layout: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """The block's live parameters and buffers as plain tensors, in `layout`'s order: a subclass weight
+    as its inner tensors under name.<inner> (the same storages: an in-place merge shows)."""
+    state = dict(_named_state(block))
+    out = {}
+    for name, spec in layout.items():
+        t = state[name]
+        if spec is None:
+            out[name] = t.detach() if isinstance(t, nn.Parameter) else t
+        else:
+            for inner in spec[1]:
+                out[f"{name}.{inner}"] = getattr(t, inner)
+    return out
+
+
+def rebuild(plain: dict[str, torch.Tensor], layout: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """plain_weights' inverse, traceable: the state for torch.func.functional_call."""
+    state = {}
+    for name, spec in layout.items():
+        if spec is None:
+            state[name] = plain[name]
+        else:
+            cls, inner, ctx, size, stride = spec
+            state[name] = cls.__tensor_unflatten__({n: plain[f"{name}.{n}"] for n in inner}, ctx, size, stride)
+    return state
+
+
+# --- which transformer_options the block reads ---------------------------------------------------
+class RecordingOptions(dict):
+    """A transformer_options dict that records the keys read (get, [], in) and whether anything was
+    written; copy() gives a plain dict (ComfyUI's blocks copy it for their patches' extra_options)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.read: set = set()
+        self.written = False
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def __setitem__(self, key, value):
+        self.written = True
+        super().__setitem__(key, value)
+
+    def copy(self):
+        return dict(self)
+
+
+_SIMPLE = (type(None), bool, int, float, str)
+
+
+def _comparable(v) -> bool:
+    """Values a call can be checked against with ==, without tensors inside (a tensor's == is a tensor)."""
+    if isinstance(v, _SIMPLE) or callable(v) and not isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_comparable(x) for x in v)
+    if isinstance(v, dict):
+        return all(_comparable(k) and _comparable(x) for k, x in v.items())
+    return False
+
+
+def _same(a, b) -> bool:
+    return a is b or (a is not _MISSING and b is not _MISSING and _comparable(a) and _comparable(b) and a == b)
+
+
+def record_options(block: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Runs the block once eagerly (on copies of its tensor inputs: FLUX's blocks add into theirs) with a
+    recording transformer_options; returns the keys it read with their values (absent keys as _MISSING).
+    Raises ValueError where the block writes into the options or reads one it cannot be checked on."""
+    opts = RecordingOptions(kwargs.get("transformer_options") or {})
+    copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    kw = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    kw["transformer_options"] = opts
+    with torch.no_grad():
+        block(*copies, **kw)
+    if opts.written:
+        raise ValueError("the block writes into transformer_options: its Python side effects cannot be compiled ahead of time")
+    read = {k: dict.get(opts, k, _MISSING) for k in opts.read}
+    bad = [k for k, v in read.items() if v is not _MISSING and not _comparable(v)]
+    if bad:
+        raise ValueError(f"the block reads transformer_options {bad} holding tensors or objects a call cannot be checked on")
+    return read
+
+
+# --- export and the call ---------------------------------------------------------------------------
+class CallSignature:
+    """How a block is called: its tensor inputs (by name, in the package's order) with their shapes,
+    dtypes, devices and strides, its other arguments' values, and the options the block reads."""
+
+    def __init__(self, block: nn.Module, args: tuple, kwargs: dict, options_read: dict):
+        params = list(inspect.signature(type(block).forward).parameters)[1:]
+        self.names = params
+        bound = dict(zip(params, args))
+        bound.update(kwargs)
+        unknown = set(bound) - set(params)
+        if unknown:
+            raise TypeError(f"{type(block).__name__}.forward has no parameters {sorted(unknown)}")
+        self.tensors = [n for n in params if isinstance(bound.get(n), torch.Tensor)]
+        self.meta = [_tensor_meta(bound[n]) for n in self.tensors]
+        self.others = {n: bound[n] for n in params if n in bound and n not in self.tensors and n != "transformer_options"}
+        if not all(_comparable(v) for v in self.others.values()):
+            raise ValueError(f"arguments {sorted(self.others)} cannot be checked on")
+        self.options = options_read
+
+    def tensors_of(self, args: tuple, kwargs: dict) -> list | None:
+        """The call's tensor inputs in the package's order, or None where the call differs."""
+        bound = dict(zip(self.names, args))
+        if kwargs:
+            bound.update(kwargs)
+        for n, v in self.others.items():
+            if not _same(bound.get(n, _MISSING), v):
+                return None
+        if len(bound) != len(self.tensors) + len(self.others) + ("transformer_options" in bound):
+            return None  # an argument given here that the export did not have
+        opts = bound.get("transformer_options") or {}
+        for k, v in self.options.items():
+            if not _same(dict.get(opts, k, _MISSING), v):
+                return None
+        out = []
+        for n, meta in zip(self.tensors, self.meta):
+            t = bound.get(n)
+            if not isinstance(t, torch.Tensor) or _tensor_meta(t) != meta:
+                return None
+            out.append(t)
+        return out
+
+    # -- kept beside the package (JSON), read back at a restart --
+    def record(self) -> dict:
+        """JSON-able; raises ValueError where a value has no JSON form (a callable among the options)."""
+        def plain(v):
+            json.dumps(v)  # TypeError for callables and other objects
+            return v
+        try:
+            return {"names": self.names, "tensors": self.tensors,
+                    "meta": [[list(sh), str(dt).removeprefix("torch."), str(dev), list(st)] for sh, dt, dev, st in self.meta],
+                    "others": {k: plain(v) for k, v in self.others.items()},
+                    "options": {k: plain(v) for k, v in self.options.items() if v is not _MISSING},
+                    "options_absent": sorted(k for k, v in self.options.items() if v is _MISSING)}
+        except TypeError as e:
+            raise ValueError(f"the call cannot be kept for a restart: {e}") from None
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "CallSignature":
+        sig = cls.__new__(cls)
+        sig.names, sig.tensors = list(rec["names"]), list(rec["tensors"])
+        sig.meta = [(tuple(sh), getattr(torch, dt), torch.device(dev), tuple(st)) for sh, dt, dev, st in rec["meta"]]
+        sig.others = dict(rec["others"])
+        sig.options = {**rec["options"], **{k: _MISSING for k in rec["options_absent"]}}
+        return sig
+
+
+def _tensor_meta(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype, t.device, tuple(t.stride()))
+
+
+def block_fingerprint(block: nn.Module, layout: dict) -> str:
+    """What a package was exported from: the block's class and source (a ComfyUI update that changes it
+    makes another package), torch's version, and each weight's kind, shape, dtype and layout (a
+    tensor subclass's flatten context included: torchao's quantization settings are baked in)."""
+    cls = type(block)
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        source = ""
+    state = dict(_named_state(block))
+    parts = [f"{cls.__module__}.{cls.__qualname__}", hashlib.sha256(source.encode()).hexdigest(), torch.__version__]
+    for name, spec in layout.items():
+        t = state[name]
+        if spec is None:
+            parts.append(f"{name}:{tuple(t.shape)}:{t.dtype}:{tuple(t.stride())}")
+        else:
+            inner = [(n, tuple(getattr(t, n).shape), str(getattr(t, n).dtype)) for n in spec[1]]
+            parts.append(f"{name}:{spec[0].__module__}.{spec[0].__qualname__}:{inner}:{spec[2]!r}:{spec[3]}:{spec[4]}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def save_record(path: str, block: nn.Module, sig: CallSignature, layout: dict) -> None:
+    """The package's call and the block's fingerprint, beside the package (path: a .json)."""
+    with open(path, "w") as f:
+        json.dump({"fingerprint": block_fingerprint(block, layout), "call": sig.record()}, f)
+
+
+def load_record(path: str, block: nn.Module) -> tuple[CallSignature, dict] | None:
+    """(signature, layout) for this block from a record save_record wrote, or None where the block is
+    not what the package was exported from (or the record is unreadable)."""
+    layout = weight_layout(block)
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        if rec.get("fingerprint") != block_fingerprint(block, layout):
+            return None
+        return CallSignature.from_record(rec["call"]), layout
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+class _WeightsAsInput(nn.Module):
+    """forward(weights, *tensors): the block through functional_call, its weights rebuilt from plain
+    tensors, its other arguments and options as exported. Not a submodule: its weights are no constants."""
+
+    def __init__(self, block: nn.Module, sig: CallSignature, layout: dict):
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        self._sig, self._layout = sig, layout
+
+    def forward(self, weights, *tensors):
+        kwargs = dict(zip(self._sig.tensors, tensors))
+        kwargs.update(self._sig.others)
+        kwargs["transformer_options"] = {k: v for k, v in self._sig.options.items() if v is not _MISSING}
+        return torch.func.functional_call(self._block, rebuild(weights, self._layout), (), kwargs)
+
+
+def export_block(block: nn.Module, args: tuple, kwargs: dict):
+    """torch.export of the block for this call (see the module's docstring): (program, signature, layout)."""
+    sig = CallSignature(block, args, kwargs, record_options(block, args, kwargs))
+    layout = weight_layout(block)
+    inputs = sig.tensors_of(args, kwargs)
+    with torch.no_grad():
+        program = torch.export.export(_WeightsAsInput(block, sig, layout),
+                                      (plain_weights(block, layout), *[t.clone() for t in inputs]))
+    return program, sig, layout
+
+
+def build_package(block: nn.Module, args: tuple, kwargs: dict, path: str):
+    """Exports the block for this call and compiles it ahead of time into `path` (.pt2). Returns
+    (signature, layout) for AOTDispatch."""
+    program, sig, layout = export_block(block, args, kwargs)
+    torch._inductor.aoti_compile_and_package(program, package_path=path)
+    return sig, layout
+
+
+def patched_layers(block: nn.Module) -> bool:
+    """Whether a layer of the block carries ComfyUI's per-layer patch functions or casts its weights at
+    each call (the exported graph has neither)."""
+    return any(getattr(m, "weight_function", None) or getattr(m, "bias_function", None)
+               or getattr(m, "comfy_cast_weights", False) for m in block.modules())
+
+
+class AOTDispatch:
+    """Set as a block's `_compiled_call_impl` (what nn.Module calls instead of its own call once set): a
+    call the package was exported for runs the package, any other the fallback, torch.compile of the
+    block's call made at the first such call (so a restart whose calls all fit traces nothing)."""
+
+    def __init__(self, block: nn.Module, runner: Callable, sig: CallSignature, layout: dict,
+                 compile_kwargs: dict | None = None):
+        self.block, self.runner, self.sig, self.layout = block, runner, sig, layout
+        self.compile_kwargs = dict(compile_kwargs or {})
+        self._fallback: Callable | None = None
+        self.calls = {"package": 0, "fallback": 0}
+
+    @property
+    def fallback(self) -> Callable:
+        if self._fallback is None:
+            self._fallback = torch.compile(self.block._call_impl, **self.compile_kwargs)  # what block.compile() makes
+        return self._fallback
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        tensors = self.sig.tensors_of(args, kwargs)
+        if tensors is None or patched_layers(self.block):
+            self.calls["fallback"] += 1
+            return self.fallback(*args, **kwargs)
+        self.calls["package"] += 1
+        out = self.runner(plain_weights(self.block, self.layout), *tensors)
+        return tuple(out) if isinstance(out, list) else out
+
+
+def load_package(path: str):
+    """The package's runner (torch._inductor.aoti_load_package)."""
+    return torch._inductor.aoti_load_package(path)
+
+
+def use_package(block: nn.Module, runner: Callable, sig: CallSignature, layout: dict,
+                compile_kwargs: dict | None = None) -> AOTDispatch:
+    """Routes the block's calls through the package (see AOTDispatch); compile_kwargs: torch.compile's,
+    for the fallback (as speed/compile.py compiles the blocks)."""
+    dispatch = AOTDispatch(block, runner, sig, layout, compile_kwargs)
+    block._compiled_call_impl = dispatch
+    return dispatch

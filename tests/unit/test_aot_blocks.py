@@ -1,0 +1,222 @@
+"""Layer 1: speed/aot_blocks.py, a block compiled ahead of time (AOTInductor, on this CPU) and called in
+place of its torch.compile'd form, on a plain torch block written as ComfyUI writes FLUX's (keyword
+inputs, transformer_options, patches, adds into its input). The reference is the eager block itself: a
+call the package serves must give the eager output; any other call must go to the fallback."""
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantlora.speed import aot_blocks
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, elementwise_affine=False)
+        self.lin1 = nn.Linear(d, 2 * d)
+        self.lin2 = nn.Linear(2 * d, d)
+
+    def forward(self, img, vec, pe=None, attn_mask=None, transformer_options={}):
+        patches = transformer_options.get("patches", {})
+        h = self.lin2(F.gelu(self.lin1(self.norm(img) * (1 + vec[:, None]))))
+        if "out_patch" in patches:
+            for p in patches["out_patch"]:
+                h = p(h)
+        img += h  # as FLUX's blocks do: the caller takes the returned tensor
+        return img
+
+
+def seeded(seed, d=32):
+    torch.manual_seed(seed)
+    return ToyBlock(d).eval()
+
+
+def inputs(tokens=8, d=32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, tokens, d, generator=g), torch.randn(1, d, generator=g)
+
+
+def call(block, img, vec, **opts):
+    """As ComfyUI's Flux calls a single block: the image positional, the rest by keyword."""
+    return block(img.clone(), vec=vec, pe=None, attn_mask=None, transformer_options=dict(opts))
+
+
+Package = collections.namedtuple("Package", "runner sig layout path")
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """One package built from block 0 for 8 tokens with empty options."""
+    block = seeded(0)
+    img, vec = inputs()
+    path = str(tmp_path_factory.mktemp("aot") / "toy.pt2")
+    sig, layout = aot_blocks.build_package(block, (img.clone(),), dict(vec=vec, pe=None, attn_mask=None,
+                                                                   transformer_options={}), path)
+    aot_blocks.save_record(path + ".json", block, sig, layout)
+    return Package(aot_blocks.load_package(path), sig, layout, path)
+
+
+def dispatched(block, package):
+    runner, sig, layout, _ = package
+    # the fallback: dynamo's call, no code generated (the pack's is inductor's)
+    return aot_blocks.use_package(block, runner, sig, layout, compile_kwargs={"backend": "eager"})
+
+
+def test_the_package_gives_the_eager_output_and_reads_the_live_weights(package):
+    block = seeded(0)
+    img, vec = inputs()
+    ref = call(block, img, vec)
+    d = dispatched(block, package)
+    torch.testing.assert_close(call(block, img, vec), ref, rtol=1e-5, atol=1e-5)
+    assert d.calls == {"package": 1, "fallback": 0}
+    # a LoRA merged in place (the same tensor objects) is what the package computes
+    with torch.no_grad():
+        block.lin1.weight.add_(0.05 * torch.randn_like(block.lin1.weight))
+    merged = call(block, img, vec)
+    assert d.calls["package"] == 2
+    assert (merged - ref).abs().max() > 1e-3
+    block._compiled_call_impl = None  # eager again: the reference for the merged weights
+    torch.testing.assert_close(merged, call(block, img, vec), rtol=1e-5, atol=1e-5)
+
+
+def test_one_package_serves_every_block_of_the_kind(package):
+    other = seeded(5)
+    img, vec = inputs()
+    ref = call(other, img, vec)
+    d = dispatched(other, package)
+    out = call(other, img, vec)
+    assert d.calls["package"] == 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_calls_the_package_was_not_exported_for_go_to_the_fallback(package):
+    block = seeded(0)
+    d = dispatched(block, package)
+    img, vec = inputs(tokens=12)  # another resolution
+    assert d._fallback is None  # not made before a call needs it: a restart whose calls fit traces nothing
+    out = call(block, img, vec)
+    assert d.calls == {"package": 0, "fallback": 1}
+    img8, vec8 = inputs()
+    doubled = call(block, img8, vec8, patches={"out_patch": [lambda h: 2 * h]})  # a patch the export lacks
+    assert d.calls == {"package": 0, "fallback": 2}
+    masked = block(img8.clone(), vec=vec8, pe=None, attn_mask=torch.ones(1), transformer_options={})  # another argument
+    assert d.calls == {"package": 0, "fallback": 3}
+    block._compiled_call_impl = None
+    torch.testing.assert_close(out, call(block, img, vec))
+    torch.testing.assert_close(doubled, call(block, img8, vec8, patches={"out_patch": [lambda h: 2 * h]}))
+    torch.testing.assert_close(masked, call(block, img8, vec8))
+
+
+def test_options_the_block_does_not_read_do_not_matter(package):
+    block = seeded(0)
+    img, vec = inputs()
+    ref = call(block, img, vec, block_index=3, sigmas=torch.ones(1))
+    d = dispatched(block, package)
+    torch.testing.assert_close(call(block, img, vec, block_index=7, sigmas=torch.zeros(1)), ref, rtol=1e-5, atol=1e-5)
+    assert d.calls["package"] == 1
+
+
+def test_layers_with_comfyui_patch_functions_go_to_the_fallback(package):
+    block = seeded(0)
+    img, vec = inputs()
+    d = dispatched(block, package)
+    block.lin1.weight_function = [lambda w: w]  # what ComfyUI's patcher sets for a lazy LoRA
+    call(block, img, vec)
+    assert d.calls == {"package": 0, "fallback": 1}
+
+
+def test_a_block_that_writes_into_its_options_is_refused():
+    class Writes(ToyBlock):
+        def forward(self, img, vec, pe=None, attn_mask=None, transformer_options={}):
+            transformer_options["seen"] = True
+            return super().forward(img, vec, pe, attn_mask, transformer_options)
+
+    img, vec = inputs()
+    with pytest.raises(ValueError, match="writes into transformer_options"):
+        aot_blocks.export_block(Writes(), (img,), dict(vec=vec, transformer_options={}))
+
+
+def test_tensor_subclass_weights_go_in_as_their_inner_tensors():
+    """torchao's per-row fp8 weights (the pack's torchao-fp8-dynamic), flattened and rebuilt: the
+    functional call on the plain tensors equals the block's own call, and the export takes them."""
+    f8 = pytest.importorskip("torchao.quantization.quantize_.workflows.float8.float8_tensor")
+    from torchao.quantization.granularity import PerRow
+
+    block = seeded(0)
+    for lin in (block.lin1, block.lin2):
+        lin.weight = nn.Parameter(f8.Float8Tensor.from_hp(lin.weight.data, granularity=PerRow()), requires_grad=False)
+    layout = aot_blocks.weight_layout(block)
+    assert layout["lin1.weight"][1] == ("qdata", "scale") and layout["lin1.bias"] is None
+    plain = aot_blocks.plain_weights(block, layout)
+    assert plain["lin1.weight.qdata"] is block.lin1.weight.qdata  # the same storage: merges in place show
+    img, vec = inputs()
+    ref = call(block, img, vec)
+    out = torch.func.functional_call(block, aot_blocks.rebuild(plain, layout), (img.clone(),),
+                                     dict(vec=vec, transformer_options={}))
+    torch.testing.assert_close(out, ref)
+    program, sig, _ = aot_blocks.export_block(block, (img.clone(),), dict(vec=vec, transformer_options={}))
+    assert sig.tensors == ["img", "vec"]
+    torch.testing.assert_close(program.module()(plain, img.clone(), vec), ref)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESTART = """
+import importlib.util, json, sys
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+load("_quantlora_bootstrap", sys.argv[1]).register_pack(sys.argv[2])
+toy = load(sys.argv[6], sys.argv[3])  # under pytest's name for it: the class's module is in the fingerprint
+from quantlora.speed import aot_blocks
+block = toy.seeded(int(sys.argv[5]))
+img, vec = toy.inputs()
+loaded = aot_blocks.load_record(sys.argv[4] + ".json", block)
+if loaded is None:
+    print(json.dumps({"record": "refused"}))
+    sys.exit(0)
+d = aot_blocks.use_package(block, aot_blocks.load_package(sys.argv[4]), *loaded)
+out = toy.call(block, img, vec)
+compiler = "torch._inductor.compile_fx" in sys.modules
+fallback_made = d._fallback is not None
+block._compiled_call_impl = None
+print(json.dumps({"calls": d.calls, "compiler_imported": compiler, "fallback_made": fallback_made,
+                  "diff": float((out - toy.call(block, img, vec)).abs().max())}))
+"""
+
+
+def restart(package_path, seed=0, d=None):
+    cmd = [sys.executable, "-c", RESTART, os.path.join(ROOT, "tools", "bootstrap.py"), ROOT, __file__, package_path, str(seed), ToyBlock.__module__]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_restart_serves_the_call_from_the_package_without_the_compiler(package):
+    """A fresh process (a restarted server) reads the record kept beside the package, checks the block is
+    what the package was exported from, and serves the call: nothing traced, inductor's compiler never
+    imported (torch._inductor's package itself imports dynamo's modules)."""
+    got = restart(package.path)
+    assert got["calls"] == {"package": 1, "fallback": 0}, got
+    assert got["compiler_imported"] is False and got["fallback_made"] is False, got
+    assert got["diff"] < 1e-5, got
+
+
+def test_a_record_from_another_block_layout_is_refused(package, tmp_path):
+    """A record whose fingerprint differs (here: a weight of another dtype) is not used."""
+    block = seeded(0)
+    block.lin2.bias = nn.Parameter(block.lin2.bias.data.double())
+    _, sig, layout, _ = package
+    aot_blocks.save_record(str(tmp_path / "other.pt2.json"), block, sig, aot_blocks.weight_layout(block))
+    assert aot_blocks.load_record(str(tmp_path / "other.pt2.json"), seeded(0)) is None
+    assert aot_blocks.load_record(package.path + ".json", seeded(3)) is not None  # other values, same layout
+    assert aot_blocks.load_record(str(tmp_path / "missing.json"), seeded(0)) is None
