@@ -47,6 +47,13 @@ with torch.inference_mode():
     for n in sos:
         out = subprocess.run(["ldd", os.path.join(d, n)], capture_output=True, text=True).stdout
         say("ldd " + n + ": " + " | ".join(l.strip() for l in out.splitlines()))
+        try:  # what the wrapper needs and which compiler built it (a static libstdc++ would not show in ldd)
+            dyn = subprocess.run(["readelf", "-d", os.path.join(d, n)], capture_output=True, text=True).stdout
+            say("readelf NEEDED/RPATH: " + " | ".join(l.split()[-1] for l in dyn.splitlines() if "NEEDED" in l or "RPATH" in l or "RUNPATH" in l))
+            com = subprocess.run(["readelf", "-p", ".comment", os.path.join(d, n)], capture_output=True, text=True).stdout
+            say("readelf .comment: " + " | ".join(l.strip() for l in com.splitlines() if "]" in l)[:300])
+        except OSError as e:
+            say(f"readelf: {e}")
     from torch._inductor import config
     cxx = os.environ.get("CXX") or [c for c in (config.cpp.cxx if isinstance(config.cpp.cxx, tuple) else (config.cpp.cxx,)) if c][-1]
     try:

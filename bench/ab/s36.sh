@@ -13,6 +13,7 @@ left() { echo $(( 540 - ($(date +%s) - S) )); }
 { echo "CXX=$CXX CC=$CC"; env | grep -iE "^(CXX|CC|CFLAGS|CXXFLAGS|LDFLAGS|TORCHINDUCTOR)" ; ls -la /opt/gcc/bin 2>&1 | head -20
   file -L /opt/gcc/bin/g++ 2>&1; head -c 300 /opt/gcc/bin/g++ 2>/dev/null | strings | head -5
   /opt/gcc/bin/g++ --version 2>&1 | head -2; /opt/gcc/bin/g++ -v 2>&1 | tail -2
+  /opt/gcc/bin/g++ -dumpspecs 2>&1 | grep -i -B1 -A1 "static" | head -12; /opt/gcc/bin/g++ -print-file-name=libstdc++.so
   ls -la /usr/bin/g++* /usr/bin/c++ /usr/bin/clang++* /usr/bin/gcc* 2>&1 | head; which gdb; } > $R/toolchain.txt 2>&1
 cat $R/toolchain.txt
 good=""
