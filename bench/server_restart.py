@@ -153,6 +153,9 @@ def graph(kind: str, files: dict, args) -> dict:
 # Variants of our graph: the same graph, the server started with these settings (nodes/load_overlap.py)
 VARIANT_ENV = {
     "ours-seq": {"QUANTLORA_OVERLAP_LOAD": "0"},  # the loader before the text encoders, as before session 34
+    # the blocks compiled ahead of time (speed/aot_store.py, experimental): its first run builds the
+    # packages (in the weight cache folder), the later ones load them instead of compiling
+    "ours-aot": {"QUANTLORA_AOT_BLOCKS": "1"},
 }
 
 

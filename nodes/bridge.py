@@ -27,7 +27,7 @@ from ..memory.sizes import module_bytes
 from ..quant.backends import available_backends, require_backend
 from ..quant import weight_cache
 from ..quant.loader import LayerLoader, LoadReport
-from ..speed import warmup
+from ..speed import aot_store, warmup
 from . import comfy_door
 from .quant_ops import loading_with, operations_for
 
@@ -205,8 +205,12 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
     if compile != "off":
         t0 = time.perf_counter()
         rope_fusion.install_if_enabled()  # unless QUANTLORA_FUSE_ROPE=0: before the first trace
-        compile_blocks(dm, cudagraphs=compile == "regional+cudagraphs")
+        aot = _aot_store(compile, lora_max_rank, patcher.load_device)
+        compile_blocks(dm, cudagraphs=compile == "regional+cudagraphs", aot=aot)
         set_up = f"; blocks set up for torch.compile in {time.perf_counter() - t0:.2f} s"
+        if aot is not None:
+            set_up += (f" ({aot.stats['loaded']} packages compiled ahead of time loaded in {aot.stats['load_s']:.2f} s,"
+                       f" {aot_store.ENV}=1)")
         if between_phases is not None:
             between_phases()
         if warm_compiler and compile_backend() in (None, "inductor"):
@@ -217,6 +221,26 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
              os.path.basename(path), quantization, report.compute_dtype, report.load_s, report.weights_bytes / 2**30,
              _cache_note(report.weight_cache, report.phases.get("cache_map")), set_up)
     return patcher
+
+
+def _aot_store(compile: str, lora_max_rank: int, device):
+    """With QUANTLORA_AOT_BLOCKS=1 (experimental), the blocks' packages compiled ahead of time, kept in the
+    weight cache folder (speed/aot_store.py); None where off, or where they cannot serve this model."""
+    if not aot_store.enabled():
+        return None
+    why = None
+    if compile != "regional":
+        why = f"compile {compile!r} (packages serve 'regional' only)"
+    elif lora_max_rank > 0:
+        why = "LoRA slots (packages serve merged LoRAs only)"
+    else:
+        why = aot_store.loads_here(os.path.join(weight_cache_dir(), "aot"), device)
+    if why:
+        log.warning("QuantLoRA: %s=1 ignored: %s", aot_store.ENV, why)
+        return None
+    from . import rope_fusion
+
+    return aot_store.AOTStore(os.path.join(weight_cache_dir(), "aot"), rope_fusion.plain_rope_for_export)
 
 
 def _cache_note(info: dict | None, mapped: dict | None = None) -> str:

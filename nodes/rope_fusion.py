@@ -17,6 +17,7 @@ installed only when a model is compiled, and why it has a switch.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -60,3 +61,22 @@ def active() -> bool:
 
 def install_if_enabled() -> str | None:
     return install() if enabled() else "off"
+
+
+@contextlib.contextmanager
+def plain_rope_for_export():
+    """While a block is exported ahead of time (speed/aot_store.py): torch.export does not go through
+    dynamo's substitution, so ComfyUI's own switch picks its pure-torch RoPE, as the compiled graphs
+    trace it. Only where the substitution is active; the switch is global, and ComfyUI runs one prompt
+    at a time, on the thread that exports."""
+    import comfy.model_management as mm
+
+    if not active():
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before

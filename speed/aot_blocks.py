@@ -20,6 +20,7 @@ Plain torch; no ComfyUI import.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -131,6 +132,41 @@ def _same(a, b) -> bool:
     return a is b or (a is not _MISSING and b is not _MISSING and _comparable(a) and _comparable(b) and a == b)
 
 
+def _same_as_recorded(a, b) -> bool:
+    """A call's value against one read back from a record (its JSON form: functions by name, tuples as lists)."""
+    if a is _MISSING or b is _MISSING:
+        return a is b
+    try:
+        return _to_json(a) == b
+    except TypeError:
+        return False
+
+
+def _callable_name(f) -> str | None:
+    """module:qualname of a module-level function or class (the same object in every process), else None."""
+    mod, qual = getattr(f, "__module__", None), getattr(f, "__qualname__", None)
+    if not mod or not qual or "<" in qual:
+        return None
+    return f"{mod}:{qual}"
+
+
+def _to_json(v):
+    """A recorded value in JSON form: module-level functions by name; raises TypeError for other objects."""
+    if callable(v) and not isinstance(v, (type(None), bool, int, float, str, list, tuple, dict)):
+        name = _callable_name(v)
+        if name is None:
+            raise TypeError(f"{v!r} has no name another process can find")
+        return {"__callable__": name}
+    if isinstance(v, (list, tuple)):
+        return [_to_json(x) for x in v]
+    if isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            raise TypeError(f"a dict with non-string keys: {list(v)[:4]}")
+        return {k: _to_json(x) for k, x in v.items()}
+    json.dumps(v)
+    return v
+
+
 def record_options(block: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Runs the block once eagerly (on copies of its tensor inputs: FLUX's blocks add into theirs) with a
     recording transformer_options; returns the keys it read with their values (absent keys as _MISSING).
@@ -169,20 +205,22 @@ class CallSignature:
         if not all(_comparable(v) for v in self.others.values()):
             raise ValueError(f"arguments {sorted(self.others)} cannot be checked on")
         self.options = options_read
+        self.restored = False
 
     def tensors_of(self, args: tuple, kwargs: dict) -> list | None:
         """The call's tensor inputs in the package's order, or None where the call differs."""
         bound = dict(zip(self.names, args))
         if kwargs:
             bound.update(kwargs)
+        same = _same_as_recorded if self.restored else _same
         for n, v in self.others.items():
-            if not _same(bound.get(n, _MISSING), v):
+            if not same(bound.get(n, _MISSING), v):
                 return None
         if len(bound) != len(self.tensors) + len(self.others) + ("transformer_options" in bound):
             return None  # an argument given here that the export did not have
         opts = bound.get("transformer_options") or {}
         for k, v in self.options.items():
-            if not _same(dict.get(opts, k, _MISSING), v):
+            if not same(dict.get(opts, k, _MISSING), v):
                 return None
         out = []
         for n, meta in zip(self.tensors, self.meta):
@@ -195,14 +233,11 @@ class CallSignature:
     # -- kept beside the package (JSON), read back at a restart --
     def record(self) -> dict:
         """JSON-able; raises ValueError where a value has no JSON form (a callable among the options)."""
-        def plain(v):
-            json.dumps(v)  # TypeError for callables and other objects
-            return v
         try:
             return {"names": self.names, "tensors": self.tensors,
                     "meta": [[list(sh), str(dt).removeprefix("torch."), str(dev), list(st)] for sh, dt, dev, st in self.meta],
-                    "others": {k: plain(v) for k, v in self.others.items()},
-                    "options": {k: plain(v) for k, v in self.options.items() if v is not _MISSING},
+                    "others": {k: _to_json(v) for k, v in self.others.items()},
+                    "options": {k: _to_json(v) for k, v in self.options.items() if v is not _MISSING},
                     "options_absent": sorted(k for k, v in self.options.items() if v is _MISSING)}
         except TypeError as e:
             raise ValueError(f"the call cannot be kept for a restart: {e}") from None
@@ -214,6 +249,7 @@ class CallSignature:
         sig.meta = [(tuple(sh), getattr(torch, dt), torch.device(dev), tuple(st)) for sh, dt, dev, st in rec["meta"]]
         sig.others = dict(rec["others"])
         sig.options = {**rec["options"], **{k: _MISSING for k in rec["options_absent"]}}
+        sig.restored = True
         return sig
 
 
@@ -278,14 +314,26 @@ class _WeightsAsInput(nn.Module):
         return torch.func.functional_call(self._block, rebuild(weights, self._layout), (), kwargs)
 
 
+@contextlib.contextmanager
+def _own_forward(block: nn.Module):
+    """The block's own forward while it is recorded and exported: not its compiled call, nor a dispatch."""
+    compiled = block.__dict__.get("_compiled_call_impl")
+    block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        block._compiled_call_impl = compiled
+
+
 def export_block(block: nn.Module, args: tuple, kwargs: dict):
     """torch.export of the block for this call (see the module's docstring): (program, signature, layout)."""
-    sig = CallSignature(block, args, kwargs, record_options(block, args, kwargs))
-    layout = weight_layout(block)
-    inputs = sig.tensors_of(args, kwargs)
-    with torch.no_grad():
-        program = torch.export.export(_WeightsAsInput(block, sig, layout),
-                                      (plain_weights(block, layout), *[t.clone() for t in inputs]))
+    with _own_forward(block):
+        sig = CallSignature(block, args, kwargs, record_options(block, args, kwargs))
+        layout = weight_layout(block)
+        inputs = sig.tensors_of(args, kwargs)
+        with torch.no_grad():
+            program = torch.export.export(_WeightsAsInput(block, sig, layout),
+                                          (plain_weights(block, layout), *[t.clone() for t in inputs]))
     return program, sig, layout
 
 
@@ -304,16 +352,47 @@ def patched_layers(block: nn.Module) -> bool:
                or getattr(m, "comfy_cast_weights", False) for m in block.modules())
 
 
+class KindPackages:
+    """The packages of one block kind, shared by its blocks: [(signature, runner)], and, optionally, how to
+    build one for a call none of them takes (build(block, args, kwargs) -> (signature, runner) or None)."""
+
+    def __init__(self, entries=(), build: Callable | None = None):
+        self.entries = list(entries)
+        self.build = build
+        self._tried: set = set()
+
+    def find(self, args: tuple, kwargs: dict):
+        for sig, runner in self.entries:
+            tensors = sig.tensors_of(args, kwargs)
+            if tensors is not None:
+                return runner, tensors
+        return None, None
+
+    def build_for(self, block: nn.Module, args: tuple, kwargs: dict):
+        """Once per call shape: a package for this call (the fallback runs the call where that fails)."""
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor))
+        key += tuple((tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor))
+        if self.build is None or key in self._tried:
+            return None, None
+        self._tried.add(key)
+        built = self.build(block, args, kwargs)
+        if built is None:
+            return None, None
+        self.entries.append(built)
+        return self.find(args, kwargs)
+
+
 class AOTDispatch:
     """Set as a block's `_compiled_call_impl` (what nn.Module calls instead of its own call once set): a
-    call the package was exported for runs the package, any other the fallback, torch.compile of the
-    block's call made at the first such call (so a restart whose calls all fit traces nothing)."""
+    call one of its kind's packages was exported for runs that package, any other the fallback:
+    `fallback` (the block's torch.compile'd call) or, where none is given, torch.compile of the block's
+    call made at the first such call (so a restart whose calls all fit traces nothing)."""
 
-    def __init__(self, block: nn.Module, runner: Callable, sig: CallSignature, layout: dict,
+    def __init__(self, block: nn.Module, kind: KindPackages, layout: dict, fallback: Callable | None = None,
                  compile_kwargs: dict | None = None):
-        self.block, self.runner, self.sig, self.layout = block, runner, sig, layout
+        self.block, self.kind, self.layout = block, kind, layout
         self.compile_kwargs = dict(compile_kwargs or {})
-        self._fallback: Callable | None = None
+        self._fallback = fallback
         self.calls = {"package": 0, "fallback": 0}
 
     @property
@@ -323,13 +402,19 @@ class AOTDispatch:
         return self._fallback
 
     def __call__(self, *args: Any, **kwargs: Any):
-        tensors = self.sig.tensors_of(args, kwargs)
-        if tensors is None or patched_layers(self.block):
-            self.calls["fallback"] += 1
-            return self.fallback(*args, **kwargs)
-        self.calls["package"] += 1
-        out = self.runner(plain_weights(self.block, self.layout), *tensors)
-        return tuple(out) if isinstance(out, list) else out
+        if not patched_layers(self.block):
+            runner, tensors = self.kind.find(args, kwargs)
+            if runner is None:
+                runner, tensors = self.kind.build_for(self.block, args, kwargs)
+            if runner is not None:
+                weights = plain_weights(self.block, self.layout)
+                device = tensors[0].device
+                if all(w.device == device for w in weights.values()):  # weights streamed elsewhere: not here
+                    self.calls["package"] += 1
+                    out = runner(weights, *tensors)
+                    return tuple(out) if isinstance(out, list) else out
+        self.calls["fallback"] += 1
+        return self.fallback(*args, **kwargs)
 
 
 def load_package(path: str):
@@ -339,8 +424,8 @@ def load_package(path: str):
 
 def use_package(block: nn.Module, runner: Callable, sig: CallSignature, layout: dict,
                 compile_kwargs: dict | None = None) -> AOTDispatch:
-    """Routes the block's calls through the package (see AOTDispatch); compile_kwargs: torch.compile's,
+    """Routes the block's calls through one package (see AOTDispatch); compile_kwargs: torch.compile's,
     for the fallback (as speed/compile.py compiles the blocks)."""
-    dispatch = AOTDispatch(block, runner, sig, layout, compile_kwargs)
+    dispatch = AOTDispatch(block, KindPackages([(sig, runner)]), layout, compile_kwargs=compile_kwargs)
     block._compiled_call_impl = dispatch
     return dispatch

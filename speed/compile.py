@@ -132,9 +132,12 @@ def compile_backend() -> str | None:
     return os.environ.get("QUANTLORA_COMPILE_BACKEND") or None
 
 
-def compile_blocks(model: nn.Module, cudagraphs: bool = False, **compile_kwargs) -> int:
+def compile_blocks(model: nn.Module, cudagraphs: bool = False, aot=None, **compile_kwargs) -> int:
     """Compiles each block in place (see the module's docstring); cudagraphs: replay each as a CUDA
     graph (the compile choice regional+cudagraphs; QUANTLORA_CUDAGRAPHS=1 asks for it everywhere).
+    aot: a speed/aot_store.AOTStore: a block whose kind has packages ahead of time takes its calls from
+    them (torch.compile made only for a call they do not take); the others are compiled and build a
+    package at their first call (not with CUDA graphs).
     Raises ValueError where CUDA graphs were asked for and cannot run (`cudagraphs_unavailable`)."""
     if compile_backend() and "backend" not in compile_kwargs:
         compile_kwargs["backend"] = compile_backend()
@@ -153,8 +156,14 @@ def compile_blocks(model: nn.Module, cudagraphs: bool = False, **compile_kwargs)
     for name in BLOCK_LISTS:
         for block in getattr(model, name, ()):
             if getattr(block, "_compiled_call_impl", None) is None:
-                prepare_block(block, inputs_copied="triton.cudagraphs" in compile_kwargs.get("options", {}))
-                block.compile(**compile_kwargs)
+                graphs = "triton.cudagraphs" in compile_kwargs.get("options", {})
+                prepare_block(block, inputs_copied=graphs)
+                if aot is not None and not graphs and aot.has_packages(block):
+                    aot.attach(block, compile_kwargs=compile_kwargs)  # no torch.compile set-up until needed
+                else:
+                    block.compile(**compile_kwargs)
+                    if aot is not None and not graphs:
+                        aot.attach(block, fallback=block._compiled_call_impl)
                 n += 1
     return n
 
