@@ -59,3 +59,20 @@ def test_packages_built_at_the_first_forward_serve_the_next_load(flux_path, tmp_
     torch.testing.assert_close(_forward(restarted), ref, rtol=1e-4, atol=1e-4)
     assert all(d.calls == {"package": 1, "fallback": 0} and d._fallback is None for d in served)
 
+
+
+def test_where_packages_cannot_load_the_switch_is_ignored_with_a_warning(flux_path, tmp_path, monkeypatch, caplog):
+    """A machine whose test package crashed in the child process (the GPU image of BENCHMARKS.md issue 12):
+    the loader warns and compiles its blocks as without the switch; nothing is loaded in the server."""
+    from quantlora.speed import aot_store
+    from quantlora.speed.aot_blocks import AOTDispatch
+
+    monkeypatch.setenv("QUANTLORA_WEIGHT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QUANTLORA_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setenv("QUANTLORA_AOT_BLOCKS", "1")
+    monkeypatch.setattr(aot_store, "loads_here", lambda root, device: "a test package did not load (exit -11)")
+    with caplog.at_level("WARNING", logger="quantlora"):
+        dm = _model(flux_path, "regional")
+    assert "QUANTLORA_AOT_BLOCKS=1 ignored: a test package did not load (exit -11)" in caplog.text
+    calls = [b.__dict__.get("_compiled_call_impl") for b in [*dm.double_blocks, *dm.single_blocks]]
+    assert all(c is not None and not isinstance(c, AOTDispatch) for c in calls)

@@ -220,3 +220,22 @@ def test_a_record_from_another_block_layout_is_refused(package, tmp_path):
     assert aot_blocks.load_record(str(tmp_path / "other.pt2.json"), seeded(0)) is None
     assert aot_blocks.load_record(package.path + ".json", seeded(3)) is not None  # other values, same layout
     assert aot_blocks.load_record(str(tmp_path / "missing.json"), seeded(0)) is None
+
+
+def test_the_load_check_keeps_its_verdict(tmp_path, monkeypatch):
+    """speed/aot_store.loads_here builds and loads a tiny package in a child process once; the verdict is
+    kept per torch version, compiler and device type, and a crash there is a reason, not a crash here."""
+    from quantlora.speed import aot_store
+
+    runs = []
+
+    class Crashed:
+        returncode, stdout, stderr = -11, "", "Fatal Python error: Segmentation fault"
+
+    monkeypatch.setattr(aot_store.subprocess, "run", lambda *a, **k: runs.append(a) or Crashed())
+    why = aot_store.loads_here(str(tmp_path), torch.device("cpu"))
+    assert why.startswith("a test package did not load in a child process (exit -11") and "Segmentation" in why
+    assert aot_store.loads_here(str(tmp_path), torch.device("cpu")) == why and len(runs) == 1  # kept
+    monkeypatch.setenv("CXX", "/usr/bin/other-g++")  # another compiler: checked again
+    aot_store.loads_here(str(tmp_path), torch.device("cpu"))
+    assert len(runs) == 2
