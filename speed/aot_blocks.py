@@ -268,6 +268,10 @@ def block_fingerprint(block: nn.Module, layout: dict) -> str:
         source = ""
     state = dict(_named_state(block))
     parts = [f"{cls.__module__}.{cls.__qualname__}", hashlib.sha256(source.encode()).hexdigest(), torch.__version__]
+    for name, m in block.named_modules():  # the forward as prepared (speed/compile.prepare_block's switches)
+        own = m.__dict__.get("forward")
+        parts.append(f"{name}:{type(m).__module__}.{type(m).__qualname__}:"
+                     f"{getattr(getattr(own, '__func__', own), '__qualname__', own) if own is not None else ''}")
     for name, spec in layout.items():
         t = state[name]
         if spec is None:
@@ -345,6 +349,16 @@ def build_package(block: nn.Module, args: tuple, kwargs: dict, path: str):
     return sig, layout
 
 
+def structure_token(block: nn.Module) -> tuple:
+    """Each layer's class, per-instance forward and hook counts (cheap enough for every call)."""
+    return tuple((type(m), m.__dict__.get("forward"), len(m._forward_pre_hooks), len(m._forward_hooks))
+                 for m in block.modules())
+
+
+def _weight_meta(weights: dict) -> list:
+    return [(w.dtype, w.shape) for w in weights.values()]
+
+
 def patched_layers(block: nn.Module) -> bool:
     """Whether a layer of the block carries ComfyUI's per-layer patch functions or casts its weights at
     each call (the exported graph has neither)."""
@@ -394,6 +408,10 @@ class AOTDispatch:
         self.compile_kwargs = dict(compile_kwargs or {})
         self._fallback = fallback
         self.calls = {"package": 0, "fallback": 0}
+        # what the packages were exported or fingerprinted with: a hook or forward set on a layer later
+        # (another node's casting, offload) or a weight of another dtype or shape sends calls to the fallback
+        self.structure = structure_token(block)
+        self.weight_meta = _weight_meta(plain_weights(block, layout))
 
     @property
     def fallback(self) -> Callable:
@@ -402,14 +420,15 @@ class AOTDispatch:
         return self._fallback
 
     def __call__(self, *args: Any, **kwargs: Any):
-        if not patched_layers(self.block):
+        if not patched_layers(self.block) and structure_token(self.block) == self.structure:
             runner, tensors = self.kind.find(args, kwargs)
             if runner is None:
                 runner, tensors = self.kind.build_for(self.block, args, kwargs)
             if runner is not None:
                 weights = plain_weights(self.block, self.layout)
                 device = tensors[0].device
-                if all(w.device == device for w in weights.values()):  # weights streamed elsewhere: not here
+                # weights streamed elsewhere (offload), or replaced by others: not for the package
+                if all(w.device == device for w in weights.values()) and _weight_meta(weights) == self.weight_meta:
                     self.calls["package"] += 1
                     out = runner(weights, *tensors)
                     return tuple(out) if isinstance(out, list) else out

@@ -285,8 +285,10 @@ def check_device_imports(log_path, stand_ins=("av",), carries=("carry-wheels.txt
         root = next((r for r in roots if where.startswith(r + os.sep)), None)
         if root is None or name in stand_ins:
             continue  # stdlib, the pack, the ComfyUI tree, the harness stand-ins, generated code
-        top = where[len(root) + 1:].split(os.sep)[0]  # a vendored module counts as its host package's
-        dists = owners.get(name) or owners.get(top.removesuffix(".py")) or [top]
+        top = where[len(root) + 1:].split(os.sep)[0].removesuffix(".py")
+        # a vendored module (setuptools/_vendor/jaraco) counts as its host package's, whatever this process's
+        # sys.path makes of the vendored copies' own metadata (setuptools puts _vendor on it once imported)
+        dists = (owners.get(top) if top != name else None) or owners.get(name) or [top]
         if not any(norm(d) in allowed for d in dists):
             missing[name] = dists
     assert not missing, f"imported, but neither in the device image nor carried: {missing}"

@@ -239,3 +239,25 @@ def test_the_load_check_keeps_its_verdict(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "/usr/bin/other-g++")  # another compiler: checked again
     aot_store.loads_here(str(tmp_path), torch.device("cpu"))
     assert len(runs) == 2
+
+
+def test_a_hook_or_another_weight_dtype_set_later_goes_to_the_fallback(package):
+    """Another node's casting hook on a layer, or a weight swapped for one of another dtype, after the
+    package was attached: the package was not exported for that block."""
+    img, vec = inputs()
+    block = seeded(0)
+    d = dispatched(block, package)
+    handle = block.lin2.register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+    hooked = call(block, img, vec)
+    assert d.calls == {"package": 0, "fallback": 1}
+    handle.remove()
+    call(block, img, vec)
+    assert d.calls == {"package": 1, "fallback": 1}
+    block.lin1.weight = nn.Parameter(block.lin1.weight.data.double(), requires_grad=False)
+    block.lin1.bias = nn.Parameter(block.lin1.bias.data.double(), requires_grad=False)
+    with pytest.raises(RuntimeError):  # the eager block itself refuses float32 input with float64 weights...
+        call(block, img, vec)
+    assert d.calls == {"package": 1, "fallback": 2}  # ...and it was the fallback that ran, not the package
+    # (what the fallback computed with the hook is dynamo's business: it does not guard on hooks added
+    # after a compile unless asked, torch._dynamo.config.skip_nnmodule_hook_guards)
+    assert hooked.shape == img.shape
