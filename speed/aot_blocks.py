@@ -21,6 +21,7 @@ Plain torch; no ComfyUI import.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -257,17 +258,22 @@ def _tensor_meta(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.dtype, t.device, tuple(t.stride()))
 
 
+@functools.lru_cache(maxsize=64)
+def _source_hash(cls: type) -> str:
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        source = ""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
 def block_fingerprint(block: nn.Module, layout: dict) -> str:
     """What a package was exported from: the block's class and source (a ComfyUI update that changes it
     makes another package), torch's version, and each weight's kind, shape, dtype and layout (a
     tensor subclass's flatten context included: torchao's quantization settings are baked in)."""
     cls = type(block)
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        source = ""
     state = dict(_named_state(block))
-    parts = [f"{cls.__module__}.{cls.__qualname__}", hashlib.sha256(source.encode()).hexdigest(), torch.__version__]
+    parts = [f"{cls.__module__}.{cls.__qualname__}", _source_hash(cls), torch.__version__]
     for name, m in block.named_modules():  # the forward as prepared (speed/compile.prepare_block's switches)
         own = m.__dict__.get("forward")
         parts.append(f"{name}:{type(m).__module__}.{type(m).__qualname__}:"
