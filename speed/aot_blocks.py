@@ -23,8 +23,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import inspect
 import json
+import platform
+import threading
 from typing import Any, Callable
 
 import torch
@@ -267,13 +270,25 @@ def _source_hash(cls: type) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def host_cpu() -> str:
+    """The machine and its CPU's feature flags (a package's host code is compiled for this CPU; it
+    stands in for torch's own ISA check at load, see load_package)."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith(("flags", "Features"))), "")
+    return f"{platform.machine()}:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
 def block_fingerprint(block: nn.Module, layout: dict) -> str:
     """What a package was exported from: the block's class and source (a ComfyUI update that changes it
     makes another package), torch's version, and each weight's kind, shape, dtype and layout (a
     tensor subclass's flatten context included: torchao's quantization settings are baked in)."""
     cls = type(block)
     state = dict(_named_state(block))
-    parts = [f"{cls.__module__}.{cls.__qualname__}", _source_hash(cls), torch.__version__]
+    parts = [f"{cls.__module__}.{cls.__qualname__}", _source_hash(cls), torch.__version__, host_cpu()]
     for name, m in block.named_modules():  # the forward as prepared (speed/compile.prepare_block's switches)
         own = m.__dict__.get("forward")
         parts.append(f"{name}:{type(m).__module__}.{type(m).__qualname__}:"
@@ -442,9 +457,31 @@ class AOTDispatch:
         return self.fallback(*args, **kwargs)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def load_package(path: str):
-    """The package's runner (torch._inductor.aoti_load_package)."""
-    return torch._inductor.aoti_load_package(path)
+    """The package's runner (torch._inductor.aoti_load_package), without torch's host-CPU probe.
+
+    Before loading, torch compares the package's recorded device information with this machine's, and
+    for the CPU's vector ISA it compiles test programs and starts a Python that imports torch once per
+    ISA (torch/_inductor/cpu_vec_isa.py): 15-25 s in each new process (H200 image, this CPU), only to log
+    a warning on a mismatch. The packages here are built on the machine that loads them, and the host
+    CPU's flags are part of their fingerprint (block_fingerprint), so that comparison is skipped."""
+    loader = torch._inductor.aoti_load_package
+    try:  # torch's loader imports it too
+        codecache = importlib.import_module("torch._inductor.codecache")
+    except ImportError:
+        codecache = None
+    if codecache is None or not callable(getattr(codecache, "get_device_information", None)):
+        return loader(path)
+    with _LOAD_LOCK:
+        probe = codecache.get_device_information
+        codecache.get_device_information = lambda device_type: {}
+        try:
+            return loader(path)
+        finally:
+            codecache.get_device_information = probe
 
 
 def use_package(block: nn.Module, runner: Callable, sig: CallSignature, layout: dict,

@@ -117,6 +117,8 @@ class AOTStore:
 # child process first, once per torch version, C++ compiler and device type; the verdict is kept.
 _CHECK = r"""
 import sys, torch
+import torch._inductor.codecache as codecache
+codecache.get_device_information = lambda device_type: {}  # as aot_blocks.load_package loads
 dev = sys.argv[1]
 m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).to(dev).eval()
 x = torch.randn(4, 16, device=dev)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# For session 36, after s36.sh found a compiler whose packages load (CXX=<it> below; written in session 35).
+# For session 36, after s36.sh found a compiler whose packages load (CXX=<it> below; written in session 35;
+# session 36: /usr/bin/g++ loads; torch's 22-26 s host-CPU probe at load is skipped by aot_blocks.load_package).
 # The real ComfyUI server's restart to the first step with the blocks compiled ahead of time
 # (QUANTLORA_AOT_BLOCKS=1, speed/aot_store.py), alternating with ours on one machine: ours cold, then
 # ours / ours-aot restarts (ours-aot's first run builds its packages; the later ones load them). The
