@@ -1,6 +1,6 @@
 """A transformer block compiled ahead of time (AOTInductor), called in place of its torch.compile'd form
-where the call is the one it was exported for. Groundwork for issue 12's restart (not wired into the
-loader yet: AOTInductor's loader crashes in the device image, BENCHMARKS.md seventeenth round).
+where the call is the one it was exported for (issue 12's restart; wired by speed/aot_store.py behind
+QUANTLORA_AOT_BLOCKS=1).
 
 Why: a restart spends 3-5 s of host Python per block kind on torch.compile's start (inductor's imports,
 dynamo's tracing, the cached graphs' loading; bench/aoti_probe.py on an H200). A package is a shared
