@@ -8,6 +8,7 @@
 #   run(command="CXX=/usr/bin/g++ bash bench/ab/s36b.sh", carry=[".devcarry/site.tar.xz", ".devcarry/server.tar.xz"])
 source bench/ab/server_lib.sh
 echo "CXX=${CXX:-unset}"
-sr full 560 --size full --restarts 3 --alternate ours-aot --comfy-restarts 0 --budget-s 500
+SR_TMO=${SR_TMO:-560}  # a shorter call where the session's device time is short
+sr full $SR_TMO --size full --restarts ${RESTARTS:-3} --alternate ours-aot --comfy-restarts 0 --budget-s $((SR_TMO - 60))
 grep -h "ahead of time\|AOT_BLOCKS\|Traceback" $R/full.log $R/full/*.log 2>/dev/null | sort | uniq -c | head -12
 T
