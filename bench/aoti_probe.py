@@ -114,6 +114,12 @@ def comfy_call(args, blk, x, options=None):
     opts = options if options is not None else {
         "patches": {}, "patches_replace": {}, "cond_or_uncond": [0], "sigmas": torch.ones(1, device=args.device),
         "block_type": args.kind, "block_index": 0, "total_blocks": 38 if args.kind == "single" else 19}
+    if options is None and args.attention != "default":  # as the pack's loader sets it (speed/attention.py)
+        from quantlora.speed.attention import override_for
+
+        override = override_for(args.attention, torch.device(args.device))
+        if override is not None:
+            opts["optimized_attention_override"] = override
     if args.kind == "single":
         return (x[0],), dict(vec=x[1], pe=x[2], attn_mask=None, transformer_options=opts)
     return (), dict(img=x[0], txt=x[1], vec=x[2], pe=x[3], attn_mask=None, transformer_options=opts)
@@ -251,7 +257,7 @@ def child(args) -> dict:
         row["call_ms"] = call_ms(args, call, fresh)
         if dispatch is not None:
             row["package_calls"] = dict(dispatch.calls)
-        compiled_out = os.path.join(os.path.dirname(args.package), f"out-compile-{args.kind}-{args.quant}.pt")
+        compiled_out = os.path.join(os.path.dirname(args.package), f"out-compile-{args.kind}-{args.quant}-{args.attention}.pt")
         if args.phase == "compile":
             torch.save([o.cpu() for o in outs], compiled_out)
         elif os.path.exists(compiled_out):
@@ -271,7 +277,7 @@ def child(args) -> dict:
 def run_child(args, phase) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--phase", phase, "--device", args.device,
            "--hidden", str(args.hidden), "--tokens", str(args.tokens), "--package", args.package,
-           "--quant", args.quant, "--rope", args.rope, "--kind", args.kind]
+           "--quant", args.quant, "--rope", args.rope, "--kind", args.kind, "--attention", args.attention]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)  # its stderr: ours
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
     if proc.returncode != 0 or not lines:
@@ -294,6 +300,10 @@ def main():
     ap.add_argument("--rope", default="plain", choices=["plain", "kernel"],
                     help="plain: ComfyUI's pure-torch RoPE in the traced graphs, as the pack compiles them; "
                          "kernel: comfy_kitchen's custom op")
+    ap.add_argument("--attention", default="default", choices=["default", "cudnn", "fa3", "fa3-fp8"],
+                    help="transformer_options' attention override, as the pack's loader sets it")
+    ap.add_argument("--shared-only", action="store_true",
+                    help="only the pack's way (weights as an input) and torch.compile's restart")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--phase", default="")
     ap.add_argument("--package", default="")
@@ -304,11 +314,12 @@ def main():
     _env.install_stand_ins()  # (logged) what each child installs too
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
-    args.package = os.path.join(args.workdir, f"{args.kind}-{args.device}-{args.hidden}-{args.quant}.pt2")
+    args.package = os.path.join(args.workdir, f"{args.kind}-{args.device}-{args.hidden}-{args.quant}-{args.attention}.pt2")
     rows = []
 
     def flush():
-        with open(os.path.join(args.out, f"results-aoti-{args.quant}{'-single' if args.kind == 'single' else ''}.json"), "w") as f:
+        with open(os.path.join(args.out, f"results-aoti-{args.quant}{'-single' if args.kind == 'single' else ''}"
+                               f"{'' if args.attention == 'default' else '-' + args.attention}.json"), "w") as f:
             json.dump({"device": next((r["gpu"] for r in rows if r.get("gpu")), args.device),
                        "date": datetime.date.today().isoformat(), "hidden": args.hidden, "tokens": args.tokens,
                        "quant": args.quant, "torch": next((r["torch"] for r in rows if r.get("torch")), "?"),
@@ -319,9 +330,12 @@ def main():
     for i in range(args.repeats):
         plan += [("aoti", f"aoti restart {i + 1}"), ("aoti-shared", f"aoti weights as an input, restart {i + 1}"),
                  ("compile", f"compile restart {i + 1}")]
+    if args.shared_only:
+        plan = [p for p in plan if p[0] != "aoti" and p[0] != "build"]
+    attn = "" if args.attention == "default" else f" {args.attention}"
     for phase, label in plan:
         r = run_child(args, phase)
-        r["variant"] = f"aoti probe, {args.kind} block {args.hidden} {args.quant}: {label}"
+        r["variant"] = f"aoti probe, {args.kind} block {args.hidden} {args.quant}{attn}: {label}"
         rows.append(r)
         flush()
         print(json.dumps(r), flush=True)

@@ -49,25 +49,41 @@ def to_fp8_unscaled(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(-448.0, 448.0).to(FP8)
 
 
+_KERNEL = None  # FA3's forward op, looked up by make_override (not while torch.compile traces a call)
+
+
+def _attend(fp8, func, q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape, kwargs):
+    kernel = _KERNEL
+    if kernel is None or (not skip_reshape or mask is not None or q.device.type != "cuda" or q.dtype != torch.bfloat16
+            or q.shape[-1] > 256 or q.shape[1] != heads):
+        return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                    skip_output_reshape=skip_output_reshape, **kwargs)
+    # (b, s, h, d): FA3 takes Flux's (b, h, s, d) views transposed, strides as they are
+    q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if fp8:
+        q_, k_, v_ = to_fp8_unscaled(q_), to_fp8_unscaled(k_), to_fp8_unscaled(v_)
+    out = kernel(q_, k_, v_, softmax_scale=q.shape[-1] ** -0.5)[0]
+    if skip_output_reshape:
+        return out.transpose(1, 2)
+    return out.reshape(out.shape[0], out.shape[1], heads * out.shape[-1])
+
+
+# Module-level functions (not closures): a package compiled ahead of time records the override by
+# module:name and a restarted server finds the same function (speed/aot_blocks.py).
+def fa3_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                 skip_output_reshape=False, **kwargs):
+    return _attend(False, func, q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape, kwargs)
+
+
+def fa3_fp8_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                     skip_output_reshape=False, **kwargs):
+    return _attend(True, func, q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape, kwargs)
+
+
 def make_override(fp8: bool = False):
     """A function for transformer_options["optimized_attention_override"] (ComfyUI's calling
     convention). Masked calls, other dtypes and non-CUDA tensors go to ComfyUI's own function.
     fp8: q, k, v go to FA3's fp8 kernel unscaled (`to_fp8_unscaled`); its output is bf16."""
-    kernel = _load()[0]  # looked up here, not while torch.compile traces the override
-
-    def fa3_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
-                     skip_output_reshape=False, **kwargs):
-        if kernel is None or (not skip_reshape or mask is not None or q.device.type != "cuda" or q.dtype != torch.bfloat16
-                or q.shape[-1] > 256 or q.shape[1] != heads):
-            return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
-                        skip_output_reshape=skip_output_reshape, **kwargs)
-        # (b, s, h, d): FA3 takes Flux's (b, h, s, d) views transposed, strides as they are
-        q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if fp8:
-            q_, k_, v_ = to_fp8_unscaled(q_), to_fp8_unscaled(k_), to_fp8_unscaled(v_)
-        out = kernel(q_, k_, v_, softmax_scale=q.shape[-1] ** -0.5)[0]
-        if skip_output_reshape:
-            return out.transpose(1, 2)
-        return out.reshape(out.shape[0], out.shape[1], heads * out.shape[-1])
-
-    return fa3_override
+    global _KERNEL
+    _KERNEL = _load()[0]
+    return fa3_fp8_override if fp8 else fa3_override

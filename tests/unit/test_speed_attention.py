@@ -59,3 +59,16 @@ def test_fp8_attention_inputs_saturate_instead_of_becoming_nan():
     assert not got.isnan().any()
     assert got[:3].tolist() == [448.0, -448.0, 448.0]
     assert torch.equal(got[3:], t[3:].to(torch.float8_e4m3fn).float())
+
+
+def test_fa3_overrides_have_names_a_restarted_server_finds(monkeypatch):
+    """Blocks compiled ahead of time record transformer_options' override by module:name (the GPU run of
+    BENCHMARKS.md's eighteenth round refused a closure); both FA3 overrides are module-level functions."""
+    from quantlora.speed import aot_blocks
+
+    monkeypatch.setattr(fa3, "_load", lambda: (None, "no package"))
+    for fp8, name in ((False, "fa3_override"), (True, "fa3_fp8_override")):
+        over = fa3.make_override(fp8=fp8)
+        assert aot_blocks._to_json(over) == {"__callable__": f"{fa3.__name__}:{name}"}
+        assert getattr(fa3, name) is over
+    assert aot_blocks._to_json(attention.sdpa_override)["__callable__"].endswith(":sdpa_override")
