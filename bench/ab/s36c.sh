@@ -7,6 +7,7 @@
 #   run(command="CXX=/usr/bin/g++ bash bench/ab/s36c.sh", carry=[".devcarry/site.tar.xz", ".devcarry/ComfyUI"])
 O=$OUT; R=/tmp/res; mkdir -p $R; S=$(date +%s)
 echo "CXX=${CXX:-unset}"
+(while sleep 15; do (cd $R && tar cf $O/res.tmp . && mv $O/res.tmp $O/res.tar); done) &  # results so far, if the call is cut
 timeout ${TMO:-280} bash bench/device_run.sh aoti_probe.py --quant fp8 --attention fa3 --shared-only --repeats 1 \
   --out $R/fa3 --timeout 200 > $R/fa3.log 2>&1
 echo "fa3 rc=$? t=$(( $(date +%s) - S ))s"
@@ -16,4 +17,4 @@ for r in json.load(open(sys.argv[1]))['rows']:
     print(' ', r['variant'], {k: r.get(k) for k in ('export_s','aoti_compile_s','same_process_max_abs_diff','load_s','first_call_s','restart_work_s','call_ms','package_calls','diff_to_compiled','custom_ops','error') if k in r})
 " $R/fa3/results-aoti-fp8-fa3.json
 grep -h "Error\|error\|Traceback" $R/fa3.log | sort | uniq -c | head -10
-(cd $R && tar cf $O/res.tar .)
+kill %1 2>/dev/null; (cd $R && tar cf $O/res.tar .)
