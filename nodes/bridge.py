@@ -240,7 +240,8 @@ def _aot_store(compile: str, lora_max_rank: int, device):
         return None
     from . import rope_fusion
 
-    return aot_store.AOTStore(os.path.join(weight_cache_dir(), "aot"), rope_fusion.plain_rope_for_export)
+    return aot_store.AOTStore(os.path.join(weight_cache_dir(), "aot", aot_store.device_tag(device)),
+                              rope_fusion.plain_rope_for_export)
 
 
 def _cache_note(info: dict | None, mapped: dict | None = None) -> str:

@@ -33,6 +33,16 @@ def enabled() -> bool:
     return os.environ.get(ENV, "0") == "1"
 
 
+def device_tag(device: torch.device) -> str:
+    """The folder a device's packages live in: a package's kernels are built for one GPU architecture and
+    CUDA version (a cache moved to another GPU starts empty instead of loading kernels it cannot run)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}-cu{torch.version.cuda}"
+    return device.type
+
+
 class AOTStore:
     def __init__(self, root: str, export_context=None):
         self.root = root

@@ -51,7 +51,7 @@ def test_packages_built_at_the_first_forward_serve_the_next_load(flux_path, tmp_
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     built = _dispatches(first)
     assert all(d.calls == {"package": 1, "fallback": 0} for d in built), [d.calls for d in built]
-    assert len(list((tmp_path / "aot").glob("*/*.pt2"))) == 2  # one per block kind
+    assert len(list((tmp_path / "aot" / "cpu").glob("*/*.pt2"))) == 2  # one per block kind, in the device's folder
 
     restarted = _model(flux_path, "regional")
     served = _dispatches(restarted)

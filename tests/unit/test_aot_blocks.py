@@ -266,3 +266,13 @@ def test_a_hook_or_another_weight_dtype_set_later_goes_to_the_fallback(package):
     # (what the fallback computed with the hook is dynamo's business: it does not guard on hooks added
     # after a compile unless asked, torch._dynamo.config.skip_nnmodule_hook_guards)
     assert hooked.shape == img.shape
+
+
+def test_packages_are_kept_per_device_kind():
+    """A package's kernels are built for one GPU architecture: each device kind has its own folder."""
+    from quantlora.speed import aot_store
+
+    assert aot_store.device_tag(torch.device("cpu")) == "cpu"
+    if torch.cuda.is_available():
+        tag = aot_store.device_tag(torch.device("cuda"))
+        assert tag.startswith("cuda-sm") and torch.version.cuda in tag
