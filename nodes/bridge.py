@@ -228,20 +228,20 @@ def _aot_store(compile: str, lora_max_rank: int, device):
     weight cache folder (speed/aot_store.py); None where off, or where they cannot serve this model."""
     if not aot_store.enabled():
         return None
-    why = None
+    why, cxx = None, ""
     if compile != "regional":
         why = f"compile {compile!r} (packages serve 'regional' only)"
     elif lora_max_rank > 0:
         why = "LoRA slots (packages serve merged LoRAs only)"
     else:
-        why = aot_store.loads_here(os.path.join(weight_cache_dir(), "aot"), device)
+        cxx, why = aot_store.compiler_here(os.path.join(weight_cache_dir(), "aot"), device)
     if why:
         log.warning("QuantLoRA: %s=1 ignored: %s", aot_store.ENV, why)
         return None
     from . import rope_fusion
 
     return aot_store.AOTStore(os.path.join(weight_cache_dir(), "aot", aot_store.device_tag(device)),
-                              rope_fusion.plain_rope_for_export)
+                              rope_fusion.plain_rope_for_export, cxx=cxx)
 
 
 def _cache_note(info: dict | None, mapped: dict | None = None) -> str:

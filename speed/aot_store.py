@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,9 +45,10 @@ def device_tag(device: torch.device) -> str:
 
 
 class AOTStore:
-    def __init__(self, root: str, export_context=None):
+    def __init__(self, root: str, export_context=None, cxx: str = ""):
         self.root = root
         self.export_context = export_context or contextlib.nullcontext
+        self.cxx = cxx  # the C++ compiler packages are built with ("": inductor's own choice, $CXX)
         self.kinds: dict[str, aot_blocks.KindPackages] = {}
         self.stats = {"loaded": 0, "built": 0, "load_s": 0.0, "build_s": 0.0, "failed": []}
 
@@ -102,7 +104,8 @@ class AOTStore:
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, hashlib.sha256(json.dumps(record["call"], sort_keys=True).encode()).hexdigest()[:16] + ".pt2")
             tmp = path[:-4] + f".tmp{os.getpid()}.pt2"  # inductor wants the .pt2 suffix
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            with compiler_context(self.cxx):
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
             os.replace(tmp, path)
             with open(path + ".json.tmp", "w") as f:
                 json.dump(record, f)
@@ -141,9 +144,10 @@ print("LOADS")
 """
 
 
-def loads_here(root: str, device: torch.device, timeout: float = 300) -> str | None:
-    """None where packages build and load on this machine, else why not (kept in <root>/loadable-*.json)."""
-    cxx = os.environ.get("CXX", "")
+def loads_here(root: str, device: torch.device, timeout: float = 300, cxx: str | None = None) -> str | None:
+    """None where packages built with C++ compiler `cxx` (None: $CXX, inductor's own choice) load on this
+    machine, else why not (kept in <root>/loadable-*.json)."""
+    cxx = os.environ.get("CXX", "") if cxx is None else cxx
     key = hashlib.sha256(f"{torch.__version__}|{cxx}|{device.type}".encode()).hexdigest()[:12]
     verdict_path = os.path.join(root, f"loadable-{key}.json")
     try:
@@ -154,8 +158,9 @@ def loads_here(root: str, device: torch.device, timeout: float = 300) -> str | N
     os.makedirs(root, exist_ok=True)
     package = os.path.join(root, f"loadable-{key}.pt2")
     try:
+        env = dict(os.environ, CXX=cxx) if cxx else None
         proc = subprocess.run([sys.executable, "-c", _CHECK, device.type, package], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=env)
         why = None if "LOADS" in proc.stdout else (
             f"a test package did not load in a child process (exit {proc.returncode}: "
             f"{(proc.stderr.strip().splitlines() or [''])[-1][:200]})")
@@ -166,3 +171,37 @@ def loads_here(root: str, device: torch.device, timeout: float = 300) -> str | N
     with open(verdict_path, "w") as f:
         json.dump({"torch": torch.__version__, "cxx": cxx, "device": device.type, "why_not": why}, f)
     return why
+
+
+def _system_compiler() -> str | None:
+    """The system's g++ where $CXX names another compiler (or none): GPU images ship their own toolchains,
+    and the H200 image's (CXX=/opt/gcc/bin/g++) builds packages that crash at load while /usr/bin/g++'s
+    load (BENCHMARKS.md issue 12, eighteenth round)."""
+    chosen = shutil.which(os.environ.get("CXX") or "g++")
+    for candidate in ("/usr/bin/g++", "/usr/bin/c++"):
+        if os.path.isfile(candidate) and (chosen is None or os.path.realpath(candidate) != os.path.realpath(chosen)):
+            return candidate
+    return None
+
+
+def compiler_here(root: str, device: torch.device) -> tuple[str | None, str | None]:
+    """(compiler, None) where packages built with it load here ("": $CXX, inductor's own choice), else
+    (None, why not). $CXX is tried first, then the system's g++; each verdict is kept (loads_here)."""
+    why = loads_here(root, device)
+    if why is None:
+        return "", None
+    system = _system_compiler()
+    if system is None or loads_here(root, device, cxx=system) is not None:
+        return None, why
+    log.info("QuantLoRA: packages built with CXX=%s do not load here (%s); %s builds them",
+             os.environ.get("CXX", "g++"), why, system)
+    return system, None
+
+
+def compiler_context(cxx: str):
+    """Inductor's C++ compiler for a package's build (cxx "" : its own choice)."""
+    if not cxx:
+        return contextlib.nullcontext()
+    from torch._inductor import config
+
+    return config.patch({"cpp.cxx": (None, cxx)})

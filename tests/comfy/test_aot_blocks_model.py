@@ -70,7 +70,7 @@ def test_where_packages_cannot_load_the_switch_is_ignored_with_a_warning(flux_pa
     monkeypatch.setenv("QUANTLORA_WEIGHT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("QUANTLORA_COMPILE_BACKEND", "aot_eager")
     monkeypatch.setenv("QUANTLORA_AOT_BLOCKS", "1")
-    monkeypatch.setattr(aot_store, "loads_here", lambda root, device: "a test package did not load (exit -11)")
+    monkeypatch.setattr(aot_store, "loads_here", lambda root, device, cxx=None: "a test package did not load (exit -11)")
     with caplog.at_level("WARNING", logger="quantlora"):
         dm = _model(flux_path, "regional")
     assert "QUANTLORA_AOT_BLOCKS=1 ignored: a test package did not load (exit -11)" in caplog.text

@@ -246,6 +246,44 @@ def test_the_load_check_keeps_its_verdict(tmp_path, monkeypatch):
     assert len(runs) == 2
 
 
+def test_where_cxx_builds_packages_that_crash_the_system_gpp_builds_them(tmp_path, monkeypatch):
+    """The H200 image's CXX builds packages that crash at load and its /usr/bin/g++ builds ones that load
+    (BENCHMARKS.md issue 12, eighteenth round): $CXX is checked first, then the system's g++, each in a
+    child process once; the store then builds with the one that loaded."""
+    from quantlora.speed import aot_store
+
+    runs = []
+
+    class Done:
+        def __init__(self, loads):
+            self.returncode, self.stdout, self.stderr = (0, "LOADS\n", "") if loads else (-11, "", "Segmentation fault")
+
+    def run(cmd, env=None, **kwargs):
+        compiler = (env or os.environ).get("CXX")
+        runs.append(compiler)
+        return Done(loads=compiler == "/usr/bin/g++")
+
+    monkeypatch.setenv("CXX", "/opt/gcc/bin/g++")
+    monkeypatch.setattr(aot_store.subprocess, "run", run)
+    monkeypatch.setattr(aot_store, "_system_compiler", lambda: "/usr/bin/g++")
+    assert aot_store.compiler_here(str(tmp_path), torch.device("cpu")) == ("/usr/bin/g++", None)
+    assert runs == ["/opt/gcc/bin/g++", "/usr/bin/g++"]
+    assert aot_store.compiler_here(str(tmp_path), torch.device("cpu")) == ("/usr/bin/g++", None)
+    assert len(runs) == 2  # both verdicts kept
+    monkeypatch.setattr(aot_store, "_system_compiler", lambda: None)  # no other compiler: the first reason
+    cxx, why = aot_store.compiler_here(str(tmp_path), torch.device("cpu"))
+    assert cxx is None and "exit -11" in why
+
+    from torch._inductor import config
+
+    before = config.cpp.cxx
+    with aot_store.compiler_context("/usr/bin/g++"):
+        assert config.cpp.cxx == (None, "/usr/bin/g++")
+    assert config.cpp.cxx == before
+    with aot_store.compiler_context(""):
+        assert config.cpp.cxx == before
+
+
 def test_a_hook_or_another_weight_dtype_set_later_goes_to_the_fallback(package):
     """Another node's casting hook on a layer, or a weight swapped for one of another dtype, after the
     package was attached: the package was not exported for that block."""
