@@ -8,7 +8,8 @@
 # ours-aot's first restart builds (load check ~57 s once, ~56 s per block kind); the later ones load.
 #   run(command="bash bench/ab/s37.sh", carry=[".devcarry/site.tar.xz", ".devcarry/server.tar.xz"])
 #   (move bench/raw/traces out of the tree for the call: the carry limit)
-export CXX=${CXX:-/usr/bin/g++}
+export CXX=${AOT_CXX:-/usr/bin/g++}  # the image sets CXX=/opt/gcc/bin/g++ (its packages crash at load; the pack
+# would fall back to /usr/bin/g++ after a second ~1 min check: AOT_CXX=/opt/gcc/bin/g++ to measure that)
 source bench/ab/server_lib.sh
 (while sleep 20; do T; done) &  # results so far, if the call is cut
 echo "CXX=$CXX"
