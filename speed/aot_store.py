@@ -1,6 +1,7 @@
 """Where the blocks' ahead-of-time packages (speed/aot_blocks.py) live, how a load finds them and the first
 sampling of a call shape builds them, and whether this machine can load a package at all.
-QUANTLORA_AOT_BLOCKS=1 turns it on (experimental: measured on no GPU yet, BENCHMARKS.md issue 12).
+QUANTLORA_AOT_BLOCKS=1 turns it on (experimental: one block measured on an H200, not yet the server;
+BENCHMARKS.md issue 12, eighteenth round).
 
 Layout: <root>/<block fingerprint>/<call hash>.pt2 and .pt2.json (the call's record). A block whose
 fingerprint (class and source, torch, its weights' kinds and layouts) has packages is served by them at
