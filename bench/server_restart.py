@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -206,8 +207,48 @@ class Server(ComfyServer):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if getattr(self, "stamper", None):
+            self.stamper.join(5)  # the pipe ends with the process: its last lines written
         if getattr(self, "_log", None):
             self._log.close()
+
+
+def stamp_lines(pipe, log, t0: float):
+    """The server's output into its log, each line after the seconds since the launch: where ComfyUI's own
+    start spends its time (its log has no times)."""
+    for raw in iter(pipe.readline, b""):
+        log.write(f"{time.perf_counter() - t0:8.3f} ".encode() + raw)
+        log.flush()
+
+
+# Lines of ComfyUI's start (v0.33) whose times say where it goes: torch and the device, comfy-aimdo, the
+# built-in and custom nodes, the server
+START_MARKS = {"device": "Total VRAM", "aimdo": "comfy-aimdo inited", "version": "ComfyUI version:",
+               "nodes_imported": "Import times for custom nodes", "serving": "Starting server"}
+
+
+def start_marks(lines: list[str]) -> dict:
+    marks = {}
+    for ln in lines:
+        for name, text in START_MARKS.items():
+            m = re.match(r"\s*(\d+\.\d+) ", ln)
+            if m and name not in marks and text in ln:
+                marks[name] = float(m.group(1))
+    return marks
+
+
+def wait_for_aot_builds(args, limit_s: float = 400) -> float:
+    """After a run with the blocks ahead of time: the packages its first calls queued are built by child
+    processes that outlive the server (speed/aot_store.py); the next run starts when they are done (each
+    removes its saved program at the end), so that it loads them and no build shares the machine."""
+    aot = os.path.join(args.workdir, "models", "quantlora_cache", "aot")
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        pending = [n for _, _, names in os.walk(aot) for n in names if ".program" in n]
+        if not pending:
+            break
+        time.sleep(0.5)
+    return round(time.perf_counter() - t0, 2)
 
 
 def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
@@ -231,7 +272,9 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
         srv._log = open(srv.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.update(VARIANT_ENV.get(kind, {}))
-        srv.proc = subprocess.Popen(srv.command(), cwd=COMFY, env=env, stdout=srv._log, stderr=subprocess.STDOUT)
+        srv.proc = subprocess.Popen(srv.command(), cwd=COMFY, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        srv.stamper = threading.Thread(target=stamp_lines, args=(srv.proc.stdout, srv._log, t0), daemon=True)
+        srv.stamper.start()
         while True:
             if srv.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with {srv.proc.returncode}:\n{srv.log_tail()}")
@@ -280,6 +323,9 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
     lines = open(srv.log_path, errors="replace").read().splitlines()
     row["pack_log"] = [ln.strip()[:400] for ln in lines
                        if "quantlora" in ln.lower() and ("load" in ln.lower() or "merge" in ln.lower())][-8:]
+    row["start_marks"] = start_marks(lines)
+    if VARIANT_ENV.get(kind, {}).get("QUANTLORA_AOT_BLOCKS") == "1":
+        row["aot_build_wait_s"] = wait_for_aot_builds(args)
     # built-in node modules that did not load (a package not carried): the start is that much shorter
     row["import_failed"] = [ln.strip()[:200] for ln in lines if "Cannot import" in ln or "IMPORT FAILED" in ln][:12]
     for ln in lines:
@@ -337,6 +383,7 @@ def main():
     ap.add_argument("--restarts", type=int, default=3, help="restarts of our graph after its cold run")
     ap.add_argument("--alternate", default="", help="comma-separated variants of our graph (VARIANT_ENV) restarted "
                                                      "--restarts times each, alternating with ours")
+    ap.add_argument("--cold-variant", default="ours", help="the variant of our graph whose run writes the caches")
     ap.add_argument("--comfy-restarts", type=int, default=2, help="restarts of ComfyUI's own graph (0: none)")
     ap.add_argument("--budget-s", type=float, default=520, help="no new run starts after this many seconds")
     ap.add_argument("--ready-timeout", type=float, default=180)
@@ -362,7 +409,7 @@ def main():
     unknown = [k for k in kinds[1:] if k not in VARIANT_ENV]
     if unknown:
         raise SystemExit(f"--alternate: unknown variants {unknown}; known: {sorted(VARIANT_ENV)}")
-    plan = [("ours", "cold")] + [(k, f"restart-{i + 1}") for i in range(args.restarts) for k in kinds]
+    plan = [(args.cold_variant, "cold")] + [(k, f"restart-{i + 1}") for i in range(args.restarts) for k in kinds]
     if args.comfy_restarts:
         plan += [("comfy", "cold")] + [("comfy", f"restart-{i + 1}") for i in range(args.comfy_restarts)]
     for kind, label in plan:

@@ -213,7 +213,10 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
                        f" {aot_store.ENV}=1)")
         if between_phases is not None:
             between_phases()
-        if warm_compiler and compile_backend() in (None, "inductor"):
+        # blocks served by packages compile nothing at the first step: importing the compiler now would
+        # only hold the interpreter lock against the text encoders (1.4 s on an H200: issue 12, nineteenth round)
+        served = aot is not None and aot.serves_all()
+        if warm_compiler and compile_backend() in (None, "inductor") and not served:
             set_up += f", the compiler's modules imported in {warmup.warm_compiler(patcher.load_device):.2f} s"
     runtime.install(patcher)
     runtime.set_attention(patcher, attention)
@@ -229,19 +232,22 @@ def _aot_store(compile: str, lora_max_rank: int, device):
     if not aot_store.enabled():
         return None
     why, cxx = None, ""
+    check_root = os.path.join(weight_cache_dir(), "aot")
     if compile != "regional":
         why = f"compile {compile!r} (packages serve 'regional' only)"
     elif lora_max_rank > 0:
         why = "LoRA slots (packages serve merged LoRAs only)"
+    elif aot_store.deferred():  # the load check's verdict if kept, else the first build's child runs it
+        cxx, why = aot_store.known_verdict(check_root, device)
     else:
-        cxx, why = aot_store.compiler_here(os.path.join(weight_cache_dir(), "aot"), device)
+        cxx, why = aot_store.compiler_here(check_root, device)
     if why:
         log.warning("QuantLoRA: %s=1 ignored: %s", aot_store.ENV, why)
         return None
     from . import rope_fusion
 
-    return aot_store.AOTStore(os.path.join(weight_cache_dir(), "aot", aot_store.device_tag(device)),
-                              rope_fusion.plain_rope_for_export, cxx=cxx)
+    return aot_store.AOTStore(os.path.join(check_root, aot_store.device_tag(device)), rope_fusion.plain_rope_for_export,
+                              cxx=cxx, defer=aot_store.deferred(), check_root=check_root, device=device)
 
 
 def _cache_note(info: dict | None, mapped: dict | None = None) -> str:

@@ -314,3 +314,76 @@ def test_packages_are_kept_per_device_kind():
     if torch.cuda.is_available():
         tag = aot_store.device_tag(torch.device("cuda"))
         assert tag.startswith("cuda-sm") and torch.version.cuda in tag
+
+
+class RowQuantUser(nn.Module):
+    """A graph with one of the pack's own custom operators (the fp8 row quantization of the GPU path; its
+    CPU kernel here), as a block's exported program holds it."""
+
+    def forward(self, x):
+        q, s = torch.ops.quantlora.quant_rows_fp8(x, -1)
+        return q.float() * s
+
+
+def test_a_deferred_build_imports_the_programs_custom_operators_in_its_child(tmp_path):
+    """speed/aot_store's builder: a saved program whose graph calls the pack's custom operator is built in a
+    child process that imports the operator's module first (else the program does not load there); the
+    package and its record land where the next load looks, and compute what the program computes."""
+    from quantlora.speed import aot_store, rowquant  # noqa: F401 - registers quantlora::quant_rows_fp8
+
+    x = torch.randn(8, 64)
+    program = torch.export.export(RowQuantUser(), (x,))
+    assert aot_store.op_modules(program) == ["quantlora.speed.rowquant"]
+    store = aot_store.AOTStore(str(tmp_path), cxx="")  # $CXX: the verdict of the server-side tests' check
+    path = str(tmp_path / "kind" / "call.pt2")
+    os.makedirs(os.path.dirname(path))
+    store._defer("RowQuantUser", program, {"fingerprint": "kind", "call": {}}, path, 0.0, str(tmp_path / "failed.log"))
+    assert aot_store.BUILDER.wait(600)
+    assert store.stats["built"] == 1 and not store.stats["failed"], store.stats
+    assert json.load(open(path + ".json")) == {"fingerprint": "kind", "call": {}}
+    assert sorted(os.listdir(tmp_path / "kind")) == ["call.pt2", "call.pt2.json"]  # the saved program removed
+    torch.testing.assert_close(aot_blocks.load_package(path)(x), program.module()(x))
+
+
+def test_a_build_child_where_no_package_loads_says_why_and_builds_nothing(tmp_path, monkeypatch):
+    """The first build on a machine runs the load check in its child (speed/aot_store.child_build): where
+    neither $CXX nor the system's g++ builds loadable packages it answers why, builds nothing and removes
+    the saved program."""
+    from quantlora.speed import aot_store
+
+    program_path = tmp_path / "call.program1.pt2"
+    program_path.write_bytes(b"saved program")
+    monkeypatch.setattr(aot_store, "compiler_here", lambda root, device: (None, "a test package did not load (exit -11)"))
+    monkeypatch.setattr(torch.export, "load", lambda path: pytest.fail("loaded the program after a failed check"))
+    job = {"program": str(program_path), "path": str(tmp_path / "call.pt2"), "record": {}, "cxx": None,
+           "check_root": str(tmp_path), "device": "cpu"}
+    assert aot_store.child_build(job) == "NOLOAD a test package did not load (exit -11)"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_call_whose_build_failed_is_not_built_again_while_its_log_is_kept(tmp_path, monkeypatch, caplog):
+    """A build that fails (here its export) leaves a log naming why; later loads of the same block kind
+    and call shape go to the fallback at once instead of failing again at every restart; deleting the log
+    retries."""
+    from quantlora.speed import aot_store
+
+    def fails(*a, **k):
+        raise RuntimeError("unsupported operator in the block")
+
+    monkeypatch.setattr(aot_blocks, "export_block", fails)
+    block, (img, vec) = seeded(0), inputs()
+    kwargs = dict(vec=vec, transformer_options={})
+    store = aot_store.AOTStore(str(tmp_path), cxx="")
+    fingerprint = aot_blocks.block_fingerprint(block, aot_blocks.weight_layout(block))
+    assert store._build(fingerprint, block, (img,), kwargs) is None
+    log_path = store._failed_log(fingerprint, (img,), kwargs)
+    assert "unsupported operator in the block" in open(log_path).read()
+
+    monkeypatch.setattr(aot_blocks, "export_block", lambda *a, **k: pytest.fail("built again"))
+    restarted = aot_store.AOTStore(str(tmp_path), cxx="")
+    with caplog.at_level("WARNING", logger="quantlora"):
+        assert restarted._build(fingerprint, seeded(1), (img,), kwargs) is None
+    assert "an earlier build failed" in caplog.text and log_path in caplog.text
+    os.remove(log_path)
+    with pytest.raises(pytest.fail.Exception, match="built again"):
+        restarted._build(fingerprint, seeded(1), (img,), kwargs)
