@@ -372,6 +372,9 @@ def test_server_restart_dry_run(dry_runs):
         assert "error" not in r, (name, r.get("error"))
         assert r["images"] == 1 and 0 < r["ready_s"] < r["to_first_step_s"] <= r["done_s"], (name, r)
         assert (run.out / f"server-{r['graph']}-{r['attempt']}.log").exists()
+        # the server's lines timed from the launch: ComfyUI's start in order, before the first step
+        marks = r["start_marks"]
+        assert 0 < marks["device"] < marks["nodes_imported"] <= marks["serving"] < r["to_first_step_s"], (name, marks)
     for label, cache in (("cold", "written to the weight cache"), ("restart-1", "read from the weight cache")):
         r = got[f"server ours: {label}"]
         assert r["node_s"]["QuantizedFluxLoader"] > 0 and "KSampler" in r["node_s"], r["node_s"]
