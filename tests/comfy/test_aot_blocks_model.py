@@ -40,7 +40,7 @@ def _dispatches(dm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", ["inline", "child"])
+@pytest.mark.parametrize("build", ["inline"])  # "child" passes too (50 s more in CI; its build: tests/unit)
 def test_packages_built_at_the_first_forward_serve_the_next_load(flux_path, tmp_path, monkeypatch, build):
     """inline (the default): the first forward waits for the builds and runs the packages; child
     (QUANTLORA_AOT_BUILD=child): it exports, goes on torch.compile'd, and child processes build."""
