@@ -18,7 +18,7 @@ from ..lora.formats import FluxDims
 from ..lora.hotswap import HotswapState, LoRACache, TARGET_SETS, attach_slots
 from ..lora.merge import MergeState
 from ..memory import oom, pinned_file
-from ..speed import guards
+from ..speed import aot_store, guards
 from ..speed.attention import override_for, sdpa_context, sdpa_override, unavailable
 from ..speed.compile import is_compiled, uses_cudagraphs
 
@@ -214,7 +214,8 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
     if dm is not None and (merged is None or merged.place != "host"):
         pinned_file.release(dm)  # no host-side merge takes the weight cache's locked pages: unlock them
     try:
-        out = executor(*args, **kwargs)
+        with aot_store.BUILDER.hold():  # packages exported in this sampling are built after it
+            out = executor(*args, **kwargs)
     except torch.OutOfMemoryError as e:
         failed = oom.detail(e)
     else:

@@ -15,6 +15,7 @@ Plain torch; no ComfyUI import (the caller passes the export context: ComfyUI's 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -226,12 +227,30 @@ def op_modules(program) -> list[str]:
         namespace = schema.split("::")[0]
         if "::" not in schema or namespace in ("aten", "prims"):
             continue
-        name = getattr(getattr(OPDEFS.get(schema), "_init_fn", None), "__module__", None)
+        name = getattr(_defining_function(OPDEFS.get(schema)), "__module__", None)
         if name:
             found.add("quantlora" + name[len(_PACK):] if name == _PACK or name.startswith(_PACK + ".") else name)
         elif namespace in sys.modules:
             found.add(namespace)
     return sorted(found)
+
+
+def _defining_function(opdef):
+    """The function a custom operator was defined with. torch.library.triton_op (the pack's GPU ops)
+    registers a wrapper of torch's own (module torch._library.triton) that holds it in its closure:
+    importing the wrapper's module in the child registers nothing (H200, session 37: every child failed
+    to load its program)."""
+    fn = getattr(opdef, "_init_fn", None)
+    if not (getattr(fn, "__module__", None) or "").startswith("torch."):
+        return fn
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(inner) and not (getattr(inner, "__module__", None) or "torch.").startswith("torch."):
+            return inner
+    return fn
 
 
 def child_build(job: dict) -> str:
@@ -277,11 +296,41 @@ class Builder:
 
     def __init__(self):
         self._pending = 0
+        self._holds = 0
+        self._held: list[BuildJob] = []
         self._idle = threading.Condition()
+        atexit.register(self._drop_held)
+
+    def _drop_held(self):
+        """At exit during a sampling (the server stopped): its saved programs go, unbuilt."""
+        for job in self._held:
+            with contextlib.suppress(OSError):
+                os.remove(job.program_path)
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Builds queued meanwhile start when the last hold ends: around a sampling, whose own compiles the
+        children would slow (H200, session 37: its first compile took 24 s instead of 15 s beside them)."""
+        with self._idle:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._holds -= 1
+                start, self._held = (self._held, []) if self._holds == 0 else ([], self._held)
+            for job in start:
+                self._start(job)
 
     def put(self, job: BuildJob):
         with self._idle:
             self._pending += 1
+            if self._holds:
+                self._held.append(job)
+                return
+        self._start(job)
+
+    def _start(self, job: BuildJob):
         threading.Thread(target=self._run, args=(job,), name="quantlora-aot-build", daemon=True).start()
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -345,6 +345,45 @@ def test_a_deferred_build_imports_the_programs_custom_operators_in_its_child(tmp
     torch.testing.assert_close(aot_blocks.load_package(path)(x), program.module()(x))
 
 
+@torch.library.triton_op("quantloratest::doubled", mutates_args=())
+def doubled(x: torch.Tensor) -> torch.Tensor:  # a triton_op, as the pack's GPU ops are (no kernel needed here)
+    return x * 2
+
+
+class TritonOpUser(nn.Module):
+    def forward(self, x):
+        return torch.ops.quantloratest.doubled(x) + 1
+
+
+def test_the_build_child_imports_the_module_that_defines_a_triton_op():
+    """torch.library.triton_op registers a wrapper function of torch's own: the child must import the module
+    of the function inside it (on an H200 it imported torch._library.triton instead, the program's load
+    failed and no package was built)."""
+    from quantlora.speed import aot_store
+
+    program = torch.export.export(TritonOpUser(), (torch.randn(4, 8),))
+    assert aot_store.op_modules(program) == [__name__]
+
+
+def test_builds_queued_during_a_sampling_start_after_it(monkeypatch):
+    """speed/aot_store.Builder.hold (around each sampling, nodes/runtime.py): a child compiling beside the
+    sampling slowed its own compiles, so the builds queued meanwhile start when it ends."""
+    from quantlora.speed import aot_store
+
+    started = []
+    monkeypatch.setattr(aot_store, "build_in_child", lambda job: started.append(job.name))
+    builder = aot_store.Builder()
+    job = lambda name: aot_store.BuildJob(name, "/nonexistent/program.pt2", "", {}, [], None, "")
+    with builder.hold():
+        with builder.hold():  # nested samplings: the outer one's end starts them
+            builder.put(job("double"))
+        builder.put(job("single"))
+        assert not builder.wait(0.5) and started == []
+    assert builder.wait(60) and sorted(started) == ["double", "single"]
+    builder.put(job("outside"))  # no sampling: at once
+    assert builder.wait(60) and started[-1] == "outside"
+
+
 def test_a_build_child_where_no_package_loads_says_why_and_builds_nothing(tmp_path, monkeypatch):
     """The first build on a machine runs the load check in its child (speed/aot_store.child_build): where
     neither $CXX nor the system's g++ builds loadable packages it answers why, builds nothing and removes
