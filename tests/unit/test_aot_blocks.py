@@ -384,6 +384,23 @@ def test_builds_queued_during_a_sampling_start_after_it(monkeypatch):
     assert builder.wait(60) and started[-1] == "outside"
 
 
+def test_a_failed_child_build_leaves_its_whole_output_as_the_failed_log(tmp_path):
+    """The child writes its own output to a file and renames it to the failed-build log itself (on an H200
+    the server had stopped before a child failed, and nothing said why); the server's thread reports it."""
+    from quantlora.speed import aot_store
+
+    program_path = tmp_path / "call.program1.pt2"
+    program_path.write_bytes(b"not a saved program")
+    store = aot_store.AOTStore(str(tmp_path), cxx="")
+    failed_log = tmp_path / "failed-call.log"
+    job = aot_store.BuildJob("Block", str(program_path), str(tmp_path / "call.pt2"), {}, [], store, str(failed_log))
+    with pytest.raises(RuntimeError, match="failed-call.log"):
+        aot_store.build_in_child(job)
+    text = failed_log.read_text()
+    assert "Traceback" in text and text.rstrip().endswith("FAILED")
+    assert sorted(os.listdir(tmp_path)) == ["failed-call.log"]  # the program and the build log gone
+
+
 def test_a_build_child_where_no_package_loads_says_why_and_builds_nothing(tmp_path, monkeypatch):
     """The first build on a machine runs the load check in its child (speed/aot_store.child_build): where
     neither $CXX nor the system's g++ builds loadable packages it answers why, builds nothing and removes
