@@ -6,7 +6,7 @@
 #   run(command="bash bench/ab/s38b.sh", carry=[".devcarry/site.tar.xz", ".devcarry/server.tar.xz"])
 export CXX=${AOT_CXX:-/usr/bin/g++} QUANTLORA_AOT_BUILD=child
 source bench/ab/server_lib.sh
-(while sleep 20; do cp /tmp/qsr/models/quantlora_cache/aot/*/*/failed-*.log $R/ 2>/dev/null; T; done) &
+(while sleep 20; do cp /tmp/qsr/models/quantlora_cache/aot/*/*/*.log $R/ 2>/dev/null; T; done) &
 SR_TMO=${SR_TMO:-470}
 sr full $SR_TMO --size full --cold-variant ours-aot --restarts ${RESTARTS:-3} --alternate ours-aot \
   --comfy-restarts 0 --budget-s $((SR_TMO - 60))
@@ -17,6 +17,6 @@ for r in json.load(open('$R/full/results-server.json'))['rows']:
 " 2>/dev/null
 ls -la /tmp/qsr/models/quantlora_cache/aot/*/* 2>/dev/null | head -20
 grep -h "exported in\|ahead of time\|not built\|compiler's modules\|Traceback" $R/full/*.log 2>/dev/null | cut -c1-300 | sort | uniq -c | head -12
-cp /tmp/qsr/models/quantlora_cache/aot/*/*/failed-*.log $R/ 2>/dev/null
-for f in $R/failed-*.log; do [ -f "$f" ] || continue; echo "== $f"; grep -v "Enum subclass" "$f" | grep -i "warn\|error\|not found\|import\|exit\|resolve" | cut -c1-400 | head -20; done
+cp /tmp/qsr/models/quantlora_cache/aot/*/*/*.log $R/ 2>/dev/null
+for f in $R/*.log; do [ -f "$f" ] || continue; echo "== $f"; grep -v "Enum subclass" "$f" | grep -i "warn\|error\|not found\|import\|exit\|resolve" | cut -c1-400 | head -20; done
 kill %1 2>/dev/null; T
