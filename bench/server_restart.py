@@ -157,7 +157,11 @@ VARIANT_ENV = {
     # the blocks compiled ahead of time (speed/aot_store.py, experimental): its first run builds the
     # packages (in the weight cache folder), the later ones load them instead of compiling
     "ours-aot": {"QUANTLORA_AOT_BLOCKS": "1"},
+    # the pack's defaults as a user has them (session 38 on: the packages on by default on CUDA)
+    "ours-default": {},
 }
+# `ours` itself: torch.compile alone, whatever the defaults (the comparison every round made)
+OURS_ENV = {"QUANTLORA_AOT_BLOCKS": "0"}
 
 
 # ---------------------------------------------------------------- one server run
@@ -271,7 +275,7 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
             os.symlink(ROOT, os.path.join(nodes_dir, "QuantLoRA"))
         srv._log = open(srv.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.update(VARIANT_ENV.get(kind, {}))
+        env.update(OURS_ENV if kind == "ours" else VARIANT_ENV.get(kind, {}))
         srv.proc = subprocess.Popen(srv.command(), cwd=COMFY, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         srv.stamper = threading.Thread(target=stamp_lines, args=(srv.proc.stdout, srv._log, t0), daemon=True)
         srv.stamper.start()
@@ -324,7 +328,7 @@ def one_run(kind: str, label: str, files: dict, args, rows: list) -> dict:
     row["pack_log"] = [ln.strip()[:400] for ln in lines
                        if "quantlora" in ln.lower() and ("load" in ln.lower() or "merge" in ln.lower())][-8:]
     row["start_marks"] = start_marks(lines)
-    if VARIANT_ENV.get(kind, {}).get("QUANTLORA_AOT_BLOCKS") == "1":
+    if kind != "ours":  # builds a run queued (none: returns at once)
         row["aot_build_wait_s"] = wait_for_aot_builds(args)
     # built-in node modules that did not load (a package not carried): the start is that much shorter
     row["import_failed"] = [ln.strip()[:200] for ln in lines if "Cannot import" in ln or "IMPORT FAILED" in ln][:12]

@@ -209,8 +209,8 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
         compile_blocks(dm, cudagraphs=compile == "regional+cudagraphs", aot=aot)
         set_up = f"; blocks set up for torch.compile in {time.perf_counter() - t0:.2f} s"
         if aot is not None:
-            set_up += (f" ({aot.stats['loaded']} packages compiled ahead of time loaded in {aot.stats['load_s']:.2f} s,"
-                       f" {aot_store.ENV}=1)")
+            set_up += (f" ({aot.stats['loaded']} packages compiled ahead of time loaded in {aot.stats['load_s']:.2f} s;"
+                       f" {aot_store.ENV}=0 turns them off)")
         if between_phases is not None:
             between_phases()
         # blocks served by packages compile nothing at the first step: importing the compiler now would
@@ -227,9 +227,9 @@ def build_model(path: str, quantization: str, compute_dtype: str, lora_max_rank:
 
 
 def _aot_store(compile: str, lora_max_rank: int, device):
-    """With QUANTLORA_AOT_BLOCKS=1 (experimental), the blocks' packages compiled ahead of time, kept in the
-    weight cache folder (speed/aot_store.py); None where off, or where they cannot serve this model."""
-    if not aot_store.enabled():
+    """The blocks' packages compiled ahead of time, kept in the weight cache folder (speed/aot_store.py: on
+    by default on CUDA); None where off, or where they cannot serve this model (said where asked for)."""
+    if not aot_store.enabled(device):
         return None
     why, cxx = None, ""
     check_root = os.path.join(weight_cache_dir(), "aot")
@@ -242,7 +242,10 @@ def _aot_store(compile: str, lora_max_rank: int, device):
     else:
         cxx, why = aot_store.compiler_here(check_root, device)
     if why:
-        log.warning("QuantLoRA: %s=1 ignored: %s", aot_store.ENV, why)
+        if aot_store.asked():
+            log.warning("QuantLoRA: %s=1 ignored: %s", aot_store.ENV, why)
+        else:
+            log.info("QuantLoRA: no blocks compiled ahead of time here (%s); torch.compile serves them", why)
         return None
     from . import rope_fusion
 

@@ -1,16 +1,16 @@
 """Where the blocks' ahead-of-time packages (speed/aot_blocks.py) live, how a load finds them and the first
 sampling of a call shape builds them, and whether this machine can load a package at all.
-QUANTLORA_AOT_BLOCKS=1 turns it on (experimental: one block measured on an H200, not yet the server;
-BENCHMARKS.md issue 12, eighteenth round).
+On by default on CUDA devices for compile "regional" (QUANTLORA_AOT_BLOCKS=0 turns it off, =1 asks for it
+elsewhere too). Measured on an H200 with the real server (BENCHMARKS.md issue 12, twentieth round): the
+first image as without it (44.8 s), restarts to step 1 11.9-15.7 s against 14.2-17.2 s.
 
 Layout: <root>/<block fingerprint>/<call hash>.pt2 and .pt2.json (the call's record). A block whose
 fingerprint (class and source, torch, its weights' kinds and layouts) has packages is served by them at
 the next load without torch.compile's start. A call no package takes builds one: exported on the
 prompt's thread (~1 s per block kind on an H200), then compiled ahead of time (~45 s for FLUX's double
-block) inline, at that call. QUANTLORA_AOT_BUILD=child (experimental) builds it in a child process
-instead, while the prompt goes on torch.compile'd: it works on this CPU; on the H200 the children failed
-to load the saved programs (BENCHMARKS.md issue 12, nineteenth round, call 3: cause not yet seen; the
-child's output is kept in the failure's log).
+block) in a child process started when that sampling ends, while the prompt goes on torch.compile'd
+(QUANTLORA_AOT_BUILD=inline builds at the call instead: the prompt waits). A failed build keeps its
+log (failed-<call>.log, the child's whole output) and is not retried while it is there.
 Plain torch; no ComfyUI import (the caller passes the export context: ComfyUI's pure-torch RoPE).
 """
 from __future__ import annotations
@@ -37,13 +37,22 @@ ENV = "QUANTLORA_AOT_BLOCKS"
 log = logging.getLogger("quantlora")
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV, "0") == "1"
+def asked() -> bool:
+    return os.environ.get(ENV) == "1"
+
+
+def enabled(device) -> bool:
+    """QUANTLORA_AOT_BLOCKS=1/0; unset: on for CUDA devices (where it was measured; on a CPU the build's
+    C++ compile costs more than torch.compile's start saves at these sizes)."""
+    setting = os.environ.get(ENV, "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return torch.device(device).type == "cuda"
 
 
 def deferred() -> bool:
-    """QUANTLORA_AOT_BUILD=child (experimental): packages built in child processes after the export."""
-    return os.environ.get("QUANTLORA_AOT_BUILD", "inline") == "child"
+    """Packages built in child processes after the sampling (default), or at the call (=inline)."""
+    return os.environ.get("QUANTLORA_AOT_BUILD", "child") != "inline"
 
 
 def device_tag(device: torch.device) -> str:
