@@ -62,7 +62,8 @@ class QuantizedFluxLoader(io.ComfyNode):
                                        "their rank on fused layers (see BENCHMARKS.md)."),
                 io.Combo.Input("compile", options=COMPILE_CHOICES, default="off", optional=True,
                                tooltip="regional: torch.compile each transformer block (first image waits for the compile; "
-                                       "LoRA swaps and strength changes never recompile). regional+cudagraphs: each "
+                                       "LoRA swaps and strength changes never recompile; on CUDA the blocks are then also built "
+                                       "ahead of time in the background, so a restart skips the compile). regional+cudagraphs: each "
                                        "compiled block also replayed as a CUDA graph, fastest where the CPU cannot keep "
                                        "the GPU busy; NVIDIA GPUs, ComfyUI started with --disable-cuda-malloc."),
                 io.Combo.Input("attention", options=ATTENTION_CHOICES, default="auto", optional=True,

@@ -1,6 +1,6 @@
 """A transformer block compiled ahead of time (AOTInductor), called in place of its torch.compile'd form
-where the call is the one it was exported for (issue 12's restart; wired by speed/aot_store.py behind
-QUANTLORA_AOT_BLOCKS=1).
+where the call is the one it was exported for (issue 12's restart; wired by speed/aot_store.py: on by
+default on CUDA, QUANTLORA_AOT_BLOCKS=0 turns it off).
 
 Why: a restart spends 3-5 s of host Python per block kind on torch.compile's start (inductor's imports,
 dynamo's tracing, the cached graphs' loading; bench/aoti_probe.py on an H200). A package is a shared

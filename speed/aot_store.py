@@ -417,14 +417,14 @@ def build_in_child(job: BuildJob):
     said = next((ln for ln in reversed(text.splitlines()) if ln.startswith(("BUILT ", "NOLOAD ", "FAILED"))), "")
     if not text and os.path.exists(job.path + ".json"):  # built: the child removed its log
         said = f"BUILT {time.perf_counter() - t0:.1f}"
+    if not said.startswith("BUILT ") and os.path.exists(out_log):  # the child did not rename it (killed, crashed)
+        with contextlib.suppress(OSError):
+            with open(out_log, "a") as f:
+                f.write(f"\n--- exit {proc.returncode}; job {spec}\n")
+            os.replace(out_log, job.failed_log)
     if said.startswith("NOLOAD "):
         raise RuntimeError(f"no package can be loaded here: {said[len('NOLOAD '):]}")
     if not said.startswith("BUILT "):
-        if os.path.exists(out_log):  # it ended without a word (killed, crashed): keep its output as the failure's
-            with contextlib.suppress(OSError):
-                with open(out_log, "a") as f:
-                    f.write(f"\n--- exit {proc.returncode}; job {spec}\n")
-                os.replace(out_log, job.failed_log)
         tail = [ln for ln in text.strip().splitlines() if ln.strip()][-2:]
         raise RuntimeError(f"the child process exited {proc.returncode}: {' / '.join(tail)[:300]} "
                            f"(its output: {job.failed_log})")

@@ -109,11 +109,12 @@ def test_where_packages_cannot_load_the_switch_is_ignored_with_a_warning(flux_pa
         # the first load on this machine: no verdict kept, the build's child runs the load check; where
         # it fails, the child says so (speed/aot_store.child_build) and the warning names why
         class Said:
-            returncode, stderr = 0, ""
+            returncode = 0
             stdout = "NOLOAD a test package did not load in a child process (exit -11: Segmentation fault)\n"
 
-        children = []
-        monkeypatch.setattr(aot_store.subprocess, "run", lambda cmd, **k: children.append(cmd) or Said())
+        children = []  # the child writes its output to the file it is given (speed/aot_store.build_in_child)
+        monkeypatch.setattr(aot_store.subprocess, "run",
+                            lambda cmd, **k: (children.append(cmd), k["stdout"].write(Said.stdout), Said())[-1])
         with caplog.at_level("WARNING", logger="quantlora"):
             first = _model(flux_path, "regional")
             torch.testing.assert_close(_forward(first), ref, rtol=1e-4, atol=1e-4)

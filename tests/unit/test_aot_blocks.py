@@ -443,3 +443,21 @@ def test_a_call_whose_build_failed_is_not_built_again_while_its_log_is_kept(tmp_
     os.remove(log_path)
     with pytest.raises(pytest.fail.Exception, match="built again"):
         restarted._build(fingerprint, seeded(1), (img,), kwargs)
+
+
+def test_packages_are_on_by_default_on_cuda_only_and_built_in_children(monkeypatch):
+    """speed/aot_store: unset, the packages serve CUDA devices (measured there: BENCHMARKS.md issue 12,
+    twentieth round) and not CPUs; QUANTLORA_AOT_BLOCKS=0/1 decides either way; builds go to children
+    unless QUANTLORA_AOT_BUILD=inline."""
+    from quantlora.speed import aot_store
+
+    monkeypatch.delenv("QUANTLORA_AOT_BLOCKS", raising=False)
+    monkeypatch.delenv("QUANTLORA_AOT_BUILD", raising=False)
+    assert aot_store.enabled(torch.device("cuda", 0)) and not aot_store.enabled("cpu")
+    assert aot_store.deferred() and not aot_store.asked()
+    monkeypatch.setenv("QUANTLORA_AOT_BLOCKS", "0")
+    assert not aot_store.enabled("cuda")
+    monkeypatch.setenv("QUANTLORA_AOT_BLOCKS", "1")
+    assert aot_store.enabled("cpu") and aot_store.asked()
+    monkeypatch.setenv("QUANTLORA_AOT_BUILD", "inline")
+    assert not aot_store.deferred()
